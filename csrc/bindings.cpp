@@ -1,0 +1,14 @@
+// The one PYBIND11_MODULE of stllm_engine._C. Each csrc/*.cpp exposes a register_* function
+// declared in ops.h; this file only binds them.
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "stllm-engine compiled core";
+  m.def("omp_max_threads", []() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  });
+}
