@@ -1,0 +1,207 @@
+"""Decode only the sampled frames of a :class:`~stllm_engine.video.sources.Source`.
+
+Backends: decord (``VideoReader(..., width=, height=)`` + ``get_batch``) for video files and
+bytes; PyAV (:mod:`.pyav_reader`) for GIFs (decord cannot read them) and as the fallback when
+decord is missing or fails; PIL for frame folders; arrays are indexed directly. Failures end in a
+:class:`~stllm_engine.video.errors.VideoError` naming the source and the problem.
+"""
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+import numpy as np
+
+from .errors import CorruptVideoError, EmptyVideoError, NotAVideoError, VideoError
+from .preprocess import resize_frames_uint8, resize_shape
+from .pyav_reader import PyAVReader
+from .sources import Source, resolve_source
+
+BACKENDS = ("auto", "decord", "pyav")
+DECORD_THREADS = 0  # 0: decord chooses
+
+
+def decode_dims(height: int, width: int, decode_size) -> tuple[int, int] | None:
+    """(W, H) to decode at: ``decode_size`` int = shorter side (the preprocessing rule), or (W, H);
+    None keeps the stored size."""
+    if decode_size is None:
+        return None
+    if isinstance(decode_size, int):
+        if decode_size < 1:
+            raise ValueError(f"decode_size must be positive, got {decode_size}")
+        nh, nw = resize_shape(height, width, decode_size)
+        return nw, nh
+    w, h = (int(v) for v in decode_size)
+    if w < 1 or h < 1:
+        raise ValueError(f"decode_size must be an int or a positive (W, H), got {decode_size!r}")
+    return w, h
+
+
+class DecordReader:
+    backend = "decord"
+
+    def __init__(self, src: Source, decode_size=None):
+        import decord
+
+        self.src = src
+        dims = None if decode_size is None or isinstance(decode_size, int) else decode_dims(0, 0, decode_size)
+        vr = self._open(decord, dims)
+        if isinstance(decode_size, int):  # the shorter side: needs the stored size first
+            h, w = vr[0].shape[:2]
+            dims = decode_dims(h, w, decode_size)
+            if dims != (w, h):
+                vr = self._open(decord, dims)
+        self.num_frames, self.fps = len(vr), float(vr.get_avg_fps())
+        self._vr = vr
+
+    def _open(self, decord, dims):
+        uri = io.BytesIO(self.src.data) if self.src.data is not None else str(self.src.path)
+        w, h = dims if dims is not None else (-1, -1)
+        return decord.VideoReader(uri, ctx=decord.cpu(0), width=w, height=h, num_threads=DECORD_THREADS)
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        return self._vr.get_batch(list(indices)).asnumpy()
+
+
+class FolderReader:
+    """Frames of a folder, in natural name order; ``fps`` None (the folder does not say)."""
+
+    backend = "pil"
+
+    def __init__(self, src: Source, decode_size=None):
+        self.src, self.decode_size = src, decode_size
+        self.num_frames, self.fps = len(src.frame_files), None
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        from PIL import Image
+
+        cache: dict[int, np.ndarray] = {}
+        for i in indices:
+            if i not in cache:
+                path = self.src.frame_files[i]
+                try:
+                    with Image.open(path) as im:
+                        cache[i] = np.asarray(im.convert("RGB"))
+                except (OSError, ValueError) as e:
+                    raise CorruptVideoError(f"{self.src.name}: frame file {path.name} cannot be read: {e}") from e
+        sizes = {a.shape for a in cache.values()}
+        if len(sizes) > 1:
+            raise CorruptVideoError(f"{self.src.name}: frames differ in size {sorted(sizes)}")
+        return _maybe_resize(np.stack([cache[i] for i in indices]), self.decode_size)
+
+
+class ArrayReader:
+    backend = "array"
+
+    def __init__(self, src: Source, decode_size=None):
+        self.src, self.decode_size = src, decode_size
+        self.num_frames, self.fps = src.array.shape[0], None
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        return _maybe_resize(self.src.array[np.asarray(indices, dtype=np.int64)], self.decode_size)
+
+
+def _maybe_resize(frames: np.ndarray, decode_size) -> np.ndarray:
+    dims = decode_dims(frames.shape[1], frames.shape[2], decode_size)
+    if dims is None or dims == (frames.shape[2], frames.shape[1]):
+        return frames
+    return resize_frames_uint8(frames, dims[1], dims[0])
+
+
+class _PyAVSized(PyAVReader):
+    def __init__(self, src: Source, decode_size=None):
+        super().__init__(src)
+        self.out_size = decode_dims(self.height, self.width, decode_size)
+
+
+def _openers(src: Source, backend: str) -> list[Callable]:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; expected one of {BACKENDS}")
+    if src.kind == "folder":
+        return [FolderReader]
+    if src.kind == "array":
+        return [ArrayReader]
+    if src.is_gif or backend == "pyav":
+        return [_PyAVSized]
+    if backend == "decord":
+        return [DecordReader]
+    return [DecordReader, _PyAVSized]
+
+
+def read_video(src: Source, choose_indices: Callable[[int, float | None], list[int]],
+               decode_size=None, backend: str = "auto"):
+    """Open ``src``, pick indices with ``choose_indices(num_frames, fps)``, decode those frames.
+
+    Returns ``(frames uint8 [n, H, W, 3], indices, num_frames, fps, backend_used)``. With
+    ``backend="auto"`` a decord failure (import, open or decode) falls back to PyAV; errors from
+    ``choose_indices`` (e.g. a bound outside the video) propagate unchanged.
+    """
+    failures: list[str] = []
+    last_exc: BaseException | None = None
+    for opener in _openers(src, backend):
+        try:
+            reader = opener(src, decode_size)
+        except VideoError:
+            raise
+        except Exception as e:  # decord/PyAV raise their own types (RuntimeError, DECORDError, ...)
+            failures.append(f"{getattr(opener, 'backend', opener.__name__)} could not open it: "
+                            f"{_short(e)}")
+            last_exc = e
+            continue
+        indices = choose_indices(reader.num_frames, reader.fps)
+        try:
+            frames = reader.read(indices)
+        except VideoError:
+            raise
+        except Exception as e:
+            failures.append(f"{reader.backend} could not decode frames {_preview(indices)}: {_short(e)}")
+            last_exc = e
+            continue
+        return frames, indices, reader.num_frames, reader.fps, reader.backend
+    raise _classify(src, failures, opened=any("could not decode" in f for f in failures)) from last_exc
+
+
+def _classify(src: Source, failures: list[str], opened: bool) -> VideoError:
+    detail = "; ".join(failures)
+    if "cannot find video stream" in detail:  # decord's words for a container without video
+        return EmptyVideoError(f"{src.name}: container holds no video stream (zero frames): {detail}")
+    if opened or src.container is not None:
+        what = f"looks like {src.container}" if src.container else "opened as a video"
+        return CorruptVideoError(f"{src.name}: corrupt video stream ({what} but cannot be decoded): {detail}")
+    head = src.head(16)
+    return NotAVideoError(f"{src.name}: not a video (unrecognised content starting {head!r}): {detail}")
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _preview(indices: list[int]) -> str:
+    return str(list(indices)) if len(indices) <= 8 else f"[{indices[0]}, ..., {indices[-1]}] ({len(indices)})"
+
+
+def decode_frames(source, indices: list[int], decode_size=None, backend: str = "auto") -> np.ndarray:
+    """Decode exactly ``indices`` (0-based, in presentation order) of any source as uint8 RGB."""
+    src = source if isinstance(source, Source) else resolve_source(source)
+
+    def fixed(num_frames: int, fps) -> list[int]:
+        bad = [i for i in indices if not 0 <= i < num_frames]
+        if bad:
+            raise IndexError(f"{src.name}: frame indices {bad[:8]} outside 0..{num_frames - 1}")
+        return list(indices)
+
+    return read_video(src, fixed, decode_size, backend)[0]
+
+
+def probe(source, backend: str = "auto") -> tuple[int, float | None]:
+    """(number of frames, fps or None); decodes at most the first frame."""
+    src = source if isinstance(source, Source) else resolve_source(source)
+    info: dict = {}
+
+    def record(n: int, fps) -> list[int]:
+        info.update(n=n, fps=fps)
+        return [0]
+
+    read_video(src, record, None, backend)
+    return info["n"], info["fps"]

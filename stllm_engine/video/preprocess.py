@@ -1,0 +1,103 @@
+"""Batched frame preprocessing: the release's PIL transform, in torch.
+
+The release (torchvision ``Resize(224, BICUBIC)`` + ``CenterCrop(224)`` + ``ToTensor`` +
+``Normalize`` on PIL images) does, per frame: resize the shorter side to ``size`` (the longer to
+``int(size * long / short)``; no resampling when the size already matches) with PIL's bicubic
+(a = -0.5, kernel support widened by the scale when shrinking, i.e. antialiased), as a horizontal
+then a vertical pass, each rounded and clipped to uint8; crop at
+``top = int(round((h - size) / 2))``, ``left = int(round((w - size) / 2))``; divide by 255;
+normalise with the CLIP mean/std.
+
+Here the same passes run as ``F.interpolate(mode='bicubic', antialias=True)`` on float tensors
+(any device), each rounded half up and clamped to [0, 255] like PIL's uint8 output.
+**Agreement with PIL**, measured on decoded h264 frames and uniform noise (1920x1080, 1280x720,
+854x480, 640x480, 448x336, 320x240, 225x223, 161x121, 160x120, 100x60, portrait 120x200,
+224x224): identical except for < 0.07% of values, which differ by one uint8 level (floating- vs
+fixed-point arithmetic decides a rounding differently), rarely two when upscaling (the first pass's
+difference is amplified by the second). Tolerance: **max |ours - PIL| <= 2/255 before
+normalisation, <= 2/(255*std) ~= 0.030 after** (:data:`PIL_TOLERANCE`); 224x224 input is exact.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PIL_TOLERANCE = 2.0 / (255.0 * min(CLIP_STD)) + 1e-5  # normalised units
+
+
+def resize_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(new_h, new_w) with the shorter side ``size`` and the longer ``int(size * long / short)``."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centred ``size`` x ``size`` crop (torchvision's rounding)."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def _as_nchw_float(frames) -> torch.Tensor:
+    """uint8 [T, H, W, C] (C = 1, 3 or 4; alpha dropped) -> float [T, 3, H, W] in 0..255."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"frames must be a numpy array or torch tensor, got {type(frames).__name__}")
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"frames must be uint8 [T, H, W, 3] (or 1/4 channels), got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    if x.shape[-1] == 4:
+        x = x[..., :3]
+    elif x.shape[-1] == 1:
+        x = x.expand(*x.shape[:3], 3)
+    return x.permute(0, 3, 1, 2).float()
+
+
+def resize_pil_like(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """Bicubic resize of float [T, C, H, W] values 0..255 as PIL does it (see module docstring)."""
+    h, w = x.shape[-2:]
+    if out_w != w:
+        x = F.interpolate(x, size=(h, out_w), mode="bicubic", antialias=True, align_corners=False)
+        x = x.add_(0.5).floor_().clamp_(0, 255)  # PIL rounds half up
+    if out_h != h:
+        x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", antialias=True, align_corners=False)
+        x = x.add_(0.5).floor_().clamp_(0, 255)
+    return x
+
+
+def resize_frames_uint8(frames, out_h: int, out_w: int) -> np.ndarray:
+    """Resize uint8 [T, H, W, 3] frames to (out_h, out_w) with :func:`resize_pil_like`."""
+    x = resize_pil_like(_as_nchw_float(frames), out_h, out_w)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def preprocess_frames(frames, size: int = 224, device: torch.device | str | None = None,
+                      chunk_size: int = 16) -> torch.Tensor:
+    """uint8 RGB frames [T, H, W, 3] (numpy or torch) -> float32 [T, 3, size, size], normalised.
+
+    Works ``chunk_size`` frames at a time to bound memory on long high-resolution clips.
+    """
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if len(frames) == 0:
+        raise ValueError("preprocess_frames got zero frames")
+    dev = torch.device(device) if device is not None else (
+        frames.device if isinstance(frames, torch.Tensor) else torch.device("cpu"))
+    mean = torch.tensor(CLIP_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=dev).view(1, 3, 1, 1)
+    h, w = frames.shape[1:3]
+    nh, nw = resize_shape(h, w, size)
+    top, left = crop_offsets(nh, nw, size)
+    out = torch.empty((len(frames), 3, size, size), dtype=torch.float32, device=dev)
+    for s in range(0, len(frames), chunk_size):
+        chunk = frames[s:s + chunk_size]
+        if isinstance(chunk, torch.Tensor):
+            chunk = chunk.to(dev)
+        x = _as_nchw_float(chunk).to(dev)
+        x = resize_pil_like(x, nh, nw)[:, :, top:top + size, left:left + size]
+        out[s:s + len(x)] = (x / 255.0 - mean) / std
+    return out

@@ -1,0 +1,257 @@
+"""Decoding real encoded files: every source kind, both backends, reduced resolution, bad inputs.
+
+Each test frame carries its index as a block marker (stllm_engine.testing.videos), so the tests
+check *which* frames came back, not just how many.
+"""
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from stllm_engine.testing import videos as tv
+from stllm_engine.video import (CLIP_MEAN, CLIP_STD, CorruptVideoError, EmptyVideoError, NotAVideoError,
+                                VideoBoundError, VideoError, VideoNotFoundError, decode, decode_frames,
+                                load_video, probe, pyav_reader)
+
+T, W, H, FPS = 32, 160, 120, 8
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    out = {
+        "mp4": tv.write_video(d / "clip.mp4", T, (W, H), FPS, seed=1, gop=5, bframes=2),
+        "mkv": tv.write_video(d / "clip.mkv", T, (W, H), FPS, seed=1),
+        "gif": tv.write_video(d / "clip.gif", T, (W, H), FPS, seed=1),
+        "jpg": tv.write_video(d / "jpgs", T, (W, H), FPS, fmt="jpg", seed=1),
+        "png": tv.write_video(d / "pngs", T, (W, H), FPS, fmt="png", seed=1),
+        "odd": tv.write_video(d / "odd.mp4", 12, (161, 121), FPS, seed=2),
+        "portrait": tv.write_video(d / "portrait.mp4", 12, (90, 160), FPS, seed=3),
+    }
+    out["bytes"] = out["mp4"].read_bytes()
+    out["gif_bytes"] = out["gif"].read_bytes()
+    out["array"] = tv.render_frames(T, (W, H), seed=1)
+    out["tensor"] = torch.from_numpy(out["array"].copy())
+    return out
+
+
+def markers(frames) -> list[int]:
+    return [tv.read_frame_index(f) for f in frames]
+
+
+def unnormalize(frames: torch.Tensor) -> np.ndarray:
+    """Preprocessed [T, 3, S, S] back to uint8 [T, S, S, 3] (to read the markers)."""
+    x = frames * torch.tensor(CLIP_STD).view(1, 3, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    return (x * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+KINDS = ["mp4", "mkv", "bytes", "gif", "gif_bytes", "jpg", "png", "array", "tensor"]
+INDEX_SETS = [[0], [T - 1], [5, 3, 3, 30, 0], list(range(0, T, 3)), [17, 18, 19]]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("indices", INDEX_SETS, ids=lambda i: "-".join(map(str, i[:5])))
+def test_every_source_decodes_the_requested_frames(media, kind, indices):
+    frames = decode_frames(media[kind], indices)
+    assert frames.dtype == np.uint8 and frames.shape == (len(indices), H, W, 3)
+    assert markers(frames) == indices
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_video_uniform_every_source(media, kind):
+    v = load_video(media[kind], num_frames=8)
+    assert v.indices == [2, 6, 10, 14, 17, 21, 25, 29]
+    assert v.frames.shape == (8, 3, 224, 224) and v.frames.dtype == torch.float32
+    assert v.num_total_frames == T
+    assert markers(unnormalize(v.frames)) == v.indices  # the marker survives resize + crop
+    if kind in ("mp4", "mkv", "bytes"):
+        assert v.fps == pytest.approx(FPS)
+    if kind in ("jpg", "png", "array", "tensor"):
+        assert v.fps is None
+
+
+@pytest.mark.parametrize("kind", ["mp4", "bytes", "mkv", "odd", "portrait"])
+@pytest.mark.parametrize("decode_size", [None, 56, "half"])
+def test_decord_and_pyav_agree(media, kind, decode_size):
+    n = 12 if kind in ("odd", "portrait") else T
+    if decode_size == "half":  # (W, H) keeping the aspect, so the marker stays readable
+        decode_size = {"odd": (80, 60), "portrait": (45, 80)}.get(kind, (80, 60))
+    idx = [n - 1, 0, 7, 8, 3, 3]
+    a = decode_frames(media[kind], idx, decode_size=decode_size, backend="decord")
+    b = decode_frames(media[kind], idx, decode_size=decode_size, backend="pyav")
+    assert a.shape == b.shape
+    assert markers(a) == markers(b) == idx
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    if decode_size is None:
+        assert diff.max() == 0  # same ffmpeg decoder and colour conversion
+    else:
+        assert diff.mean() < 1.5  # different scalers; only edges differ
+
+
+@pytest.mark.parametrize("kind", ["mp4", "gif", "jpg", "array"])
+@pytest.mark.parametrize("decode_size,shape", [(56, (56, 74)), ((80, 60), (60, 80)), (120, (120, 160))])
+def test_reduced_resolution_decode(media, kind, decode_size, shape):
+    idx = [1, 20, 31]
+    frames = decode_frames(media[kind], idx, decode_size=decode_size)
+    assert frames.shape == (3, *shape, 3)
+    assert markers(frames) == idx
+
+
+def test_decode_size_224_matches_full_decode_after_preprocessing(tmp_path):
+    path = tv.write_video(tmp_path / "big.mp4", 8, (448, 336), FPS)
+    full = load_video(path, num_frames=4)
+    small = load_video(path, num_frames=4, decode_size=224)
+    assert small.indices == full.indices
+    assert markers(unnormalize(small.frames)) == full.indices
+    # decoding at 224 (ffmpeg scaler) vs decoding full then PIL-like bicubic: close, not equal
+    assert (small.frames - full.frames).abs().mean() < 0.05
+
+
+def test_pyav_seeks_instead_of_decoding_from_the_start(media, monkeypatch):
+    def no_sequential(*a, **k):
+        raise AssertionError("sequential decode used for a seekable mp4")
+
+    monkeypatch.setattr(pyav_reader.PyAVReader, "_read_sequential", no_sequential)
+    idx = [30, 2, 16, 31, 9]
+    assert markers(decode_frames(media["mp4"], idx, backend="pyav")) == idx
+
+
+def test_auto_falls_back_to_pyav_when_decord_fails(media, monkeypatch):
+    class Broken(decode.DecordReader):
+        def read(self, indices):
+            raise RuntimeError("decord exploded")
+
+    monkeypatch.setattr(decode, "DecordReader", Broken)
+    v = load_video(media["mp4"], num_frames=4)
+    assert v.backend == "pyav" and markers(unnormalize(v.frames)) == v.indices == [4, 12, 19, 27]
+    with pytest.raises(CorruptVideoError, match="decord could not decode frames .*decord exploded"):
+        load_video(media["mp4"], num_frames=4, backend="decord")
+
+
+def test_auto_falls_back_when_decord_is_missing(media, monkeypatch):
+    monkeypatch.setitem(sys.modules, "decord", None)  # import decord -> ImportError
+    v = load_video(media["bytes"], num_frames=4)
+    assert v.backend == "pyav" and v.indices == [4, 12, 19, 27]
+
+
+def test_mvbench_sampling_per_source_kind(media):
+    v = load_video(media["mp4"], num_frames=8, sampling="mvbench", bound=(1, 3))
+    assert v.indices == [9, 11, 13, 15, 17, 19, 21, 23] == markers(unnormalize(v.frames))
+    # GIFs use the release's 25 fps: bound (0.2, 1.0) -> frames 5..25, seg 5
+    g = load_video(media["gif"], num_frames=4, sampling="mvbench", bound=(0.2, 1.0))
+    assert g.indices == [7, 12, 17, 22] == markers(unnormalize(g.frames))
+    # folders: 3 fps, files numbered from 1; release indices [3, 4, 5, 5, 6, 7, 7, 8] -> positions - 1
+    f = load_video(media["jpg"], num_frames=8, sampling="mvbench", bound=(1, 3))
+    assert f.indices == [2, 3, 4, 4, 5, 6, 6, 7] == markers(unnormalize(f.frames))
+    # fps-1 mode: 31 / 8 = 3.875 s -> 4 segments
+    assert load_video(media["mp4"], sampling="mvbench", fps1=True).indices == [3, 11, 19, 26]
+
+
+def test_arrays_need_fps_for_bounds(media):
+    with pytest.raises(VideoError, match="no frame rate; pass fps="):
+        load_video(media["array"], sampling="mvbench", fps1=True)
+    v = load_video(media["array"], sampling="mvbench", bound=(1, 3), num_frames=8, fps=8)
+    assert v.indices == [9, 11, 13, 15, 17, 19, 21, 23] and v.fps == 8
+
+
+def test_content_hash(media, tmp_path):
+    a = load_video(media["mp4"], num_frames=2)
+    copy = tmp_path / "copy.mp4"
+    shutil.copy(media["mp4"], copy)
+    assert load_video(copy, num_frames=2).content_hash == a.content_hash
+    assert load_video(media["bytes"], num_frames=2).content_hash == a.content_hash
+    assert load_video(media["mkv"], num_frames=2).content_hash != a.content_hash
+    arr = load_video(media["array"], num_frames=2).content_hash
+    assert load_video(media["tensor"], num_frames=2).content_hash == arr
+    assert load_video(media["array"][:-1], num_frames=2).content_hash != arr
+    assert len(a.content_hash) == 64
+    copy.write_bytes(media["mkv"].read_bytes())  # same path, new content -> new hash
+    assert load_video(copy, num_frames=2).content_hash != a.content_hash
+
+
+def test_probe(media):
+    assert probe(media["mp4"]) == (T, pytest.approx(FPS))
+    assert probe(media["jpg"]) == (T, None)
+
+
+# --- bad inputs ------------------------------------------------------------------------------
+BACKENDS = ["auto", "pyav", "decord"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_path(tmp_path, backend):
+    p = tmp_path / "nope.mp4"
+    with pytest.raises(VideoNotFoundError, match="nope.mp4 does not exist") as info:
+        load_video(p, backend=backend)
+    assert isinstance(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_text_file_renamed_mp4(tmp_path, backend):
+    p = tmp_path / "notes.mp4"
+    p.write_text("these are my notes, not a video\n" * 4)
+    with pytest.raises(NotAVideoError, match=r"notes.mp4: not a video .*these are my"):
+        load_video(p, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_frame_file(tmp_path, backend):
+    p = tv.write_empty_video(tmp_path / "empty.mp4")
+    with pytest.raises(EmptyVideoError, match="empty.mp4: .*zero frames"):
+        load_video(p, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["truncate", "no_index"])
+def test_corrupt_mp4(tmp_path, backend, mode):
+    p = tv.write_corrupt_video(tmp_path / f"broken_{mode}.mp4", mode=mode)
+    with pytest.raises(CorruptVideoError, match=f"broken_{mode}.mp4: corrupt"):
+        load_video(p, backend=backend)
+    with pytest.raises(CorruptVideoError):
+        load_video(p.read_bytes(), backend=backend)
+
+
+@pytest.mark.parametrize("kind", ["mp4", "gif", "jpg"])
+def test_bound_beyond_the_end(media, kind):
+    with pytest.raises(VideoBoundError, match=r"bound \(40s, 50s\) lies outside the video") as info:
+        load_video(media[kind], sampling="mvbench", bound=(40, 50))
+    assert str(media[kind]) in str(info.value)
+
+
+@pytest.mark.parametrize("make,err,match", [
+    (lambda d: d / "zero.mp4", EmptyVideoError, "file is empty"),
+    (lambda d: d / "nothing", EmptyVideoError, "holds no frame images"),
+    (lambda d: b"", EmptyVideoError, "bytes are empty"),
+    (lambda d: b"\x00\x01garbage" * 40, NotAVideoError, "not a video"),
+    (lambda d: np.zeros((0, 8, 8, 3), np.uint8), EmptyVideoError, "zero frames"),
+    (lambda d: np.zeros((4, 8, 8, 3), np.float32), NotAVideoError, "must be uint8"),
+    (lambda d: np.zeros((4, 8, 8), np.uint8), NotAVideoError, r"\[T, H, W, 3\]"),
+    (lambda d: 42, NotAVideoError, "unsupported video source of type int"),
+])
+def test_other_bad_inputs(tmp_path, make, err, match):
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "nothing" / "readme.txt").write_text("no frames here")
+    with pytest.raises(err, match=match):
+        load_video(make(tmp_path))
+
+
+def test_unreadable_frame_in_folder(tmp_path):
+    folder = tv.write_video(tmp_path / "frames", 6, (W, H), fmt="png")
+    (folder / "00003.png").write_text("not a png")
+    with pytest.raises(CorruptVideoError, match="frame file 00003.png cannot be read"):
+        load_video(folder, num_frames=6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sampling="random"), "unknown sampling"),
+    (dict(bound=(0, 1)), "apply to sampling='mvbench' only"),
+    (dict(fps1=True), "apply to sampling='mvbench' only"),
+    (dict(num_frames=0), "num_frames"),
+    (dict(backend="ffmpeg"), "unknown video backend"),
+])
+def test_bad_arguments(media, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_video(media["mp4"], **kwargs)
