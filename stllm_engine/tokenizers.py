@@ -1,0 +1,96 @@
+"""Loading the two tokenizers of ST-LLM from local folders (never from a hub).
+
+* LLaMA / Vicuna: ``tokenizer.json`` (fast) or, for a release folder holding only the
+  SentencePiece ``tokenizer.model``, conversion through ``sentencepiece`` when it is installed.
+* Q-Former: BERT-uncased WordPiece plus the ``[DEC]`` bos token the release adds
+  (``init_tokenizer``), truncating from the left like the release's ``STLLMModel``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+QFORMER_BOS = "[DEC]"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder is missing or holds no usable tokenizer files."""
+
+
+def _folder(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise TokenizerError(f"{what} tokenizer folder {p} does not exist")
+    return p
+
+
+def load_llama_tokenizer(folder: str | Path, instruction_specials: bool = False):
+    """The LLaMA tokenizer of a checkpoint folder (BOS ``<s>`` added when encoding).
+
+    ``instruction_specials``: apply what the release's ``STLLMModel`` does to its tokenizer for
+    the instruction-aware (``qformer_text_input``) checkpoints: add ``[PAD]`` as a new pad token
+    (vocab + 1, e.g. 32001) and make ``</s>`` the bos, eos and unk token, so encoding prepends
+    id 2 instead of 1 (the slow tokenizer there prepends ``bos_token_id``).
+    """
+    from transformers import LlamaTokenizer
+
+    p = _folder(folder, "LLaMA")
+    if (p / "tokenizer.json").is_file():
+        pass
+    elif (p / "tokenizer.model").is_file():
+        if importlib.util.find_spec("sentencepiece") is None:
+            raise TokenizerError(f"{p} has only a SentencePiece tokenizer.model; reading it needs the "
+                                 "'sentencepiece' package (pip install sentencepiece), or add a "
+                                 "tokenizer.json to the folder")
+    else:
+        raise TokenizerError(f"no LLaMA tokenizer in {p}: expected tokenizer.json or tokenizer.model")
+    try:
+        tok = LlamaTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:
+        raise TokenizerError(f"cannot load the LLaMA tokenizer in {p}: {type(e).__name__}: {e}") from e
+    if tok.bos_token_id is None or tok.eos_token_id is None:
+        raise TokenizerError(f"LLaMA tokenizer in {p} lacks a bos or eos token")
+    if instruction_specials:
+        _apply_instruction_specials(tok)
+    return tok
+
+
+def _apply_instruction_specials(tok) -> None:
+    from tokenizers import processors
+
+    eos = "</s>"
+    tok.add_special_tokens({"pad_token": "[PAD]", "bos_token": eos, "eos_token": eos, "unk_token": eos})
+    eos_id = tok.convert_tokens_to_ids(eos)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, eos_id)])
+
+
+def load_qformer_tokenizer(folder_or_path: str | Path, truncation_side: str = "left"):
+    """The Q-Former's BERT tokenizer with ``[DEC]`` as bos (added when the folder lacks it).
+
+    ``folder_or_path``: a checkpoint folder (its ``qformer_tokenizer/`` is used), a BERT tokenizer
+    folder, or a ``vocab.txt`` file.
+    """
+    from transformers import BertTokenizer
+
+    p = Path(folder_or_path)
+    if p.is_dir() and (p / "qformer_tokenizer").is_dir():
+        p = p / "qformer_tokenizer"
+    try:
+        if p.is_file():
+            tok = BertTokenizer(vocab=str(p), do_lower_case=True, truncation_side=truncation_side)
+        else:
+            p = _folder(p, "Q-Former")
+            if not ((p / "vocab.txt").is_file() or (p / "tokenizer.json").is_file()):
+                raise TokenizerError(f"no Q-Former (BERT) tokenizer in {p}: expected vocab.txt or "
+                                     "tokenizer.json")
+            tok = BertTokenizer.from_pretrained(str(p), truncation_side=truncation_side,
+                                                local_files_only=True)
+    except TokenizerError:
+        raise
+    except Exception as e:
+        raise TokenizerError(f"cannot load the Q-Former tokenizer at {p}: {type(e).__name__}: {e}") from e
+    if tok.bos_token != QFORMER_BOS:
+        tok.add_special_tokens({"bos_token": QFORMER_BOS})
+    tok.truncation_side = truncation_side
+    return tok
