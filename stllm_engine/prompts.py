@@ -1,0 +1,106 @@
+"""Prompt text and answer post-processing of the ST-LLM release (shared by reference and engine).
+
+Two prompt paths exist in the release, both for the instruction-aware (``qformer_text_input``)
+checkpoints:
+
+* **Chat / QA** (``Chat.get_context_emb_sim`` in ``stllm/conversation/conversation.py``): the LLM
+  input is ``[video tokens] + embed(ids(BOS + system + "###Human: " + q + " ###Assistant: "))``.
+  The QA benchmarks pass ``system=False`` (empty system); the demo uses the chat system below.
+* **MVBench** (``stllm/test/mvbench``): ``[seg0 tokens (with BOS)] + [video tokens] + [seg1 tokens
+  (no BOS)]`` with the multi-message ``get_prompt2`` layout, see :func:`mvbench_prompt_segments`.
+
+Generated text is cleaned with :func:`postprocess_answer` (cut at "###", keep the text after
+"Assistant:", strip); MVBench keeps only the first line and re-adds the "(" of the priming.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+SEP = "###"
+CHAT_SYSTEM = (
+    "Carefully watch the video and pay attention to the cause and sequence of events, the detail and "
+    "movement of objects, and the action and pose of persons. Based on your observations, give your "
+    "answer that best addresses the question.\n"
+)
+MVBENCH_SYSTEM = (
+    "Carefully watch the video and pay attention to the cause and sequence of events, the detail and "
+    "movement of objects, and the action and pose of persons. Based on your observations, select the "
+    "best option that accurately addresses the question.\n"
+)
+MVBENCH_QUESTION_PROMPT = "\nOnly give the best option."
+MVBENCH_ANSWER_PROMPT = "Best option:("
+MVBENCH_RETURN_PROMPT = "("
+
+
+def chat_prompt(question: str, system: str | None = None) -> str:
+    """Text after the video tokens on the chat path (BOS is added by the caller as a token).
+
+    ``system=None`` uses :data:`CHAT_SYSTEM`; ``system=""`` is the release's ``system=False``.
+    """
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a str, got {type(question).__name__}")
+    sys_text = CHAT_SYSTEM if system is None else system
+    return sys_text + SEP + "Human: " + question + " " + SEP + "Assistant: "
+
+
+def mvbench_question(question: str, candidates: Sequence[str]) -> str:
+    """MVBench ``qa_template`` question: ``"Question: q\\nOptions:\\n(A) c0\\n(B) c1"``."""
+    if len(candidates) == 0:
+        raise ValueError("MVBench question needs at least one candidate option")
+    if len(candidates) > 26:
+        raise ValueError(f"at most 26 options (A-Z) are supported, got {len(candidates)}")
+    text = f"Question: {question}\nOptions:\n"
+    for i, c in enumerate(candidates):
+        text += f"({chr(ord('A') + i)}) {c}\n"
+    return text.rstrip()
+
+
+def mvbench_gt(candidates: Sequence[str], answer: str) -> str:
+    """Ground-truth string ``"(X) answer"`` as ``qa_template`` builds it.
+
+    Like the release, an answer not among the candidates gets index -1 (letter ``"@"``).
+    """
+    idx = -1
+    for i, c in enumerate(candidates):
+        if c == answer:
+            idx = i
+    return f"({chr(ord('A') + idx)}) {answer}"
+
+
+def mvbench_prompt_segments(question: str, system: str = MVBENCH_SYSTEM,
+                            question_prompt: str = MVBENCH_QUESTION_PROMPT,
+                            answer_prompt: str = MVBENCH_ANSWER_PROMPT) -> tuple[str, str]:
+    """(text before the video tokens, text after them) for MVBench.
+
+    Release layout (``get_prompt2`` with ``system_llm=True``): messages ``Human: <Video><VideoHere>
+    </Video>\\n``, ``Human: system + question + question_prompt + "\\n"`` and ``Assistant: answer_prompt``,
+    joined by "###", the whole prefixed by ``system + "###"``; split at ``<VideoHere>``.
+    The first segment is tokenized with BOS, the second without.
+    """
+    before = system + SEP + "Human: <Video>"
+    after = ("</Video>\n" + SEP + "Human: " + system + question + question_prompt + "\n" + SEP
+             + "Assistant: " + answer_prompt)
+    return before, after
+
+
+def postprocess_answer(text: str) -> str:
+    """Release post-processing of decoded output: cut at "###", keep after "Assistant:", strip."""
+    return text.split(SEP)[0].split("Assistant:")[-1].strip()
+
+
+def mvbench_postprocess(text: str, return_prompt: str = MVBENCH_RETURN_PROMPT) -> str:
+    """MVBench answer: ``return_prompt`` + first line of the post-processed answer."""
+    return return_prompt + postprocess_answer(text).strip().split("\n")[0]
+
+
+def check_answer(pred: str, gt: str) -> bool:
+    """MVBench ``check_ans``: the predicted option token matches the ground-truth option.
+
+    ``pred`` like ``"(A) the cat"``, ``gt`` like ``"(A) The cat."``; compares lower-cased first words:
+    ``pred_option.replace('.', '') in gt_option or gt_option in pred_option``.
+    """
+    if not gt.strip():
+        raise ValueError("ground truth answer is empty")
+    pred_option = pred.lower().split(" ")[0]
+    gt_option = gt.lower().split(" ")[0]
+    return pred_option.replace(".", "") in gt_option or gt_option in pred_option
