@@ -1,0 +1,132 @@
+"""ModelRunner: turns one scheduled step into packed model inputs and returns logits.
+
+A step is a list of ``(sequence, n)``: the sequence computes positions
+``[num_computed_tokens, num_computed_tokens + n)``. Position p < Lv is fed from the sequence's
+``video_embeds[p]``, later positions from ``token_ids[p - Lv]`` through the embedding table.
+All sequences are packed into one [N, H] pass (no padding):
+
+* every n == 1: a decode pass (``paged_decode_attention``);
+* otherwise one prefill pass; decodes mixed in run as length-1 queries over their cache
+  (``paged_prefill_attention`` whenever any sequence has a prefix in the cache, else
+  ``varlen_attention``).
+
+Logits come back (float32, batch order) only for sequences whose chunk reaches their last known
+token, i.e. the ones that sample. Copy-on-write block copies are made by :meth:`copy_blocks`
+before :meth:`run` (``ScheduledBatch.copies``).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from stllm_engine.model.context import AttentionContext, reset_context, set_context
+
+
+class ModelRunner:
+    """Runs an :class:`~stllm_engine.model.STLLMModel` over scheduled steps.
+
+    ``config`` (optional) may carry ``block_size`` and ``num_kv_blocks`` (or ``num_blocks``): the KV
+    cache is allocated here when the model has none yet.
+    """
+
+    def __init__(self, model, config: Any = None):
+        self.model = model
+        self.config = config
+        if model.kv_cache is None and config is not None:
+            num_blocks = getattr(config, "num_kv_blocks", None) or getattr(config, "num_blocks", None)
+            block_size = getattr(config, "block_size", None)
+            if num_blocks and block_size:
+                model.allocate_kv_cache(num_blocks, block_size)
+        if model.kv_cache is None:
+            raise ValueError("ModelRunner needs a model with a KV cache (allocate_kv_cache) or a "
+                             "config with block_size and num_kv_blocks")
+        self.block_size = model.block_size
+        self.num_blocks = model.kv_cache.shape[2]
+
+    def copy_blocks(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Copy KV blocks src -> dst in every layer (copy-on-write, e.g. beam search forks)."""
+        pairs = list(pairs)
+        for s, d in pairs:
+            if not (0 <= s < self.num_blocks and 0 <= d < self.num_blocks):
+                raise ValueError(f"copy_blocks: block pair ({s}, {d}) outside 0..{self.num_blocks - 1}")
+        self.model.copy_blocks(pairs)
+
+    @torch.no_grad()
+    def run(self, batch) -> torch.Tensor:
+        """batch: list of (seq, num_new_tokens) or a ScheduledBatch -> logits [num_sampled, vocab]."""
+        items = list(getattr(batch, "items", batch))
+        if not items:
+            raise ValueError("ModelRunner.run: empty batch")
+        embeds, positions, ctx, sample_rows = self._prepare(items)
+        set_context(ctx)
+        try:
+            hidden = self.model(embeds, positions)
+        finally:
+            reset_context()
+        return self.model.compute_logits(hidden[sample_rows])
+
+    # --- input building ---------------------------------------------------------------------
+    def _prepare(self, items):
+        model, bs = self.model, self.block_size
+        device, dtype = model.device, model.dtype
+        positions, slots, cu_q, ctx_lens, tables = [], [], [0], [], []
+        text_ids, text_rows, video_parts, sample_rows = [], [], [], []
+        for seq, n in items:
+            start = seq.num_computed_tokens
+            end = start + n
+            if n < 1 or end > seq.num_tokens:
+                raise ValueError(f"{seq}: cannot compute {n} new positions from {start} "
+                                 f"(it has {seq.num_tokens})")
+            table = list(seq.block_table)
+            if len(table) * bs < end:
+                raise ValueError(f"{seq}: block table of {len(table)} blocks of {bs} cannot hold "
+                                 f"{end} positions")
+            row0 = cu_q[-1]
+            pos = range(start, end)
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            lv = seq.num_video_tokens
+            if start < lv:
+                video_parts.append((row0, seq.video_embeds[start:min(end, lv)]))
+            if end > lv:
+                t0 = max(start, lv)
+                text_ids.extend(seq.token_ids[t0 - lv:end - lv])
+                text_rows.extend(range(row0 + t0 - start, row0 + n))
+            cu_q.append(row0 + n)
+            ctx_lens.append(end)
+            tables.append(table)
+            if end == seq.num_tokens:
+                sample_rows.append(row0 + n - 1)
+        n_total = cu_q[-1]
+        embeds = torch.empty(n_total, model.config.llm.hidden_size, dtype=dtype, device=device)
+        for row0, part in video_parts:
+            embeds[row0:row0 + part.shape[0]] = part.to(device, dtype)
+        if text_ids:
+            ids = torch.tensor(text_ids, dtype=torch.long, device=device)
+            embeds[torch.tensor(text_rows, device=device)] = model.embed_tokens(ids).to(dtype)
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
+        is_prefill = any(n != 1 for n in lens)
+        cu = torch.tensor(cu_q, dtype=torch.int32, device=device)
+        ctx = AttentionContext(
+            is_prefill=is_prefill,
+            cu_seqlens_q=cu,
+            cu_seqlens_k=torch.tensor([0] + list(_cumsum(ctx_lens)), dtype=torch.int32, device=device),
+            max_seqlen_q=max(lens),
+            max_seqlen_k=max(ctx_lens),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
+            block_tables=block_tables.to(device),
+            has_prefix=any(seq.num_computed_tokens > 0 for seq, _ in items),
+        )
+        pos_t = torch.tensor(positions, dtype=torch.int64, device=device)
+        return embeds, pos_t, ctx, torch.tensor(sample_rows, dtype=torch.long, device=device)
+
+
+def _cumsum(xs):
+    total = 0
+    for x in xs:
+        total += x
+        yield total

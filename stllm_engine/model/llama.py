@@ -1,0 +1,133 @@
+"""LLaMA decoder for packed, paged inference.
+
+Tokens of all sequences in a step are packed into one [N, H] tensor with explicit positions (no
+padding). RMSNorm, rotary embedding (rotate-half, theta from the config), fused ``qkv_proj`` and
+``gate_up_proj`` (built at load time from the official q/k/v and gate/up weights), SiLU MLP, GQA.
+Attention reads the per-step :class:`~stllm_engine.model.context.AttentionContext`:
+
+* prefill without prefix: ``ops.varlen_attention`` (causal) over the new tokens;
+* prefill with a prefix in the cache (chunked prefill, multi-turn): ``ops.paged_prefill_attention``;
+* decode: ``ops.paged_decode_attention``.
+
+New keys/values are written to the paged cache (``ops.write_kv_cache``) before attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stllm_engine.config import LLMConfig
+from stllm_engine import ops
+from stllm_engine.model.context import get_context
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) in float32, cast back, times the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [N, head_dim] for integer positions [N] (computed in float32)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+    inv_freq = 1.0 / (theta ** (exponent / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, d] rotated by cos/sin [N, d] (rotate-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, Hk, d], bound later
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        ctx = get_context()
+        if self.k_cache is not None and ctx.slot_mapping is not None:
+            ops.write_kv_cache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.is_prefill and not ctx.has_prefix:
+            o = ops.varlen_attention(q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
+                                     ctx.max_seqlen_k, causal=True, scale=self.scale)
+        elif self.k_cache is None:
+            raise RuntimeError("attention over cached tokens needs a KV cache: "
+                               "call allocate_kv_cache first")
+        elif ctx.is_prefill:
+            o = ops.paged_prefill_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
+                                            ctx.cu_seqlens_q, ctx.context_lens, scale=self.scale)
+        else:
+            o = ops.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
+                                           ctx.context_lens, scale=self.scale)
+        return self.o_proj(o.reshape(n, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """embed_tokens, decoder layers and the final norm (the LM head lives in STLLMModel)."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """embeds [N, H] packed, positions [N] int64 -> final-normed hidden [N, H]."""
+        if embeds.ndim != 2 or positions.shape != embeds.shape[:1]:
+            raise ValueError(f"LLM expects packed embeds [N, H] and positions [N], got "
+                             f"{tuple(embeds.shape)} and {tuple(positions.shape)}")
+        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
