@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 QFORMER_BOS = "[DEC]"
@@ -65,6 +66,16 @@ def _apply_instruction_specials(tok) -> None:
         single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, eos_id)])
 
 
+def _is_wordpiece_json(path: Path) -> bool:
+    """True when ``path`` is a tokenizers JSON file whose model is WordPiece (BERT)."""
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("model", {}).get("type") == "WordPiece"
+    except (OSError, ValueError):
+        return False
+
+
 def load_qformer_tokenizer(folder_or_path: str | Path, truncation_side: str = "left"):
     """The Q-Former's BERT tokenizer with ``[DEC]`` as bos (added when the folder lacks it).
 
@@ -81,9 +92,13 @@ def load_qformer_tokenizer(folder_or_path: str | Path, truncation_side: str = "l
             tok = BertTokenizer(vocab=str(p), do_lower_case=True, truncation_side=truncation_side)
         else:
             p = _folder(p, "Q-Former")
-            if not ((p / "vocab.txt").is_file() or (p / "tokenizer.json").is_file()):
-                raise TokenizerError(f"no Q-Former (BERT) tokenizer in {p}: expected vocab.txt or "
-                                     "tokenizer.json")
+            if not ((p / "vocab.txt").is_file() or _is_wordpiece_json(p / "tokenizer.json")):
+                hint = (" (it holds a LLaMA tokenizer: a release checkpoint ships no BERT vocabulary,"
+                        " pass the bert-base-uncased tokenizer folder or its vocab.txt)"
+                        if (p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file() else "")
+                raise TokenizerError(f"no Q-Former (BERT WordPiece) tokenizer in {p}: expected "
+                                     f"vocab.txt, a WordPiece tokenizer.json or a qformer_tokenizer/ "
+                                     f"folder{hint}")
             tok = BertTokenizer.from_pretrained(str(p), truncation_side=truncation_side,
                                                 local_files_only=True)
     except TokenizerError:

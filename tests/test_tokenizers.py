@@ -149,7 +149,7 @@ def test_qformer_found_in_checkpoint_folder(tmp_path, qformer_dir):
 def test_qformer_loader_errors(tmp_path):
     with pytest.raises(TokenizerError, match="does not exist"):
         load_qformer_tokenizer(tmp_path / "nope")
-    with pytest.raises(TokenizerError, match="vocab.txt or tokenizer.json"):
+    with pytest.raises(TokenizerError, match="vocab.txt, a WordPiece tokenizer.json"):
         load_qformer_tokenizer(tmp_path)
 
 
@@ -181,3 +181,13 @@ def test_qformer_vocab_sizes(vocab_size):
     assert len(vocab) == len(set(vocab)) <= vocab_size
     assert vocab[:5] == list(BERT_SPECIALS)
     assert "a" in vocab and "##a" in vocab  # every word can be split
+
+
+def test_qformer_tokenizer_refuses_a_llama_only_folder(tmp_path):
+    """A folder with only the LLaMA tokenizer must not be read as a BERT vocabulary."""
+    from stllm_engine.testing.tokenizers import write_llama_tokenizer
+    from stllm_engine.tokenizers import TokenizerError, load_qformer_tokenizer
+
+    write_llama_tokenizer(tmp_path)
+    with pytest.raises(TokenizerError, match="LLaMA tokenizer"):
+        load_qformer_tokenizer(tmp_path)
