@@ -1,0 +1,233 @@
+"""The public Python API: ``STLLM.from_pretrained(folder).answer(video, question)``.
+
+``answer`` follows the release's chat: greedy, repetition penalty 1.5, min_new_tokens 1, stop on
+"###" (as text and as the tokenizer's "###" id sequences), 300 new tokens; the answer text is
+post-processed like the release (leading <unk>/<s> dropped, cut at EOS and "###", text after
+"Assistant:", stripped). ``generate`` runs many requests with continuous batching and returns
+:class:`RequestOutput` objects in request order; ``stream`` yields text pieces; ``chat`` keeps a
+multi-turn session whose earlier turns are served from the KV prefix cache.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
+from stllm_engine.outputs import RequestOutput
+from stllm_engine.prompts import SEP, chat_prompt, postprocess_answer
+from stllm_engine.sampling_params import SamplingParams
+
+_PARAM_NAMES = {f.name for f in fields(SamplingParams)}
+_REQUEST_KEYS = {"system", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling"}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LEADING_DROP_IDS = (0, 1)  # Chat.answer drops a leading <unk>, then a leading <s>
+
+
+def stop_id_sequences(tokenizer, text: str = SEP) -> list[list[int]]:
+    """Id sequences of ``text`` that end generation: its word-start encoding and its in-word BPE
+    encoding (for Vicuna "###": [835] and [2277, 29937])."""
+    seqs = [list(tokenizer.encode(text, add_special_tokens=False))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend.model, "tokenize"):
+        seqs.append([t.id for t in backend.model.tokenize(text)])
+    out: list[list[int]] = []
+    for s in seqs:
+        if s and s not in out:
+            out.append(s)
+    return out
+
+
+def clean_answer_ids(ids: list[int], eos_token_id: int | None) -> list[int]:
+    """Drop a leading 0 then a leading 1; cut at the first EOS (release cleanup)."""
+    ids = list(ids)
+    for lead in LEADING_DROP_IDS:
+        if ids and ids[0] == lead:
+            ids = ids[1:]
+    if eos_token_id is not None and eos_token_id in ids:
+        ids = ids[:ids.index(eos_token_id)]
+    return ids
+
+
+class STLLM:
+    """An engine bound to one checkpoint. Build with :meth:`from_pretrained`."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.stop_token_ids = stop_id_sequences(self.tokenizer)
+        self.last_output: RequestOutput | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | str | None = None, kv_cache_memory: int = 256 << 20,
+                        block_size: int = 16, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
+                        vision_cache_bytes: int = 256 << 20, num_kv_blocks: int | None = None,
+                        enable_prefix_caching: bool = True, **engine_kw) -> "STLLM":
+        """Load an official-layout folder; the KV pool holds ``kv_cache_memory`` bytes
+        (or ``num_kv_blocks`` blocks) of ``block_size`` positions."""
+        from stllm_engine.model.stllm import STLLMModel
+        from stllm_engine.tokenizers import load_llama_tokenizer
+        from stllm_engine.weights import load_checkpoint
+
+        if isinstance(dtype, str):
+            if dtype.removeprefix("torch.") not in _DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            dtype = _DTYPES[dtype.removeprefix("torch.")]
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' requested but CUDA is not available")
+        ckpt = load_checkpoint(path, dtype=dtype)
+        model = STLLMModel.from_checkpoint(ckpt, device, dtype)
+        config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                              vision_cache_bytes=vision_cache_bytes, enable_prefix_caching=enable_prefix_caching,
+                              **engine_kw)
+        return cls(LLMEngine(model, load_llama_tokenizer(path), config))
+
+    # --- parameters -------------------------------------------------------------------------
+    def params(self, **kw) -> SamplingParams:
+        """Release-chat SamplingParams with overrides (``do_sample``/``min_length`` accepted as the
+        release names them)."""
+        unknown = set(kw) - _PARAM_NAMES - {"do_sample", "min_length"}
+        if unknown:
+            raise TypeError(f"unknown generation parameters: {sorted(unknown)}")
+        do_sample = kw.pop("do_sample", None)
+        if "min_length" in kw:
+            kw["min_new_tokens"] = kw.pop("min_length")
+        if do_sample and kw.get("temperature", 0) == 0:
+            kw["temperature"] = 1.0
+        if do_sample is False:
+            kw["temperature"] = 0.0
+        base = dict(min_new_tokens=1, stop_token_ids=self.stop_token_ids)
+        base.update(kw)
+        return SamplingParams(**base)
+
+    def _split(self, kw: dict) -> tuple[SamplingParams, dict]:
+        req = {k: kw.pop(k) for k in list(kw) if k in _REQUEST_KEYS}
+        params = kw.pop("params", None)
+        if params is not None and kw:
+            raise TypeError("pass either params=SamplingParams(...) or keyword parameters, not both")
+        return (params if params is not None else self.params(**kw)), req
+
+    def postprocess(self, out: RequestOutput) -> str:
+        """Release answer text of a finished output (raises if the request failed)."""
+        if out.error is not None:
+            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+        ids = clean_answer_ids(out.token_ids, self.tokenizer.eos_token_id)
+        return postprocess_answer(self.tokenizer.decode(ids, skip_special_tokens=False))
+
+    # --- one request ------------------------------------------------------------------------
+    def _run_until_done(self, rids: list[str]) -> dict[str, RequestOutput]:
+        want, done = set(rids), {}
+        while want - set(done):
+            if not self.engine.has_unfinished_requests():
+                raise RuntimeError(f"engine went idle with requests {sorted(want - set(done))} unfinished")
+            for o in self.engine.step():
+                if o.finished and o.request_id in want:
+                    done[o.request_id] = o
+        return done
+
+    def answer(self, video, question: str, **kw) -> str:
+        """Answer one question (release chat semantics); the full output is in ``last_output``."""
+        params, req = self._split(kw)
+        rid = self.engine.add_request(video, question, params, **req)
+        out = self._run_until_done([rid])[rid]
+        self.last_output = out
+        return self.postprocess(out)
+
+    def generate(self, requests: list, params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Run many requests together; each is ``(video, question)`` or a dict with ``video``,
+        ``question`` and optional ``params``/``system``/``num_frames``/``keep_ratio``... Results
+        come in request order; a failed request has ``error`` set and does not affect others."""
+        default = params if params is not None else self.params()
+        rids = []
+        for i, r in enumerate(requests):
+            if isinstance(r, dict):
+                r = dict(r)
+                try:
+                    video, question = r.pop("video"), r.pop("question")
+                except KeyError as e:
+                    raise ValueError(f"request {i} lacks {e.args[0]!r}") from None
+                p = r.pop("params", default)
+                bad = set(r) - _REQUEST_KEYS
+                if bad:
+                    raise ValueError(f"request {i} has unknown keys {sorted(bad)}")
+                rids.append(self.engine.add_request(video, question, p, **r))
+            else:
+                video, question = r
+                rids.append(self.engine.add_request(video, question, default))
+        done = self._run_until_done(rids)
+        return [done[r] for r in rids]
+
+    def stream(self, video, question: str, **kw) -> Iterator[str]:
+        """Yield the answer's text pieces as they are generated (stop strings never streamed)."""
+        params, req = self._split(kw)
+        if params.num_beams > 1:
+            raise ValueError("stream does not support beam search (num_beams > 1)")
+        rid = self.engine.add_request(video, question, params, **req)
+        while True:
+            if not self.engine.has_unfinished_requests():
+                raise RuntimeError(f"engine went idle before request {rid} finished")
+            for o in self.engine.step():
+                if o.request_id != rid:
+                    continue
+                if o.error is not None:
+                    raise RuntimeError(f"request {rid} failed: {o.error}")
+                if o.delta:
+                    yield o.delta
+                if o.finished:
+                    self.last_output = o
+                    return
+
+    def chat(self, video, system: str | None = None, **video_kw) -> "ChatSession":
+        """A multi-turn conversation about one video."""
+        return ChatSession(self, video, system, video_kw)
+
+
+class ChatSession:
+    """Turns about one video. The video tokens are encoded once, with the first question
+    (instruction-aware Q-Former), and every later prompt extends the previous one, so its KV comes
+    from the prefix cache."""
+
+    def __init__(self, llm: STLLM, video, system: str | None, video_kw: dict[str, Any]) -> None:
+        bad = set(video_kw) - (_REQUEST_KEYS - {"system"})
+        if bad:
+            raise TypeError(f"unknown chat options {sorted(bad)}")
+        self.llm = llm
+        self.video = video
+        self.system = system
+        self.video_kw = video_kw
+        self.history: list[tuple[str, str]] = []
+        self.outputs: list[RequestOutput] = []
+        self._prepared = None
+
+    def prompt_text(self, question: str) -> str:
+        text = chat_prompt(self.history[0][0] if self.history else question, self.system)
+        for i, (q, a) in enumerate(self.history):
+            if i:
+                text += q + " " + SEP + "Assistant: "
+            text += a + SEP + "Human: "
+        if self.history:
+            text += question + " " + SEP + "Assistant: "
+        return text
+
+    def ask(self, question: str, **kw) -> str:
+        eng = self.llm.engine
+        params, req = self.llm._split(kw)
+        if req:
+            raise TypeError(f"per-turn options {sorted(req)} are fixed for the session; pass them to chat()")
+        if self._prepared is None:
+            self._prepared = eng.prepare_video(self.video, question, **self.video_kw)
+        ids = [self.llm.tokenizer.eos_token_id] + list(
+            self.llm.tokenizer(self.prompt_text(question), add_special_tokens=False).input_ids)
+        rid = eng.add_prepared(self._prepared.tokens, self._prepared.key, ids, params)
+        out = self.llm._run_until_done([rid])[rid]
+        self.outputs.append(out)
+        self.llm.last_output = out
+        answer = self.llm.postprocess(out)
+        self.history.append((question, answer))
+        return answer

@@ -1,0 +1,109 @@
+"""AsyncLLMEngine: an asyncio front of :class:`LLMEngine` with per-request streaming.
+
+A background task runs ``engine.step()`` in a worker thread while requests are pending (one
+engine call at a time, under a lock) and routes each output to its request's queue;
+``async for out in engine.generate(...)`` yields that request's outputs until it finishes.
+Cancelling the consumer (or calling ``abort``) aborts the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+from stllm_engine.engine.llm_engine import LLMEngine
+from stllm_engine.outputs import RequestOutput
+from stllm_engine.sampling_params import SamplingParams
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.error: BaseException | None = None
+
+    def _call(self, fn, *args, **kw):
+        with self._lock:
+            return fn(*args, **kw)
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            if not self._call(self.engine.has_unfinished_requests):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outs = await asyncio.to_thread(self._call, self.engine.step)
+            except Exception as e:  # noqa: BLE001 - an engine bug: end every stream with it
+                self.error = e
+                for q in self._queues.values():
+                    q.put_nowait(e)
+                self._queues.clear()
+                return
+            for o in outs:
+                q = self._queues.get(o.request_id)
+                if q is not None:
+                    q.put_nowait(o)
+            await asyncio.sleep(0)
+
+    async def add_request(self, video, question: str, params: SamplingParams | None = None,
+                          **kw) -> str:
+        """Queue a request (video decoding/encoding runs in a worker thread); returns its id."""
+        self._ensure_loop()
+        rid = kw.pop("request_id", None)
+        if rid is None:
+            rid = await asyncio.to_thread(self._call, self.engine._new_id, None)
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[rid] = q
+        await asyncio.to_thread(self._call, self.engine.add_request, video, question, params,
+                                request_id=rid, **kw)
+        self._wake.set()
+        return rid
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request until it finishes."""
+        q = self._queues.get(request_id)
+        if q is None:
+            raise KeyError(f"unknown request id {request_id!r}")
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"engine failed: {item}") from item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if self._call(self.engine.abort, request_id) and self._wake is not None:
+                self._wake.set()  # consumer left early: the request is aborted
+
+    async def generate(self, video, question: str, params: SamplingParams | None = None,
+                       **kw) -> AsyncIterator[RequestOutput]:
+        """Add a request and stream its outputs."""
+        rid = await self.add_request(video, question, params, **kw)
+        async for out in self.stream(rid):
+            yield out
+
+    async def abort(self, request_id: str) -> bool:
+        ok = await asyncio.to_thread(self._call, self.engine.abort, request_id)
+        if self._wake is not None:
+            self._wake.set()
+        return ok
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+            self._loop_task = None

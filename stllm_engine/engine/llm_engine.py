@@ -1,0 +1,392 @@
+"""LLMEngine: requests in, one scheduled model step at a time, outputs out.
+
+add_request: video -> frames (``load_video``) -> vision cache / ``encode_vision`` ->
+``encode_video(question)`` -> optional keep-ratio token dropping -> prompt ids -> Sequence.
+step: schedule -> ``ModelRunner.run`` -> sample (or a beam step) -> append -> stop checks -> free.
+A bad request (unreadable video, bad parameters, prompt that cannot fit) finishes alone with
+``finish_reason="error"`` and a message; a failing model step fails only the requests in it.
+Beam-search requests prefill through the scheduler, then decode their beams together in a
+separate runner call each step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from stllm_engine.engine.beam_search import BeamGroup
+from stllm_engine.engine.block_manager import BlockManager
+from stllm_engine.engine.sampler import Sampler, StopChecker
+from stllm_engine.engine.scheduler import Scheduler
+from stllm_engine.engine.sequence import Sequence
+from stllm_engine.engine.video_prep import PreparedVideo, prepare_video
+from stllm_engine.engine.vision_cache import VisionCache
+from stllm_engine.outputs import RequestOutput, RequestTimings
+from stllm_engine.prompts import chat_prompt
+from stllm_engine.sampling_params import SamplingParams
+
+RELEASE_MAX_LENGTH = 2000  # Chat.answer: prompt + max_new_tokens beyond this cuts the prompt's left
+
+
+@dataclass
+class EngineConfig:
+    """block_size: KV positions per block; num_kv_blocks or kv_cache_memory (bytes) sizes the
+    pool; max_length: prompt + new tokens cap (the release's 2000, bounded by the model's
+    positions); truncate_prompt: cut longer prompts from the left like the release (else error);
+    beam_stop_first_row: stop ids/strings end beams as the release's criterion does (judged on the
+    best candidate, applied to all), else per candidate."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int = 256 << 20
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    vision_cache_bytes: int = 256 << 20
+    enable_prefix_caching: bool = True
+    max_length: int = RELEASE_MAX_LENGTH
+    truncate_prompt: bool = True
+    beam_stop_first_row: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"EngineConfig.{name} must be a positive int, got {v!r}")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks <= 0):
+            raise ValueError(f"EngineConfig.num_kv_blocks must be a positive int, got {self.num_kv_blocks!r}")
+        if self.num_kv_blocks is None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0):
+            raise ValueError(f"EngineConfig.kv_cache_memory must be a positive number of bytes, "
+                             f"got {self.kv_cache_memory!r}")
+        if not isinstance(self.vision_cache_bytes, int) or self.vision_cache_bytes < 0:
+            raise ValueError(f"EngineConfig.vision_cache_bytes must be >= 0, got {self.vision_cache_bytes!r}")
+
+
+def kv_bytes_per_block(model, block_size: int) -> int:
+    c = model.config.llm
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
+
+
+class _Request:
+    def __init__(self, request_id: str, params: SamplingParams, arrival: float) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.arrival = arrival
+        self.timings = RequestTimings()
+        self.seq: Sequence | None = None
+        self.beams: BeamGroup | None = None
+        self.checker: StopChecker | None = None
+        self.first_token_at: float | None = None
+        self.error: str | None = None
+        self.finish_reason: str | None = None
+        self.token_ids: list[int] = []
+        self.final_text: str | None = None  # beam search: text of the best hypothesis
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None) -> None:
+        from stllm_engine.engine.model_runner import ModelRunner
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = cfg = config or EngineConfig()
+        self.bytes_per_block = kv_bytes_per_block(model, cfg.block_size)
+        num_blocks = cfg.num_kv_blocks or cfg.kv_cache_memory // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={cfg.kv_cache_memory} bytes holds no KV block "
+                             f"({self.bytes_per_block} bytes each at block_size {cfg.block_size})")
+        model.allocate_kv_cache(num_blocks, cfg.block_size)
+        self.runner = ModelRunner(model)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
+                                          self.bytes_per_block)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.sampler = Sampler(self.eos_token_id)
+        self.vision_cache = VisionCache(cfg.vision_cache_bytes)
+        self.max_positions = model.config.llm.max_position_embeddings
+        self.max_length = min(cfg.max_length, self.max_positions)
+        self._requests: dict[str, _Request] = {}
+        self._by_seq: dict[int, _Request] = {}
+        self._pending: list[RequestOutput] = []
+        self._next_id = 0
+
+    # --- requests ---------------------------------------------------------------------------
+    def prompt_ids(self, question: str, system: str | None = None) -> list[int]:
+        """BOS + system + "###Human: " + question + " ###Assistant: " as the release tokenizes it.
+
+        The release re-assigns the tokenizer's bos to "</s>" on this path, so the first id is EOS
+        (see ``stllm_engine.reference.chat``)."""
+        ids = self.tokenizer(chat_prompt(question, system), add_special_tokens=False).input_ids
+        return [self.tokenizer.eos_token_id] + list(ids)
+
+    def prepare_video(self, video, question: str, **kw) -> PreparedVideo:
+        return prepare_video(self.model, self.vision_cache, video, question, **kw)
+
+    def add_request(self, video, question: str, params: SamplingParams | None = None, *,
+                    request_id: str | None = None, system: str | None = None,
+                    num_frames: int | None = None, keep_ratio: float = 1.0, keep_mode: str = "even",
+                    keep_seed: int = 0, sampling: str = "uniform") -> str:
+        """Queue one question about one video; returns its request id (errors end up in its output)."""
+        rid = self._new_id(request_id)
+        req = _Request(rid, params, time.perf_counter())
+        self._requests[rid] = req
+        try:
+            if params is not None and not isinstance(params, SamplingParams):
+                raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+            req.params = params or SamplingParams()
+            if not isinstance(question, str):
+                raise TypeError(f"question must be a str, got {type(question).__name__}")
+            pv = self.prepare_video(video, question, num_frames=num_frames, keep_ratio=keep_ratio,
+                                    keep_mode=keep_mode, keep_seed=keep_seed, sampling=sampling)
+            req.timings.frame_decode, req.timings.vision, req.timings.qformer = pv.frame_decode_s, pv.vision_s, pv.qformer_s
+            req.timings.vision_cache_hit = pv.cache_hit
+            self._admit(req, pv.tokens, pv.key, self.prompt_ids(question, system))
+        except Exception as e:  # noqa: BLE001 - any bad input fails this request only
+            self._fail(req, e)
+        return rid
+
+    def add_prepared(self, video_tokens: torch.Tensor | None, video_key: str, prompt_token_ids: list[int],
+                     params: SamplingParams | None = None, *, request_id: str | None = None) -> str:
+        """Queue a request whose video tokens and prompt ids are already built (multi-turn chat)."""
+        rid = self._new_id(request_id)
+        req = _Request(rid, params or SamplingParams(), time.perf_counter())
+        self._requests[rid] = req
+        try:
+            self._admit(req, video_tokens, video_key, list(prompt_token_ids))
+        except Exception as e:  # noqa: BLE001
+            self._fail(req, e)
+        return rid
+
+    def _new_id(self, request_id: str | None) -> str:
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        request_id = str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        return request_id
+
+    def _admit(self, req: _Request, tokens, key: str, ids: list[int]) -> None:
+        p = req.params
+        lv = 0 if tokens is None else int(tokens.shape[0])
+        total = lv + len(ids)
+        if total == 0:
+            raise ValueError("empty prompt: no video tokens and no text")
+        over = total + p.max_new_tokens - self.max_length
+        if over > 0:
+            if not self.config.truncate_prompt or over >= total:
+                raise ValueError(f"context too long: {total} prompt tokens + max_new_tokens {p.max_new_tokens} "
+                                 f"> max length {self.max_length} (max_position_embeddings "
+                                 f"{self.max_positions}); lower max_new_tokens or use fewer frames")
+            cut_v = min(over, lv)  # the release cuts the embeddings from the left
+            tokens = tokens[cut_v:] if lv - cut_v > 0 else None
+            ids = ids[over - cut_v:]
+            key = f"{key}|cut={over}"
+        seq = Sequence(ids, p, video_embeds=tokens, video_key=key if tokens is not None else "",
+                       request_id=req.request_id)
+        self.scheduler.add(seq)
+        req.seq = seq
+        req.checker = StopChecker(self.tokenizer, seq, self.eos_token_id, self.max_positions)
+        self._by_seq[seq.seq_id] = req
+
+    def _fail(self, req: _Request, e: BaseException) -> None:
+        req.error = str(e) if isinstance(e, (ValueError, TypeError)) else f"{type(e).__name__}: {e}"
+        req.finish_reason = "error"
+        self._release(req)
+        self._pending.append(self._output(req, ""))
+        self._requests.pop(req.request_id, None)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request in any state; its final output (finish_reason "abort") comes with the next step."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        req.finish_reason = "abort"
+        self._release(req)
+        self._pending.append(self._output(req, ""))
+        self._requests.pop(request_id, None)
+        return True
+
+    def _release(self, req: _Request) -> None:
+        if req.beams is not None:
+            for s in req.beams.sequences:
+                self._by_seq.pop(s.seq_id, None)
+            req.beams.release()
+            req.beams = None
+        if req.seq is not None:
+            if not req.seq.is_finished:
+                if self.scheduler.abort(req.seq.seq_id) is None and req.seq.block_table:
+                    self.block_manager.free(req.seq)
+            self._by_seq.pop(req.seq.seq_id, None)
+            self.sampler.forget(req.seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests or self._pending)
+
+    # --- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one model step; returns outputs of the requests that progressed or ended."""
+        outs, self._pending = self._pending, []
+        touched: dict[str, str] = {}
+        for req in [r for r in self._requests.values() if r.beams is not None]:
+            self._beam_step(req, outs)
+        batch = self.scheduler.schedule()
+        if batch:
+            self.runner.copy_blocks(batch.copies)
+            t0 = time.perf_counter()
+            try:
+                logits = self.runner.run(batch.items)
+            except Exception as e:  # noqa: BLE001 - fail the requests of this step only
+                for seq, _ in batch.items:
+                    req = self._by_seq.get(seq.seq_id)
+                    if req is not None:
+                        self._fail(req, RuntimeError(f"model step failed: {type(e).__name__}: {e}"))
+                return outs + self._drain()
+            dt = time.perf_counter() - t0
+            for seq, n in batch.items:
+                if seq.num_output_tokens == 0 or n > 1:
+                    self._by_seq[seq.seq_id].timings.prefill += dt
+            sampled = self.scheduler.update(batch)
+            rows = {s.seq_id: i for i, s in enumerate(sampled)}
+            plain = [s for s in sampled if s.params.num_beams == 1]
+            tokens = self._sample(logits[[rows[s.seq_id] for s in plain]], plain) if plain else []
+            now = time.perf_counter()
+            for seq, tok in zip(plain, tokens):
+                req = self._by_seq[seq.seq_id]
+                if isinstance(tok, Exception):
+                    self._fail(req, RuntimeError(f"sampling failed: {type(tok).__name__}: {tok}"))
+                    continue
+                seq.append_token(tok)
+                self._on_token(req, now)
+                try:
+                    reason = req.checker.update()
+                    delta = req.checker.delta(reason is not None)
+                except Exception as e:  # noqa: BLE001 - e.g. the tokenizer cannot decode: this request only
+                    self._fail(req, RuntimeError(f"detokenizing failed: {type(e).__name__}: {e}"))
+                    continue
+                if reason:
+                    self.scheduler.finish(seq, reason)
+                    req.finish_reason = reason
+                touched[req.request_id] = delta
+            for seq in sampled:
+                if seq.params.num_beams > 1:
+                    self._start_beams(self._by_seq[seq.seq_id], logits[rows[seq.seq_id]], outs)
+        for rid, delta in touched.items():
+            req = self._requests[rid]
+            outs.append(self._output(req, delta))
+            if req.finish_reason:
+                self._finish(req)
+        return outs + self._drain()
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list:
+        """Token per sequence; if the batch fails (e.g. NaN logits), retry one by one so that only
+        the failing sequences get the exception instead of a token."""
+        try:
+            return self.sampler(logits, seqs)
+        except Exception:  # noqa: BLE001
+            out = []
+            for i, s in enumerate(seqs):
+                try:
+                    out.append(self.sampler(logits[i:i + 1], [s])[0])
+                except Exception as e:  # noqa: BLE001
+                    out.append(e)
+            return out
+
+    def _drain(self) -> list[RequestOutput]:
+        outs, self._pending = self._pending, []
+        return outs
+
+    def _on_token(self, req: _Request, now: float) -> None:
+        if req.first_token_at is None:
+            req.first_token_at = now
+            req.timings.ttft = now - req.arrival
+
+    def _finish(self, req: _Request) -> None:
+        self._release(req)
+        self._requests.pop(req.request_id, None)
+
+    # --- beam search ------------------------------------------------------------------------
+    def _beam_is_stop(self, params: SamplingParams):
+        def is_stop(tokens: list[int]) -> bool:
+            if len(tokens) < params.min_new_tokens:
+                return False
+            if any(tokens[len(tokens) - len(s):] == s for s in params.stop_token_ids if len(tokens) >= len(s)):
+                return True
+            if params.stop:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                return any(s in text for s in params.stop)
+            return False
+        return is_stop
+
+    def _start_beams(self, req: _Request, logits_row: torch.Tensor, outs: list) -> None:
+        seq = req.seq
+        self.scheduler.running.remove(seq)
+        self._on_token(req, time.perf_counter())
+        max_len = min(req.params.max_new_tokens, self.max_positions - seq.num_prompt_tokens)
+        req.beams = BeamGroup(seq, self.block_manager, self.eos_token_id, self._beam_is_stop(req.params),
+                              max_len, broadcast_stop=self.config.beam_stop_first_row)
+        self._beam_consume(req, logits_row.expand(req.params.num_beams, -1), outs)
+
+    def _beam_step(self, req: _Request, outs: list) -> None:
+        rows = req.beams.rows
+        try:
+            logits = self.runner.run([(s, 1) for s in rows])
+        except Exception as e:  # noqa: BLE001
+            self._fail(req, RuntimeError(f"model step failed: {type(e).__name__}: {e}"))
+            return
+        for s in req.beams.sequences:
+            s.num_computed_tokens = s.num_tokens
+            self.block_manager.publish(s)
+        self._beam_consume(req, logits, outs)
+
+    def _beam_consume(self, req: _Request, logits: torch.Tensor, outs: list) -> None:
+        g = req.beams
+        try:
+            copies = g.step(logits)
+            self.runner.copy_blocks(copies)
+        except RuntimeError as e:  # out of KV blocks while forking beams
+            self._fail(req, RuntimeError(f"beam search ran out of KV blocks: {e}"))
+            return
+        for s in g.sequences:
+            self._by_seq[s.seq_id] = req
+        if g.done:
+            req.token_ids = g.best()
+            text = self.tokenizer.decode(req.token_ids, skip_special_tokens=True)
+            cut = [i for i in (text.find(s) for s in req.params.stop) if i >= 0]
+            text = text[:min(cut)] if cut else text
+            ended = g.is_stop(req.token_ids) or (req.token_ids[-1:] == [self.eos_token_id]
+                                                 and not req.params.ignore_eos)
+            req.finish_reason = "stop" if ended or len(req.token_ids) < g.max_len else "length"
+            req.beams = None
+            req.final_text = text
+            for sid in [k for k, v in self._by_seq.items() if v is req]:
+                del self._by_seq[sid]
+            outs.append(self._output(req, text))
+            self._requests.pop(req.request_id, None)
+
+    # --- outputs ----------------------------------------------------------------------------
+    def _output(self, req: _Request, delta: str) -> RequestOutput:
+        seq, t = req.seq, req.timings
+        now = time.perf_counter()
+        finished = req.finish_reason is not None
+        beam_done = req.final_text is not None
+        ids = list(req.token_ids) if beam_done or seq is None else list(seq.output_token_ids)
+        if beam_done:
+            text = req.final_text
+        else:
+            text = req.checker.text if req.checker is not None and req.error is None else ""
+        if finished:
+            t.total = now - req.arrival
+            if req.first_token_at is not None:
+                t.decode = now - req.first_token_at
+                t.num_decode_tokens = max(0, len(ids) - 1)
+        return RequestOutput(
+            request_id=req.request_id, text=text, delta=delta, token_ids=ids, finished=finished, finish_reason=req.finish_reason,
+            error=req.error, num_prompt_tokens=seq.num_prompt_tokens if seq else 0,
+            num_cached_tokens=seq.num_cached_tokens if seq else 0,
+            num_preemptions=seq.num_preemptions if seq else 0, timings=t)
+
+    def stats(self) -> dict:
+        return {"kv": self.block_manager.stats(), "vision_cache": self.vision_cache.stats(),
+                "preemptions": self.scheduler.num_preemptions,
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}

@@ -1,0 +1,176 @@
+"""Next-token selection with per-sequence parameters, and stop detection.
+
+Logit processing follows ``transformers`` (so greedy results match ``generate``): repetition
+penalty (a seen token's logit is divided by p if positive, else multiplied by p), min_new_tokens
+(EOS is masked until the minimum is reached; stop ids/strings are not checked before it), then
+for sampling: temperature, top-k, top-p (smallest set whose probability exceeds top_p; at least one
+token kept). Each sequence draws from its own ``torch.Generator`` seeded from ``params.seed``, so a
+request samples the same tokens alone or in any batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from stllm_engine.engine.sequence import Sequence
+
+
+def seen_token_ids(seq: Sequence) -> list[int]:
+    """Tokens the repetition penalty applies to (outputs; plus prompt text if penalize_prompt)."""
+    if seq.params.penalize_prompt:
+        return seq.prompt_token_ids + seq.output_token_ids
+    return seq.output_token_ids
+
+
+def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty: float) -> torch.Tensor:
+    """logits [V] (modified copy): HF semantics over the set of ``token_ids``."""
+    if penalty == 1.0 or not token_ids:
+        return logits
+    idx = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=logits.device)
+    s = logits.gather(0, idx)
+    s = torch.where(s < 0, s * penalty, s / penalty)
+    return logits.scatter(0, idx, s)
+
+
+def banned_by_min_tokens(seq: Sequence, eos_token_id: int | None) -> list[int]:
+    """Token ids masked while fewer than ``min_new_tokens`` were generated: EOS (transformers'
+    MinNewTokensLengthLogitsProcessor). Stop ids/strings cannot end the sequence before the minimum
+    either; :class:`StopChecker` ignores them until then."""
+    p = seq.params
+    if seq.num_output_tokens >= p.min_new_tokens or eos_token_id is None or p.ignore_eos:
+        return []
+    return [eos_token_id]
+
+
+def process_logits(logits: torch.Tensor, seq: Sequence, eos_token_id: int | None) -> torch.Tensor:
+    """Penalties and masks shared by greedy, sampling and beam search (logits [V] float32)."""
+    logits = apply_repetition_penalty(logits, seen_token_ids(seq), seq.params.repetition_penalty)
+    banned = banned_by_min_tokens(seq, eos_token_id)
+    if banned:
+        logits = logits.clone()
+        logits[torch.tensor(banned, dtype=torch.long, device=logits.device)] = -float("inf")
+    return logits
+
+
+def process_batch(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int | None) -> torch.Tensor:
+    """:func:`process_logits` for a whole batch at once (same values; logits [B, V] float32)."""
+    B, V = logits.shape
+    dev = logits.device
+    seen = [seen_token_ids(s) if s.params.repetition_penalty != 1.0 else [] for s in seqs]
+    width = max((len(x) for x in seen), default=0)
+    if width:
+        idx = torch.tensor([x + [x[0] if x else 0] * (width - len(x)) for x in seen], dtype=torch.long, device=dev)
+        has = torch.tensor([[bool(x)] for x in seen], device=dev)
+        mask = torch.zeros(B, V, dtype=torch.bool, device=dev).scatter_(1, idx, has.expand(B, width))
+        pen = torch.tensor([[s.params.repetition_penalty] for s in seqs], dtype=logits.dtype, device=dev)
+        logits = torch.where(mask, torch.where(logits < 0, logits * pen, logits / pen), logits)
+    rows = [i for i, s in enumerate(seqs) if banned_by_min_tokens(s, eos_token_id)]
+    if rows:
+        logits = logits.clone()
+        logits[torch.tensor(rows, device=dev), eos_token_id] = -float("inf")
+    return logits
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[..., -1, None]
+    return logits.masked_fill(logits < kth, -float("inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    remove = cum <= (1 - p)
+    remove[..., -1:] = False
+    return logits.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
+
+
+class Sampler:
+    """Picks one token per sequence from float32 logits [B, V]."""
+
+    def __init__(self, eos_token_id: int | None) -> None:
+        self.eos_token_id = eos_token_id
+        self._generators: dict[int, torch.Generator] = {}
+
+    def generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
+        g = self._generators.get(seq.seq_id)
+        if g is None:
+            g = torch.Generator(device=device)
+            if seq.params.seed is not None:
+                g.manual_seed(seq.params.seed)
+            else:
+                g.seed()
+            self._generators[seq.seq_id] = g
+        return g
+
+    def forget(self, seq: Sequence) -> None:
+        self._generators.pop(seq.seq_id, None)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        if logits.dim() != 2 or logits.shape[0] != len(seqs):
+            raise ValueError(f"sampler: logits {tuple(logits.shape)} do not match {len(seqs)} sequences")
+        logits = process_batch(logits.float(), seqs, self.eos_token_id)
+        out = torch.argmax(logits, dim=-1).tolist()  # greedy rows; sampled rows overwritten below
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.greedy:
+                continue
+            row = apply_top_p(apply_top_k(logits[i] / p.temperature, p.top_k), p.top_p)
+            probs = torch.softmax(row, dim=-1)
+            out[i] = int(torch.multinomial(probs, 1, generator=self.generator(seq, row.device)))
+        return out
+
+
+class StopChecker:
+    """Detokenizes a sequence's outputs incrementally and decides when it ends.
+
+    ``text`` is the answer so far without any stop string; ``delta()`` returns text not yet
+    streamed, holding back a tail that could still become a stop string or an incomplete UTF-8
+    character.
+    """
+
+    def __init__(self, tokenizer, seq: Sequence, eos_token_id: int | None,
+                 max_total_tokens: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.seq = seq
+        self.eos_token_id = eos_token_id
+        self.max_total_tokens = max_total_tokens
+        self.text = ""
+        self._full = ""
+        self._streamed = 0
+        self._hold = max((len(s) for s in seq.params.stop), default=1) - 1
+
+    def update(self) -> str | None:
+        """Call after a token was appended; returns a finish reason or None."""
+        seq, p = self.seq, self.seq.params
+        out = seq.output_token_ids
+        prev_len = len(self._full)
+        self._full = self.tokenizer.decode(out, skip_special_tokens=True) if self.tokenizer else ""
+        self.text = self._full
+        may_stop = len(out) >= p.min_new_tokens
+        if may_stop and p.stop:
+            start = max(0, min(prev_len, len(self._full)) - self._hold)
+            hits = [i for i in (self._full.find(s, start) for s in p.stop) if i >= 0]
+            if hits:
+                self.text = self._full[:min(hits)]
+                return "stop"
+        if may_stop and not p.ignore_eos and self.eos_token_id is not None and out and out[-1] == self.eos_token_id:
+            return "stop"
+        if may_stop and any(out[len(out) - len(s):] == s for s in p.stop_token_ids if len(out) >= len(s)):
+            return "stop"
+        if len(out) >= p.max_new_tokens:
+            return "length"
+        if self.max_total_tokens is not None and seq.num_tokens >= self.max_total_tokens:
+            return "length"
+        return None
+
+    def delta(self, finished: bool) -> str:
+        end = len(self.text) if finished else max(self._streamed, len(self.text) - self._hold)
+        if not finished:
+            while end > self._streamed and self.text[end - 1] == "\ufffd":
+                end -= 1
+        piece = self.text[self._streamed:end]
+        self._streamed = end
+        return piece

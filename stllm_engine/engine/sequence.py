@@ -1,0 +1,104 @@
+"""One generation stream: video tokens + prompt text ids + generated ids, and its KV bookkeeping.
+
+Positions run 0..num_tokens-1 over [video tokens | prompt text ids | output ids]. Position p < Lv is
+fed from ``video_embeds[p]``; any later position from ``token_ids[p - Lv]``. The KV of positions
+< ``num_computed_tokens`` is in the cache; the scheduler asks the runner for the next chunk.
+Torch-free apart from holding ``video_embeds`` (an opaque tensor here).
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import Any
+
+from stllm_engine.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """State of one sequence (one beam of a beam-search request is one Sequence too)."""
+
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams | None = None, *,
+                 video_embeds: Any = None, video_key: str = "", request_id: str | None = None,
+                 seq_id: int | None = None) -> None:
+        self.seq_id = next(_ids) if seq_id is None else seq_id
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.video_embeds = video_embeds
+        self.num_video_tokens = 0 if video_embeds is None else int(video_embeds.shape[0])
+        if self.num_video_tokens and not video_key:
+            raise ValueError("a Sequence with video_embeds needs a video_key (its prefix-cache identity)")
+        self.video_key = video_key
+        self.num_prompt_tokens = self.num_video_tokens + len(self.prompt_token_ids)
+        if self.num_prompt_tokens == 0:
+            raise ValueError("a Sequence needs at least one prompt position (video or text)")
+        self.params = params if params is not None else SamplingParams()
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt positions served from the prefix cache at admission
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hashes of the leading full blocks already published
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.cumulative_logprob = 0.0  # beam search score before length penalty
+        self.num_preemptions = 0
+
+    # --- lengths ----------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Text ids after the video tokens: prompt ids then output ids."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_uncomputed_tokens > 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def num_blocks(self, block_size: int) -> int:
+        return (self.num_tokens + block_size - 1) // block_size
+
+    def position_key(self, p: int) -> int:
+        """Prefix-cache identity of position p: a text id (>= 0) or a video marker (< 0).
+
+        Video markers only distinguish offsets; the video identity enters the block hash through
+        ``video_key``.
+        """
+        if p < self.num_video_tokens:
+            return -1 - p
+        return self.token_ids[p - self.num_video_tokens]
+
+    # --- updates ----------------------------------------------------------------------------
+    def append_token(self, token_id: int, logprob: float = 0.0) -> None:
+        self.output_token_ids.append(int(token_id))
+        self.cumulative_logprob += logprob
+
+    def finish(self, reason: str) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, req={self.request_id!r}, status={self.status.value}, "
+                f"tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+                f"blocks={len(self.block_table)})")

@@ -1,0 +1,106 @@
+"""From a video source and a question to the LLM's video tokens, with the vision cache.
+
+frames (``load_video``, or given) -> vision cache or ``model.encode_vision`` -> Q-Former with the
+question + projector (``model.encode_video``) -> optional inference-time dynamic masking
+(keep_ratio: drop a share of video tokens, kept ones keep their order, packed with
+``ops.pack_by_mask``). Also builds the prefix-cache identity (``key``) of those tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from stllm_engine.engine.vision_cache import VisionCache, vision_key
+
+KEEP_MODES = ("even", "random")
+
+
+@dataclass
+class PreparedVideo:
+    tokens: torch.Tensor  # [Lv, H] video tokens for the LLM
+    key: str  # prefix-cache identity: content hash, frames, variant, dtype, question, masking
+    num_frames: int
+    frame_decode_s: float = 0.0
+    vision_s: float = 0.0
+    qformer_s: float = 0.0
+    cache_hit: bool = False
+
+
+def variant_name(config) -> str:
+    return f"{'btadapter' if config.vision.btadapter else 'eva'}/{config.video_input}"
+
+
+def keep_mask(num_tokens: int, keep_ratio: float, mode: str = "even", seed: int = 0) -> torch.Tensor:
+    """bool [num_tokens]: which video tokens stay (at least one).
+
+    even: evenly spaced, token floor((i + 0.5) * L / n) for i < n; random: a seeded random subset.
+    """
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    if mode not in KEEP_MODES:
+        raise ValueError(f"keep_mode must be one of {KEEP_MODES}, got {mode!r}")
+    n = max(1, min(num_tokens, round(keep_ratio * num_tokens)))
+    mask = torch.zeros(num_tokens, dtype=torch.bool)
+    if mode == "even":
+        idx = [int((i + 0.5) * num_tokens / n) for i in range(n)]
+    else:
+        g = torch.Generator().manual_seed(int(seed))
+        idx = torch.randperm(num_tokens, generator=g)[:n].tolist()
+    mask[idx] = True
+    return mask
+
+
+def _frames_of(model, video, num_frames: int, sampling: str):
+    """(frames [T,3,S,S], indices, content hash) from any accepted video input."""
+    from stllm_engine.video import VideoFrames, load_video
+
+    if isinstance(video, VideoFrames):
+        return video.frames, list(video.indices), video.content_hash
+    if isinstance(video, torch.Tensor) and video.is_floating_point():
+        s = model.config.vision.image_size
+        if video.dim() != 4 or tuple(video.shape[1:]) != (3, s, s):
+            raise ValueError(f"preprocessed frames must be float [T, 3, {s}, {s}], got {tuple(video.shape)}")
+        digest = hashlib.sha256(video.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        return video, list(range(video.shape[0])), "frames:" + digest
+    vf = load_video(video, num_frames=num_frames, sampling=sampling, size=model.config.vision.image_size)
+    return vf.frames, list(vf.indices), vf.content_hash
+
+
+def prepare_video(model, cache: VisionCache | None, video, question: str, *, num_frames: int | None = None,
+                  keep_ratio: float = 1.0, keep_mode: str = "even", keep_seed: int = 0,
+                  sampling: str = "uniform") -> PreparedVideo:
+    cfg = model.config
+    n = cfg.num_frames if num_frames is None else num_frames
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_frames must be a positive int, got {n!r}")
+    if keep_ratio != 1.0:
+        keep_mask(1, keep_ratio, keep_mode)  # validate before the expensive part
+    t0 = time.perf_counter()
+    frames, indices, chash = _frames_of(model, video, n, sampling)
+    if cfg.vision.btadapter and len(indices) > cfg.vision.btadapter_max_frames:
+        raise ValueError(f"the BT-Adapter handles at most {cfg.vision.btadapter_max_frames} frames, "
+                         f"got {len(indices)}")
+    t1 = time.perf_counter()
+    variant = variant_name(cfg)
+    key = vision_key(chash, indices, variant, model.dtype)
+    embeds = cache.get(key) if cache is not None else None
+    hit = embeds is not None
+    if embeds is None:
+        embeds = model.encode_vision(frames)
+        if cache is not None:
+            cache.put(key, embeds)
+    t2 = time.perf_counter()
+    tokens = model.encode_video(embeds, question)
+    t3 = time.perf_counter()
+    ident = f"{chash}|{','.join(map(str, indices))}|{variant}|{model.dtype}|q={question}"
+    if keep_ratio != 1.0:
+        from stllm_engine.ops import pack_by_mask
+
+        mask = keep_mask(tokens.shape[0], keep_ratio, keep_mode, keep_seed).to(tokens.device)
+        tokens = pack_by_mask(tokens[None], mask[None])[0]
+        ident += f"|keep={keep_ratio}:{keep_mode}" + (f":{keep_seed}" if keep_mode == "random" else "")
+    return PreparedVideo(tokens=tokens, key=ident, num_frames=len(indices), frame_decode_s=t1 - t0,
+                         vision_s=t2 - t1, qformer_s=t3 - t2, cache_hit=hit)

@@ -1,0 +1,71 @@
+"""Bounded LRU cache of vision-tower outputs (ViT (+BT-Adapter) + ln_vision), by bytes.
+
+Key: (video content hash, frame indices, model variant, dtype). The question does not enter the
+key: the instruction-aware Q-Former runs after this cache. An entry larger than the whole budget is
+not stored.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Hashable
+
+import torch
+
+
+def vision_key(content_hash: str, indices, variant: str, dtype: torch.dtype | str) -> tuple:
+    return (str(content_hash), tuple(int(i) for i in indices), str(variant), str(dtype))
+
+
+class VisionCache:
+    def __init__(self, capacity_bytes: int) -> None:
+        if not isinstance(capacity_bytes, int) or capacity_bytes < 0:
+            raise ValueError(f"VisionCache: capacity_bytes must be an int >= 0, got {capacity_bytes!r}")
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @staticmethod
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        t = self._entries.get(key)
+        if t is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return t
+
+    def put(self, key: Hashable, value: torch.Tensor) -> bool:
+        """Store (most recent); evicts least recently used entries to fit. False if too large."""
+        size = self.nbytes(value)
+        if size > self.capacity_bytes:
+            return False
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= self.nbytes(old)
+        while self._entries and self.bytes + size > self.capacity_bytes:
+            _, ev = self._entries.popitem(last=False)
+            self.bytes -= self.nbytes(ev)
+            self.evictions += 1
+        self._entries[key] = value
+        self.bytes += size
+        return True
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    def stats(self) -> dict:
+        return dict(hits=self.hits, misses=self.misses, bytes=self.bytes, entries=len(self._entries),
+                    evictions=self.evictions, capacity_bytes=self.capacity_bytes)

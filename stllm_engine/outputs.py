@@ -1,0 +1,60 @@
+"""What the engine returns per request: text, ids, why it ended, timings, errors."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RequestTimings:
+    """Seconds spent per stage of one request (0 when a stage did not run, e.g. a cache hit).
+
+    frame_decode: reading + preprocessing frames; vision: ViT (+BT-Adapter) + ln_vision;
+    qformer: Q-Former + projection (``encode_video``); prefill: engine steps that computed this
+    request's prompt; ttft: arrival to first token; decode: first token to finish.
+    """
+
+    frame_decode: float = 0.0
+    vision: float = 0.0
+    qformer: float = 0.0
+    prefill: float = 0.0
+    ttft: float = 0.0
+    decode: float = 0.0
+    total: float = 0.0
+    vision_cache_hit: bool = False
+    num_decode_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.num_decode_tokens / self.decode if self.decode > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return d
+
+
+@dataclass
+class RequestOutput:
+    """State of one request after an engine step (``finished`` once it ended).
+
+    text: the answer so far (stop strings excluded); delta: text new since the previous output of
+    this request; token_ids: generated ids (a matched stop sequence / EOS included, as
+    ``generate`` returns them); finish_reason: "stop" | "length" | "abort" | "error";
+    error: message when the request failed (then text is empty).
+    """
+
+    request_id: str
+    text: str = ""
+    delta: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    timings: RequestTimings = field(default_factory=RequestTimings)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -1,0 +1,94 @@
+"""Per-request generation parameters, checked in ``__post_init__``.
+
+Defaults follow the release's chat on the instruction-aware path: greedy, repetition penalty 1.5,
+stop on "###", 300 new tokens at most. ``penalize_prompt`` chooses which tokens the repetition
+penalty sees: the release calls ``generate(inputs_embeds=...)`` without ``input_ids``, so
+``transformers`` penalises only generated tokens (False, the default); True also penalises the
+prompt's text tokens (video positions have no ids and are never penalised). Likewise the release's
+``min_length=1`` becomes 0 once ``transformers`` subtracts the embeddings' length, hence
+``min_new_tokens=0``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How to generate one answer.
+
+    temperature: 0 means greedy; top_p in (0, 1]; top_k 0 means off; repetition_penalty > 0 (1 is
+    off); stop: strings that end the answer (checked on the detokenized text, excluded from it);
+    stop_token_ids: token-id sequences that end the answer (the release's "###" criterion);
+    num_beams > 1 runs beam search (greedy only) scored with ``length_penalty``.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.5
+    min_new_tokens: int = 0
+    max_new_tokens: int = 300
+    stop: list[str] = field(default_factory=lambda: ["###"])
+    stop_token_ids: list[list[int]] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    penalize_prompt: bool = False
+
+    def __post_init__(self) -> None:
+        def num(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"SamplingParams.{name} must be a finite number, got {v!r}")
+            return float(v)
+
+        def integer(name: str) -> int:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"SamplingParams.{name} must be an int, got {v!r}")
+            return v
+
+        if num("temperature") < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < num("top_p") <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if integer("top_k") < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if num("repetition_penalty") <= 0:
+            raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if integer("min_new_tokens") < 0:
+            raise ValueError(f"SamplingParams.min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if integer("max_new_tokens") < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"SamplingParams.min_new_tokens ({self.min_new_tokens}) > "
+                             f"max_new_tokens ({self.max_new_tokens})")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"SamplingParams.stop must be a list of non-empty strings, got {self.stop!r}")
+        self.stop = list(self.stop)
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(s, (list, tuple)) and s and all(isinstance(t, int) and t >= 0 for t in s) for s in ids):
+            raise ValueError("SamplingParams.stop_token_ids must be a list of non-empty lists of "
+                             f"non-negative token ids, got {ids!r}")
+        self.stop_token_ids = [list(s) for s in ids]
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+        if integer("num_beams") < 1:
+            raise ValueError(f"SamplingParams.num_beams must be >= 1, got {self.num_beams}")
+        num("length_penalty")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ValueError("SamplingParams: beam search (num_beams > 1) with sampling (temperature > 0) "
+                             "is not supported; set temperature=0")
+        for name in ("ignore_eos", "penalize_prompt"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,163 @@
+"""Public API: STLLM.from_pretrained / answer / generate / stream / chat / keep_ratio, the async
+engine, and the light package import. Tiny checkpoint, real encoded video."""
+import asyncio
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stllm_engine import STLLM, SamplingParams
+from stllm_engine.engine.async_engine import AsyncLLMEngine
+from stllm_engine.engine.llm_engine import kv_bytes_per_block
+from stllm_engine.engine.video_prep import keep_mask
+from stllm_engine.reference.model import ReferenceSTLLM
+from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+from stllm_engine.testing.videos import write_video
+
+Q = "what is moving in the video?"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), vit="eva", video_input="all")
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("vid") / "clip.mp4", num_frames=20, size=(96, 72))
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    return STLLM.from_pretrained(folder, dtype="float32", block_size=8, kv_cache_memory=1 << 20)
+
+
+def test_import_is_light():
+    code = "import sys, stllm_engine; from stllm_engine import SamplingParams; SamplingParams(); " \
+           "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_kv_pool_sized_from_memory(llm):
+    per_block = kv_bytes_per_block(llm.engine.model, 8)
+    c = llm.engine.model.config.llm
+    assert per_block == 2 * c.num_layers * 8 * c.num_kv_heads * c.head_dim * 4
+    assert llm.engine.block_manager.num_blocks == (1 << 20) // per_block
+    assert llm.engine.model.kv_cache.shape[2] == llm.engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_answer_equals_reference_answer(folder, llm, video, num_beams):
+    ref = ReferenceSTLLM.from_pretrained(folder)
+    want = ref.answer(video, Q, max_new_tokens=10, num_beams=num_beams)
+    got = llm.answer(video, Q, max_new_tokens=10, num_beams=num_beams)
+    assert got == want
+    assert llm.last_output.finished and llm.last_output.timings.total > 0
+
+
+def test_answer_parameter_errors(llm, video):
+    with pytest.raises(TypeError, match="unknown generation parameters"):
+        llm.answer(video, Q, beams=3)
+    with pytest.raises(ValueError, match="top_p"):
+        llm.answer(video, Q, top_p=2.0)
+    with pytest.raises(RuntimeError, match="failed"):
+        llm.answer("/no/such/video.mp4", Q)
+
+
+def test_generate_keeps_request_order_and_isolates_errors(llm, video):
+    reqs = [(video, Q), {"video": "/no/such.mp4", "question": Q},
+            {"video": video, "question": "colors?", "params": llm.params(max_new_tokens=3)},
+            {"video": video, "question": Q, "keep_ratio": 0.5}]
+    outs = llm.generate(reqs, llm.params(max_new_tokens=5))
+    assert [o.request_id for o in outs] == sorted((o.request_id for o in outs), key=lambda r: int(r.split("-")[1]))
+    assert outs[1].error and "no/such.mp4" in outs[1].error
+    assert len(outs[0].token_ids) == 5 and len(outs[2].token_ids) == 3
+    assert outs[3].num_prompt_tokens == outs[0].num_prompt_tokens - 24  # half of 48 video tokens
+    for o in (outs[0], outs[2], outs[3]):
+        assert o.error is None and o.timings.ttft > 0
+    with pytest.raises(ValueError, match="unknown keys"):
+        llm.generate([{"video": video, "question": Q, "colour": 1}])
+
+
+def test_stream_pieces_join_to_the_text(llm, video):
+    full_pieces = list(llm.stream(video, Q, max_new_tokens=12))
+    full = llm.last_output
+    assert "".join(full_pieces) == full.text and full.finish_reason == "length" and len(full_pieces) > 2
+    stop = next(ch for ch in full.text[3:] if ch.isalpha())  # a letter the answer really contains
+    pieces = list(llm.stream(video, Q, max_new_tokens=12, stop=[stop]))
+    out = llm.last_output
+    assert out.finish_reason == "stop" and "".join(pieces) == out.text
+    assert out.text == full.text[:full.text.index(stop)]
+    with pytest.raises(ValueError, match="beam"):
+        list(llm.stream(video, Q, num_beams=2))
+
+
+def test_chat_reuses_the_kv_prefix(llm, video):
+    s = llm.chat(video)
+    a1 = s.ask(Q, max_new_tokens=6)
+    hits_before = llm.engine.block_manager.stats()["prefix_hit_tokens"]
+    a2 = s.ask("and then?", max_new_tokens=6)
+    second = s.outputs[1]
+    assert isinstance(a1, str) and isinstance(a2, str)
+    assert second.num_cached_tokens >= 48  # at least the video tokens came from the cache
+    assert llm.engine.block_manager.stats()["prefix_hit_tokens"] - hits_before == second.num_cached_tokens
+    assert s.prompt_text("x").count("###Human: ") == 3 and a1 in s.prompt_text("x")
+    llm.engine.block_manager.check()
+
+
+@pytest.mark.parametrize("L,ratio", [(1, 0.3), (7, 0.5), (48, 0.25), (48, 1.0), (10, 0.99)])
+def test_keep_mask_even_and_random(L, ratio):
+    m = keep_mask(L, ratio)
+    n = max(1, round(ratio * L))
+    assert m.sum() == n
+    idx = m.nonzero().flatten()
+    if n > 1:
+        gaps = idx[1:] - idx[:-1]
+        assert gaps.max() - gaps.min() <= 1  # evenly spaced
+    r1, r2 = keep_mask(L, ratio, "random", seed=3), keep_mask(L, ratio, "random", seed=3)
+    assert torch.equal(r1, r2) and r1.sum() == n
+    with pytest.raises(ValueError, match="keep_ratio"):
+        keep_mask(L, 0.0)
+    with pytest.raises(ValueError, match="keep_mode"):
+        keep_mask(L, 0.5, "middle")
+
+
+def test_keep_ratio_changes_the_video_tokens(llm, video):
+    base = llm.generate([(video, Q)], llm.params(max_new_tokens=4))[0]
+    outs = llm.generate([{"video": video, "question": Q, "keep_ratio": 0.5},
+                         {"video": video, "question": Q, "keep_ratio": 0.5, "keep_mode": "random", "keep_seed": 1},
+                         {"video": video, "question": Q, "keep_ratio": 0.5}], llm.params(max_new_tokens=4))
+    assert outs[0].token_ids == outs[2].token_ids
+    assert outs[2].num_cached_tokens > 0  # same masked video: prefix shared
+    assert all(o.num_prompt_tokens == base.num_prompt_tokens - 24 for o in outs)
+
+
+def test_async_engine_streams_concurrent_requests(llm, video):
+    p = SamplingParams(max_new_tokens=6)
+    want = {q: o.token_ids for q, o in zip(("a?", "b?"), llm.generate([(video, "a?"), (video, "b?")], p))}
+
+    async def main():
+        eng = AsyncLLMEngine(llm.engine)
+
+        async def one(q):
+            outs = [o async for o in eng.generate(video, q, p)]
+            assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+            assert "".join(o.delta for o in outs) == outs[-1].text
+            return outs[-1]
+
+        res = await asyncio.gather(one("a?"), one("b?"))
+        rid = await eng.add_request(video, "c?", SamplingParams(max_new_tokens=50))
+        async for o in eng.stream(rid):
+            break  # consumer leaves early: the request is aborted
+        await asyncio.sleep(0.05)
+        await eng.close()
+        return res
+
+    res = asyncio.run(main())
+    assert [r.token_ids for r in res] == [want["a?"], want["b?"]]
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    llm.engine.block_manager.check()
+    assert llm.engine.block_manager.stats()["used_blocks"] == 0

@@ -1,0 +1,264 @@
+"""LLMEngine end to end on tiny checkpoints against the transformers reference: greedy token
+identity for every variant, beam search identity, batch == alone, stop/max/min tokens, abort,
+preemption with a tiny KV pool, prefix- and vision-cache hits, per-request errors."""
+import pytest
+import torch
+
+from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
+from stllm_engine.model.stllm import STLLMModel
+from stllm_engine.reference.model import ReferenceSTLLM
+from stllm_engine.sampling_params import SamplingParams
+from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+from stllm_engine.testing.videos import write_video
+from stllm_engine.tokenizers import load_llama_tokenizer
+from stllm_engine.video import load_video
+from stllm_engine.weights import load_checkpoint
+
+VARIANTS = [("eva", "all"), ("eva", "mean"), ("eva", "residual"),
+            ("btadapter", "all"), ("btadapter", "mean"), ("btadapter", "residual")]
+Q = "what is moving in the video?"
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("vid") / "clip.mp4", num_frames=20, size=(96, 72))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    cache = {}
+
+    def get(vit, vi, **kw):
+        key = (vit, vi, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = write_tiny_checkpoint(tmp_path_factory.mktemp(f"{vit}_{vi}"), vit=vit, video_input=vi, **kw)
+        return cache[key]
+    return get
+
+
+def make_engine(folder, **cfg):
+    model = STLLMModel.from_checkpoint(load_checkpoint(folder), "cpu", torch.float32)
+    cfg.setdefault("block_size", 8)
+    cfg.setdefault("num_kv_blocks", 96)
+    return LLMEngine(model, load_llama_tokenizer(folder), EngineConfig(**cfg))
+
+
+def run(engine, reqs):
+    """reqs: list of (video, question, params, kw); returns finished outputs in order."""
+    rids = [engine.add_request(v, q, p, **kw) for v, q, p, kw in reqs]
+    done = {}
+    for _ in range(10_000):
+        if not engine.has_unfinished_requests():
+            break
+        for o in engine.step():
+            if o.finished:
+                assert o.request_id not in done
+                done[o.request_id] = o
+    assert set(done) == set(rids)
+    return [done[r] for r in rids]
+
+
+def assert_clean(engine):
+    engine.block_manager.check()
+    s = engine.block_manager.stats()
+    assert s["used_blocks"] == 0
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def release_params(ref, **kw):
+    """Engine params equal to the reference's chat defaults (token-level '###' stop)."""
+    kw.setdefault("max_new_tokens", 12)
+    return SamplingParams(min_new_tokens=1, stop=[], stop_token_ids=ref.stop_sequences, **kw)
+
+
+@pytest.mark.parametrize("vit,vi", VARIANTS)
+def test_greedy_tokens_match_reference(folders, video, vit, vi):
+    f = folders(vit, vi)
+    ref = ReferenceSTLLM.from_pretrained(f)
+    frames = load_video(video, num_frames=ref.config.num_frames, size=ref.config.vision.image_size).frames
+    want = ref.generate_ids(frames, Q, max_new_tokens=12).token_ids
+    eng = make_engine(f, max_num_batched_tokens=24 if vit == "btadapter" else 2048)  # chunked prefill too
+    out, out_file = run(eng, [(frames, Q, release_params(ref), {}), (video, Q, release_params(ref), {})])
+    assert out.token_ids == want and out.error is None
+    assert out_file.token_ids == want  # same frames through load_video inside the engine
+    assert out.finish_reason == ("length" if len(want) == 12 else "stop")
+    assert_clean(eng)
+
+
+@pytest.mark.parametrize("vit,vi,num_beams", [("eva", "all", 3), ("btadapter", "residual", 2)])
+def test_beam_search_matches_reference(folders, video, vit, vi, num_beams):
+    f = folders(vit, vi)
+    ref = ReferenceSTLLM.from_pretrained(f)
+    frames = load_video(video, num_frames=ref.config.num_frames, size=ref.config.vision.image_size).frames
+    embeds = ref.chat_inputs_embeds(ref.encode_video(frames, Q), Q)
+    eng = make_engine(f)
+    greedy = ref.generate_from_embeds(embeds, max_new_tokens=8).token_ids
+    # stop sequences made of tokens this tiny model emits, so that beams finish early
+    for stops, lp in ((ref.stop_sequences, 1.0), ([[greedy[2]]], 1.0), ([greedy[1:3]], 1.0),
+                      ([[greedy[4]]], -1.0)):
+        ref._stop_sequences = stops
+        want = ref.generate_from_embeds(embeds, max_new_tokens=8, num_beams=num_beams, length_penalty=lp)
+        p = SamplingParams(min_new_tokens=1, stop=[], stop_token_ids=stops, max_new_tokens=8,
+                           num_beams=num_beams, length_penalty=lp)
+        (out,) = run(eng, [(frames, Q, p, {})])
+        assert out.token_ids == want.token_ids, (stops, lp)
+    assert eng.block_manager.stats()["cow_copies"] > 0
+    assert_clean(eng)
+
+
+def test_mixed_batch_equals_each_alone(folders, video, tmp_path):
+    f = folders("eva", "all")
+    eng = make_engine(f, max_num_batched_tokens=40)
+    reqs = [
+        (video, Q, SamplingParams(max_new_tokens=9), {}),
+        (video, "which color is the square?", SamplingParams(max_new_tokens=6, repetition_penalty=1.0), {}),
+        (video, Q, SamplingParams(max_new_tokens=7, temperature=0.9, top_k=20, top_p=0.9, seed=5), {}),
+        (str(tmp_path / "missing.mp4"), Q, SamplingParams(), {}),
+        (video, Q, SamplingParams(max_new_tokens=5, num_beams=2), {}),
+        (video, "how many shapes?", SamplingParams(max_new_tokens=8, temperature=1.2, seed=7), {"keep_ratio": 0.5}),
+    ]
+    batched = run(eng, reqs)
+    assert eng.scheduler.num_preemptions == 0
+    solo = make_engine(f)
+    alone = [run(solo, [r])[0] for r in reqs]
+    for b, a in zip(batched, alone):
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason and b.error == a.error
+    assert batched[3].error and "missing.mp4" in batched[3].error and batched[3].finish_reason == "error"
+    assert all(o.error is None for i, o in enumerate(batched) if i != 3)
+    assert_clean(eng)
+
+
+@pytest.fixture(scope="module")
+def eva_all(folders):
+    f = folders("eva", "all")
+    return f, ReferenceSTLLM.from_pretrained(f)
+
+
+def test_stop_max_and_min_tokens(eva_all, video):
+    f, ref = eva_all
+    eng = make_engine(f)
+    (free,) = run(eng, [(video, Q, SamplingParams(max_new_tokens=8), {})])
+    assert free.finish_reason == "length" and len(free.token_ids) == 8
+    stop_tok = free.token_ids[3]
+    first = free.token_ids.index(stop_tok)
+    (stopped,) = run(eng, [(video, Q, SamplingParams(max_new_tokens=8, stop_token_ids=[[stop_tok]]), {})])
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:first + 1]
+    (late,) = run(eng, [(video, Q, SamplingParams(max_new_tokens=8, min_new_tokens=first + 2,
+                                                  stop_token_ids=[[stop_tok]]), {})])
+    assert len(late.token_ids) > first + 1
+    text = eng.tokenizer.decode(free.token_ids[:5], skip_special_tokens=True)
+    stop_str = text[-3:] if text[-3:].strip() else text[-5:]
+    (by_text,) = run(eng, [(video, Q, SamplingParams(max_new_tokens=8, stop=[stop_str]), {})])
+    assert by_text.finish_reason == "stop" and stop_str not in by_text.text
+    assert len(by_text.token_ids) <= 5
+    assert_clean(eng)
+
+
+def test_abort_in_flight_leaves_others_intact(eva_all, video):
+    f, _ = eva_all
+    eng = make_engine(f, max_num_batched_tokens=16)
+    p = SamplingParams(max_new_tokens=10)
+    keep = eng.add_request(video, Q, p)
+    waiting = eng.add_request(video, "other question?", p)
+    decoding = eng.add_request(video, "third?", p)
+    outs = {}
+    for _ in range(12):  # the first prompt is prefilled in chunks; the others wait or run
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert eng.abort(decoding) and eng.abort(waiting)
+    assert not eng.abort("no-such-request")
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            outs[o.request_id] = o
+    assert outs[decoding].finish_reason == "abort" and outs[waiting].finish_reason == "abort"
+    (alone,) = run(make_engine(f), [(video, Q, p, {})])
+    assert outs[keep].token_ids == alone.token_ids and outs[keep].finish_reason == "length"
+    assert_clean(eng)
+
+
+def test_preemption_with_tiny_kv_pool(eva_all, video):
+    f, _ = eva_all
+    reqs = [(video, q, SamplingParams(max_new_tokens=14, repetition_penalty=1.2), {})
+            for q in ("a?", "b b?", "c c c?")]
+    big = run(make_engine(f), reqs)
+    # room for the first two prompts (+1 block) only: they are admitted, then outgrow the pool
+    blocks = sum(-(-o.num_prompt_tokens // 8) for o in big[:2]) + 1
+    eng = make_engine(f, num_kv_blocks=blocks, enable_prefix_caching=False)
+    small = run(eng, reqs)
+    assert eng.scheduler.num_preemptions > 0 and sum(o.num_preemptions for o in small) > 0
+    assert [o.token_ids for o in small] == [o.token_ids for o in big]
+    assert_clean(eng)
+
+
+def test_prefix_and_vision_cache_hits(eva_all, video):
+    f, _ = eva_all
+    eng = make_engine(f)
+    p = SamplingParams(max_new_tokens=6)
+    (a,) = run(eng, [(video, Q, p, {})])
+    assert a.num_cached_tokens == 0 and not a.timings.vision_cache_hit
+    (b,) = run(eng, [(video, Q, p, {})])
+    assert b.token_ids == a.token_ids
+    assert b.num_cached_tokens == (b.num_prompt_tokens - 1) // 8 * 8 > 0
+    assert b.timings.vision_cache_hit and b.timings.vision == pytest.approx(0, abs=0.05)
+    (c,) = run(eng, [(video, "a different question", p, {})])
+    assert c.timings.vision_cache_hit and c.num_cached_tokens == 0  # Q-Former tokens differ
+    s = eng.stats()
+    assert s["vision_cache"]["hits"] == 2 and s["vision_cache"]["misses"] == 1
+    assert s["kv"]["prefix_hit_tokens"] == b.num_cached_tokens
+    assert_clean(eng)
+
+
+def test_timings_are_filled(eva_all, video):
+    f, _ = eva_all
+    (o,) = run(make_engine(f), [(video, Q, SamplingParams(max_new_tokens=5), {})])
+    t = o.timings
+    assert t.frame_decode > 0 and t.vision > 0 and t.qformer > 0 and t.prefill > 0
+    assert 0 < t.ttft <= t.total and t.num_decode_tokens == 4 and t.decode_tokens_per_s > 0
+
+
+def test_left_truncation_matches_reference(folders, video):
+    f = folders("eva", "all", llm_max_position_embeddings=96)
+    ref = ReferenceSTLLM.from_pretrained(f)
+    frames = load_video(video, num_frames=ref.config.num_frames, size=ref.config.vision.image_size).frames
+    gen = ref.generate_ids(frames, Q, max_new_tokens=40)
+    eng = make_engine(f)
+    (out,) = run(eng, [(frames, Q, release_params(ref, max_new_tokens=40), {})])
+    assert out.num_prompt_tokens == gen.prompt_length < 48 + 40
+    assert out.token_ids == gen.token_ids
+    strict = make_engine(f, truncate_prompt=False)
+    (err,) = run(strict, [(frames, Q, SamplingParams(max_new_tokens=40), {})])
+    assert err.finish_reason == "error" and "context too long" in err.error
+
+
+def test_bad_requests_fail_alone(folders, video, tmp_path):
+    f = folders("btadapter", "all")
+    eng = make_engine(f)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"definitely not a video")
+    good = SamplingParams(max_new_tokens=4)
+    reqs = [(video, Q, good, {}), (junk, Q, good, {}), (torch.zeros(65, 3, 56, 56), Q, good, {}),
+            (video, Q, "greedy please", {}), (video, 42, good, {}), (video, Q, good, {"keep_ratio": 0.0}),
+            (torch.zeros(2, 3, 7, 7), Q, good, {})]
+    outs = run(eng, reqs)
+    assert outs[0].error is None and len(outs[0].token_ids) == 4
+    assert all(o.finish_reason == "error" and o.error for o in outs[1:])
+    assert "at most 64 frames" in outs[2].error
+    assert "SamplingParams" in outs[3].error and "question" in outs[4].error
+    assert "keep_ratio" in outs[5].error and "frames" in outs[6].error
+    eng.add_request(video, Q, good, request_id="dup")
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request(video, Q, good, request_id="dup")
+    assert eng.abort("dup")
+    eng.step()
+    assert_clean(eng)
+
+
+def test_sampling_failure_is_isolated(eva_all):
+    from stllm_engine.engine.sequence import Sequence
+    f, _ = eva_all
+    eng = make_engine(f)
+    seqs = [Sequence([5], SamplingParams(temperature=1.0, seed=1)), Sequence([5], SamplingParams(temperature=1.0, seed=2))]
+    logits = torch.zeros(2, 16)
+    logits[0] = float("nan")
+    got = eng._sample(logits, seqs)
+    assert isinstance(got[0], Exception) and isinstance(got[1], int) and 0 <= got[1] < 16

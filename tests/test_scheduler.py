@@ -1,0 +1,255 @@
+"""Scheduler with a KV-checking fake runner: token budget, chunked prefill, preemption by
+recompute, abort in every state, FCFS without starvation, no block leaks.
+
+The fake runner keeps a dict slot -> (position identity) standing in for the KV cache: before a
+chunk runs it verifies that every earlier position of the sequence is in the cache where the block
+table says (so prefix hits, preemption/recompute and copy-on-write are checked), then writes the
+chunk. The next token is a pure function of the sequence's tokens, so any schedule must give the
+same outputs.
+"""
+import pytest
+import torch
+
+from stllm_engine.engine.block_manager import BlockManager
+from stllm_engine.engine.scheduler import Scheduler
+from stllm_engine.engine.sequence import Sequence, SequenceStatus
+from stllm_engine.sampling_params import SamplingParams
+
+
+class KVCheckingRunner:
+    def __init__(self, block_size):
+        self.bs = block_size
+        self.kv = {}
+        self.steps = []
+
+    def ident(self, seq, p):
+        return (seq.video_key, seq.position_key(p), p)
+
+    def copy_blocks(self, pairs):
+        for s, d in pairs:
+            for o in range(self.bs):
+                if s * self.bs + o in self.kv:
+                    self.kv[d * self.bs + o] = self.kv[s * self.bs + o]
+
+    def slot(self, seq, p):
+        return seq.block_table[p // self.bs] * self.bs + p % self.bs
+
+    def run(self, items):
+        self.steps.append([(s.seq_id, n) for s, n in items])
+        for seq, n in items:
+            start = seq.num_computed_tokens
+            for p in range(start):
+                assert self.kv.get(self.slot(seq, p)) == self.ident(seq, p), f"{seq}: stale KV at {p}"
+            for p in range(start, start + n):
+                self.kv[self.slot(seq, p)] = self.ident(seq, p)
+
+
+def next_token(seq):
+    return (sum(seq.token_ids[-3:]) * 31 + seq.num_tokens) % 97 + 3
+
+
+def new_seq(prompt_len, max_new, base=0, video=0, key="v"):
+    ve = torch.zeros(video, 2) if video else None
+    return Sequence([(base + 7 * i) % 90 + 3 for i in range(prompt_len)],
+                    SamplingParams(max_new_tokens=max_new), video_embeds=ve, video_key=key if video else "")
+
+
+def step(sched, runner):
+    batch = sched.schedule()
+    assert batch.num_tokens <= sched.max_num_batched_tokens
+    assert len(batch.items) <= sched.max_num_seqs
+    assert len({s.seq_id for s, _ in batch.items}) == len(batch.items)
+    runner.copy_blocks(batch.copies)
+    if batch:
+        runner.run(batch.items)
+    finished = []
+    for seq in sched.update(batch):
+        seq.append_token(next_token(seq))
+        if seq.num_output_tokens >= seq.params.max_new_tokens:
+            sched.finish(seq, "length")
+            finished.append(seq)
+    return batch, finished
+
+
+def run_all(sched, runner, max_steps=2000):
+    done = []
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            return done
+        done += step(sched, runner)[1]
+    raise AssertionError("scheduler did not finish")
+
+
+def make_sched(num_blocks=64, bs=4, max_seqs=8, budget=32):
+    bm = BlockManager(num_blocks, bs)
+    return Scheduler(bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget), KVCheckingRunner(bs), bm
+
+
+def assert_no_leak(bm):
+    bm.check()
+    assert bm.stats()["used_blocks"] == 0 and bm.num_free_blocks == bm.num_blocks
+
+
+def reference_outputs(specs):
+    """Outputs of each request run alone with a big pool."""
+    outs = []
+    for spec in specs:
+        sched, runner, bm = make_sched(num_blocks=256, budget=512)
+        s = new_seq(*spec)
+        sched.add(s)
+        run_all(sched, runner)
+        outs.append(s.output_token_ids)
+    return outs
+
+
+@pytest.mark.parametrize("budget", [1, 5, 16, 64])
+@pytest.mark.parametrize("max_seqs", [1, 3, 8])
+def test_budget_and_max_seqs_respected_and_outputs_unchanged(budget, max_seqs):
+    specs = [(5, 4, 0), (23, 3, 1), (1, 6, 2), (16, 2, 3), (9, 5, 4)]
+    sched, runner, bm = make_sched(budget=budget, max_seqs=max_seqs)
+    seqs = [new_seq(*s) for s in specs]
+    for s in seqs:
+        sched.add(s)
+    run_all(sched, runner)
+    assert [s.output_token_ids for s in seqs] == reference_outputs(specs)
+    assert all(s.finish_reason == "length" and s.is_finished for s in seqs)
+    assert_no_leak(bm)
+
+
+def test_chunked_prefill_splits_a_long_prompt():
+    sched, runner, bm = make_sched(budget=16)
+    s = new_seq(50, 2)
+    sched.add(s)
+    chunks = []
+    while s.num_output_tokens == 0:
+        batch, _ = step(sched, runner)
+        chunks.append(batch.items[0][1])
+    assert chunks == [16, 16, 16, 2]
+    run_all(sched, runner)
+    assert_no_leak(bm)
+
+
+def test_decodes_and_prefill_chunks_share_a_step():
+    sched, runner, bm = make_sched(budget=10)
+    a = new_seq(3, 20)
+    sched.add(a)
+    step(sched, runner)  # a prefilled, sampled its first token
+    b = new_seq(30, 2)
+    sched.add(b)
+    batch, _ = step(sched, runner)
+    assert [(s.seq_id, n) for s, n in batch.items] == [(a.seq_id, 1), (b.seq_id, 9)]
+    run_all(sched, runner)
+    assert_no_leak(bm)
+
+
+@pytest.mark.parametrize("num_blocks", [8, 10, 13])
+def test_preemption_when_blocks_run_out_then_completion(num_blocks):
+    specs = [(6, 20, 0), (5, 22, 1), (7, 18, 2), (4, 25, 3)]
+    sched, runner, bm = make_sched(num_blocks=num_blocks, bs=4, budget=64)
+    seqs = [new_seq(*s) for s in specs]
+    for s in seqs:
+        sched.add(s)
+    run_all(sched, runner)
+    assert sched.num_preemptions > 0
+    assert any(s.num_preemptions for s in seqs)
+    assert [s.output_token_ids for s in seqs] == reference_outputs(specs)
+    assert_no_leak(bm)
+
+
+def test_preempted_sequence_goes_back_to_the_front():
+    sched, runner, bm = make_sched(num_blocks=6, bs=4, budget=64)
+    a, b, c = new_seq(7, 12, 0), new_seq(7, 12, 1), new_seq(3, 2, 2)
+    for s in (a, b):
+        sched.add(s)
+    preempted = None
+    while preempted is None:
+        batch, _ = step(sched, runner)
+        if batch.preempted:
+            preempted = batch.preempted[0]
+    assert preempted is b and b.status == SequenceStatus.WAITING and b.block_table == []
+    sched.add(c)
+    assert sched.waiting[0] is b
+    run_all(sched, runner)
+    assert_no_leak(bm)
+
+
+def test_request_that_can_never_fit_is_rejected():
+    sched, runner, bm = make_sched(num_blocks=4, bs=4)
+    with pytest.raises(ValueError, match="KV blocks"):
+        sched.add(new_seq(10, 10))
+
+
+@pytest.mark.parametrize("state", ["waiting", "prefill", "decode", "preempted", "finished"])
+def test_abort_in_every_state(state):
+    sched, runner, bm = make_sched(num_blocks=6, bs=4, budget=8)
+    victim, other = new_seq(12, 10, 0), new_seq(5, 12, 1)
+    if state == "preempted":
+        victim, other = new_seq(5, 12, 1), new_seq(7, 12, 0)
+        sched.add(other)
+        sched.add(victim)
+        while not victim.num_preemptions:
+            step(sched, runner)
+        assert victim.status == SequenceStatus.WAITING
+    else:
+        sched.add(victim)
+        sched.add(other)
+    if state == "prefill":
+        step(sched, runner)
+        assert victim.status == SequenceStatus.RUNNING and victim.is_prefill and victim.num_computed_tokens == 8
+    elif state == "decode":
+        while victim.num_output_tokens < 2:
+            step(sched, runner)
+    elif state == "finished":
+        run_all(sched, runner)
+    got = sched.abort(victim.seq_id)
+    if state == "finished":
+        assert got is None and victim.finish_reason == "length"
+    else:
+        assert got is victim and victim.finish_reason == "abort" and victim.block_table == []
+    run_all(sched, runner)
+    assert other.finish_reason == "length"
+    assert_no_leak(bm)
+
+
+def test_long_request_not_starved_by_stream_of_short_ones():
+    sched, runner, bm = make_sched(num_blocks=40, bs=4, budget=8, max_seqs=4)
+    long = new_seq(60, 4, 99)
+    sched.add(long)
+    shorts = []
+    for i in range(200):
+        s = new_seq(3, 2, i)
+        shorts.append(s)
+        sched.add(s)
+        step(sched, runner)
+        if long.is_finished:
+            break
+    assert long.is_finished, "the long request starved"
+    assert i < 60  # needs ~60/8 prefill steps + 4 decodes; generous bound
+    run_all(sched, runner)
+    assert all(s.is_finished for s in shorts)
+    assert_no_leak(bm)
+
+
+def test_waiting_head_is_never_overtaken():
+    sched, runner, bm = make_sched(num_blocks=10, bs=4, budget=64, max_seqs=8)
+    hog = new_seq(20, 15, 0)  # holds 5 blocks, grows
+    sched.add(hog)
+    step(sched, runner)
+    big, small = new_seq(24, 2, 1), new_seq(2, 2, 2)  # big needs 6 blocks: must wait for hog
+    sched.add(big)
+    sched.add(small)
+    order = []
+    while sched.has_unfinished():
+        for s, _ in step(sched, runner)[0].items:
+            if s.seq_id not in order:
+                order.append(s.seq_id)
+    assert order.index(big.seq_id) < order.index(small.seq_id)
+    assert_no_leak(bm)
+
+
+def test_bad_scheduler_limits():
+    bm = BlockManager(4, 4)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        Scheduler(bm, max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Scheduler(bm, max_num_batched_tokens=0)
