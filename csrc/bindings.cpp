@@ -2,6 +2,8 @@
 // declared in ops.h; this file only binds them.
 #include <torch/extension.h>
 
+#include "ops.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "stllm-engine compiled core";
   m.def("omp_max_threads", []() {
@@ -11,4 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return 1;
 #endif
   });
+  stllm::register_block_allocator(m);
+  stllm::register_kv_cache(m);
+  stllm::register_paged_attention(m);
+  stllm::register_packing(m);
 }

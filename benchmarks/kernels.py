@@ -1,0 +1,193 @@
+"""Kernel benchmark: the engine's ops vs the plain-torch way, CPU (and GPU when CUDA is present).
+
+CPU rows: C++ paged decode vs gather-then-SDPA, C++ pack vs ``x[keep]``, C++ KV write vs
+``index_copy_``. GPU rows: Triton varlen flash attention TFLOP/s vs torch SDPA (and flash-attn if
+importable), paged decode GB/s vs measured copy bandwidth. Prints a table and writes
+``benchmarks/results/kernels-<device>.json`` (BENCHMARKS.md format; ratio = engine is better by).
+
+    python benchmarks/kernels.py [--quick] [--no-gpu] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from stllm_engine import ops
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_time_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in ms after warm-up (perf_counter loop)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def gpu_time_ms(fn) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5])[0])
+
+
+def row(config, metric, engine, baseline, baseline_value, unit, higher_is_better):
+    ratio = engine / baseline_value if higher_is_better else baseline_value / engine
+    return {"config": config, "metric": metric, "engine": round(engine, 4), "baseline": baseline,
+            "baseline_value": round(baseline_value, 4), "ratio": round(ratio, 3), "unit": unit}
+
+
+def paged_setup(B, ctx, Hq, Hk, d, bs, dtype, device):
+    per_seq = (ctx + bs - 1) // bs
+    k_cache = torch.randn(B * per_seq, bs, Hk, d, device=device).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(B * per_seq, device=device).view(B, per_seq).int()
+    lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(B, Hq, d, device=device).to(dtype)
+    return q, k_cache, v_cache, tables, lens
+
+
+def gather_sdpa_decode(q, k_cache, v_cache, tables, lens):
+    """The naive torch path: gather each sequence's K/V into contiguous tensors, then SDPA."""
+    B, Hq, d = q.shape
+    Hk, outs = k_cache.shape[2], []
+    for b, n in enumerate(lens.tolist()):
+        nb = (n + k_cache.shape[1] - 1) // k_cache.shape[1]
+        idx = tables[b, :nb].long()
+        k = k_cache[idx].reshape(-1, Hk, d)[:n].transpose(0, 1).unsqueeze(0)
+        v = v_cache[idx].reshape(-1, Hk, d)[:n].transpose(0, 1).unsqueeze(0)
+        outs.append(F.scaled_dot_product_attention(q[b].view(1, Hq, 1, d), k, v, enable_gqa=Hq != Hk))
+    return torch.cat(outs).view(B, Hq, d)
+
+
+def cpu_rows(quick: bool) -> list[dict]:
+    reps = 3 if quick else 9
+    rows = []
+    shapes = [(1, 512, 32, 32, torch.float32), (8, 512, 32, 32, torch.float32),
+              (1, 4096, 32, 32, torch.float32), (8, 4096, 32, 32, torch.float32),
+              (8, 4096, 32, 8, torch.float32), (8, 4096, 32, 32, torch.bfloat16)]
+    if quick:
+        shapes = [(1, 512, 32, 32, torch.float32), (8, 4096, 32, 32, torch.float32)]
+    for B, ctx, Hq, Hk, dtype in shapes:
+        args = paged_setup(B, ctx, Hq, Hk, 128, 16, dtype, "cpu")
+        eng = cpu_time_ms(lambda: ops.paged_decode_attention(*args), reps)
+        base = cpu_time_ms(lambda: gather_sdpa_decode(*args), reps)
+        cfg = dict(op="paged_decode_attention", batch=B, context=ctx, q_heads=Hq, kv_heads=Hk,
+                   head_dim=128, block_size=16, dtype=str(dtype).split(".")[-1], repeats=reps)
+        rows.append(row(cfg, "latency", eng, "torch gather + SDPA", base, "ms", False))
+        del args
+    x = torch.randn(4, 2048, 4096)
+    keep = torch.rand(4, 2048) < 0.5
+    eng = cpu_time_ms(lambda: ops.pack_by_mask(x, keep), reps)
+    base = cpu_time_ms(lambda: x[keep], reps)
+    rows.append(row(dict(op="pack_by_mask", B=4, L=2048, D=4096, keep=0.5, dtype="float32", repeats=reps),
+                    "latency", eng, "torch x[keep]", base, "ms", False))
+    for N in (8, 4096):
+        k_cache = torch.zeros(512, 16, 32, 128)
+        v_cache = torch.zeros_like(k_cache)
+        k, v = torch.randn(N, 32, 128), torch.randn(N, 32, 128)
+        slots = torch.randperm(512 * 16)[:N]
+        eng = cpu_time_ms(lambda: ops.write_kv_cache(k, v, k_cache, v_cache, slots), reps * 3)
+
+        def index_copy():
+            k_cache.view(-1, 32, 128).index_copy_(0, slots, k)
+            v_cache.view(-1, 32, 128).index_copy_(0, slots, v)
+        base = cpu_time_ms(index_copy, reps * 3)
+        rows.append(row(dict(op="write_kv_cache", tokens=N, kv_heads=32, head_dim=128, block_size=16,
+                             dtype="float32", repeats=reps * 3), "latency", eng, "torch index_copy_", base, "ms", False))
+    return rows
+
+
+def gpu_rows(quick: bool) -> list[dict]:
+    rows, dev, H, d = [], "cuda", 32, 128
+    total = 32768
+    seqlens = [1024, 4096, 16384] if quick else [1024, 2048, 4096, 8192, 16384, 32768]
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+    for L in seqlens:
+        B = max(1, total // L)
+        q, k, v = (torch.randn(B * L, H, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        cu = torch.arange(0, B + 1, device=dev, dtype=torch.int32) * L
+        flops = 4 * B * H * L * L * d / 2  # causal: half the score matrix
+        eng = gpu_time_ms(lambda: ops.varlen_attention(q, k, v, cu, cu, L, L, True))
+        qb, kb, vb = (t.view(B, L, H, d).transpose(1, 2) for t in (q, k, v))
+        base = gpu_time_ms(lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True))
+        cfg = dict(op="varlen_attention", seqlen=L, batch=B, heads=H, head_dim=d, causal=True, dtype="bfloat16")
+        rows.append(row(cfg, "throughput", flops / eng / 1e9, "torch SDPA", flops / base / 1e9, "TFLOP/s", True))
+        if flash_attn_varlen_func is not None:
+            fa = gpu_time_ms(lambda: flash_attn_varlen_func(q, k, v, cu, cu, L, L, causal=True))
+            rows.append(row(cfg, "throughput", flops / eng / 1e9, "flash-attn", flops / fa / 1e9, "TFLOP/s", True))
+        del q, k, v, qb, kb, vb
+    big = torch.empty(1 << 28, device=dev, dtype=torch.float32)  # 1 GiB
+    copy_gbs = 2 * big.numel() * 4 / (gpu_time_ms(lambda: big.clone()) * 1e6)
+    del big
+    for B, ctx in ((1, 32768), (8, 4096)):
+        args = paged_setup(B, ctx, 32, 8, d, 16, torch.bfloat16, dev)
+        bytes_read = 2 * B * ctx * 8 * d * 2
+        eng = gpu_time_ms(lambda: ops.paged_decode_attention(*args))
+        cfg = dict(op="paged_decode_attention", batch=B, context=ctx, q_heads=32, kv_heads=8, head_dim=d,
+                   block_size=16, dtype="bfloat16")
+        rows.append(row(cfg, "bandwidth", bytes_read / eng / 1e6, "torch clone copy bandwidth", copy_gbs, "GB/s", True))
+        base = gpu_time_ms(lambda: gather_sdpa_decode(*args))
+        rows.append(row(cfg, "latency", eng, "torch gather + SDPA", base, "ms", False))
+        del args
+    return rows
+
+
+def device_name(use_gpu: bool) -> str:
+    if use_gpu:
+        return torch.cuda.get_device_name()
+    return f"cpu-{os.cpu_count()}core"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    ap.add_argument("--no-gpu", action="store_true", help="CPU rows only even if CUDA is available")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/kernels-<device>.json)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    use_gpu = torch.cuda.is_available() and not args.no_gpu
+    rows = cpu_rows(args.quick) + (gpu_rows(args.quick) if use_gpu else [])
+    device = device_name(use_gpu)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    result = {"benchmark": "kernels", "device": device, "commit": commit,
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+    out = args.out or ROOT / "benchmarks" / "results" / f"kernels-{device.replace(' ', '-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    short = {"batch": "B", "context": "ctx", "q_heads": "Hq", "kv_heads": "Hk", "head_dim": "d",
+             "block_size": "bs", "seqlen": "L", "heads": "H", "tokens": "N"}
+    table = []
+    for r in rows:
+        c = {k: v for k, v in r["config"].items() if k not in ("op", "repeats")}
+        cfg = " ".join(f"{short.get(k, k)}={v}" for k, v in c.items())
+        table.append((r["config"]["op"], cfg, r))
+    w = max(len(t[1]) for t in table) + 2
+    print(f"{'op':<24}{'config':<{w}}{'engine':>11}{'baseline':>11}{'unit':>9}{'ratio':>7}  baseline")
+    for op, cfg, r in table:
+        print(f"{op:<24}{cfg:<{w}}{r['engine']:>11.3f}{r['baseline_value']:>11.3f}{r['unit']:>9}"
+              f"{r['ratio']:>7.2f}  {r['baseline']}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

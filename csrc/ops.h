@@ -1,0 +1,11 @@
+// Registration hooks of the compiled core: each csrc/*.cpp defines one register_* function that
+// adds its functions to the single PYBIND11_MODULE in bindings.cpp.
+#pragma once
+#include <torch/extension.h>
+
+namespace stllm {
+void register_block_allocator(pybind11::module_& m);
+void register_kv_cache(pybind11::module_& m);
+void register_paged_attention(pybind11::module_& m);
+void register_packing(pybind11::module_& m);
+}  // namespace stllm

@@ -1,0 +1,47 @@
+"""Backend choice of the dispatch point: Triton launchers on CUDA, the C++ core on CPU.
+
+Imports are lazy: importing ``stllm_engine.ops`` imports neither triton nor the extension.
+``STLLM_OPS_BACKEND=triton`` (read at import) sends CPU tensors to the Triton launchers as well:
+with ``TRITON_INTERPRET=1`` that exercises the CUDA dispatch on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+_C_MODULE: ModuleType | None = None
+_FORCE_TRITON = os.environ.get("STLLM_OPS_BACKEND", "").lower() == "triton"
+
+
+def on_cuda(t: torch.Tensor) -> bool:
+    """True when ``t`` goes to the Triton kernels: it lives on a CUDA device (or STLLM_OPS_BACKEND=triton)."""
+    return _FORCE_TRITON or t.device.type == "cuda"
+
+
+def cpp() -> ModuleType:
+    """``stllm_engine._C`` (torch is imported first, as the extension needs)."""
+    global _C_MODULE
+    if _C_MODULE is None:
+        _C_MODULE = importlib.import_module("stllm_engine._C")
+    return _C_MODULE
+
+
+def triton_kernels(module: str) -> ModuleType:
+    """``stllm_engine.kernels.<module>`` (e.g. "paged_attention")."""
+    return importlib.import_module(f"stllm_engine.kernels.{module}")
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise ValueError(msg) when cond is false (argument validation, as the Triton launchers)."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_cpu(op: str, *named: tuple[str, torch.Tensor]) -> None:
+    """All tensors on the CPU (the C++ path); names the offending argument otherwise."""
+    for name, t in named:
+        check(t.device.type == "cpu",
+              f"{op}: {name} is on {t.device}, but the other inputs are on the CPU")

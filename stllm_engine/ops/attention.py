@@ -1,0 +1,108 @@
+"""Attention ops: Triton on CUDA; on CPU the C++ paged kernels and torch SDPA for varlen.
+
+GQA everywhere: query head h reads kv head h // (Hq // Hk). Causal masks align the last query
+with the last key (flash-attn); a query with no visible key gets zeros.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import check, check_cpu, cpp, on_cuda, triton_kernels
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """q [B, Lq, Hq, d], k/v [B, Lk, Hk, d] with Lq <= Lk when causal -> [B, Lq, Hq, d]."""
+    Lq, Hq, Lk, Hk = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if Hq != Hk:
+        kh, vh = kh.repeat_interleave(Hq // Hk, dim=1), vh.repeat_interleave(Hq // Hk, dim=1)
+    mask = None
+    if causal and Lq != Lk:  # bottom-right alignment: query i sees keys j <= i + Lk - Lq
+        i = torch.arange(Lq)[:, None]
+        mask = torch.arange(Lk)[None, :] <= i + (Lk - Lq)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
+                                         is_causal=causal and Lq == Lk, scale=scale)
+    return out.transpose(1, 2)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                     scale: float | None = None) -> torch.Tensor:
+    """q [N, Hq, d], k/v [Nk, Hk, d], cu_seqlens_q/k int32 [B+1] -> [N, Hq, d] (differentiable).
+
+    CPU: torch SDPA, one call for equal-length batches (e.g. vision frames), else per sequence."""
+    if on_cuda(q):
+        return triton_kernels("flash_attention").varlen_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k.shape[2] == q.shape[2],
+          f"varlen_attention: q/k/v must be [tokens, heads, d] with one d and k == v shapes, got "
+          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    Hq, Hk = q.shape[1], k.shape[1]
+    check(Hk > 0 and Hq % Hk == 0, f"varlen_attention: Hq={Hq} is not a multiple of Hk={Hk}")
+    check(cu_seqlens_q.numel() == cu_seqlens_k.numel() and cu_seqlens_q.numel() >= 2,
+          f"varlen_attention: cu_seqlens_q/k must both be [B+1], got {tuple(cu_seqlens_q.shape)}, "
+          f"{tuple(cu_seqlens_k.shape)}")
+    check_cpu("varlen_attention", ("k", k), ("v", v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    check(cq[-1] == q.shape[0] and ck[-1] == k.shape[0],
+          f"varlen_attention: cu_seqlens end at {cq[-1]}/{ck[-1]} but q/k have {q.shape[0]}/{k.shape[0]} rows")
+    B = len(cq) - 1
+    lq = {cq[b + 1] - cq[b] for b in range(B)}
+    lk = {ck[b + 1] - ck[b] for b in range(B)}
+    if len(lq) == 1 and len(lk) == 1:
+        Lq, Lk = lq.pop(), lk.pop()
+        if Lq > 0 and Lk > 0 and (not causal or Lq <= Lk):
+            out = _sdpa(q.view(B, Lq, Hq, -1), k.view(B, Lk, Hk, -1), v.view(B, Lk, Hk, -1), causal, scale)
+            return out.reshape(q.shape)
+    outs = []
+    for b in range(B):
+        qb, kb, vb = q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+        nq, nk = qb.shape[0], kb.shape[0]
+        blind = max(0, nq - nk) if causal else (nq if nk == 0 else 0)  # queries with no visible key
+        if blind:
+            outs.append(qb.new_zeros(blind, Hq, qb.shape[2]))
+        if nq > blind:
+            outs.append(_sdpa(qb[blind:].unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0), causal, scale)[0])
+    return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+
+
+def _paged_args(op: str, q, k_cache, v_cache, block_tables, context_lens):
+    """CPU-side normalisation: cache dtype for q, int32 contiguous tables."""
+    check(q.dim() == 3 and k_cache.dim() == 4,
+          f"{op}: q must be [*, Hq, d] and the caches [num_blocks, block_size, Hk, d], got "
+          f"{tuple(q.shape)}, {tuple(k_cache.shape)}")
+    check_cpu(op, ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+              ("context_lens", context_lens))
+    qc = q.to(k_cache.dtype)
+    qc = qc if qc.stride(-1) == 1 else qc.contiguous()
+    return qc, block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous()
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float | None = None) -> torch.Tensor:
+    """q [B, Hq, d] (one token a sequence, at its last position), caches [num_blocks, block_size,
+    Hk, d], block_tables int32 [B, max_blocks], context_lens int32 [B] -> [B, Hq, d]."""
+    if on_cuda(q):
+        return triton_kernels("paged_attention").paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale)
+    qc, bt, cl = _paged_args("paged_decode_attention", q, k_cache, v_cache, block_tables, context_lens)
+    return cpp().paged_decode_attention(qc, k_cache, v_cache, bt, cl, scale).to(q.dtype)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            context_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """q [N, Hq, d]: sequence b's queries are the last qlen_b of its context_lens[b] positions
+    (K/V already in the cache); causal -> [N, Hq, d]."""
+    if on_cuda(q):
+        return triton_kernels("paged_prefill").paged_prefill_attention(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+    qc, bt, cl = _paged_args("paged_prefill_attention", q, k_cache, v_cache, block_tables, context_lens)
+    cu = cu_seqlens_q.to(torch.int32).contiguous()
+    return cpp().paged_prefill_attention(qc, k_cache, v_cache, bt, cu, cl, scale).to(q.dtype)
