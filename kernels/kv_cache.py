@@ -2,7 +2,8 @@
 
 Layout: k/v [N, Hk, d] (explicit token/head strides, last dim contiguous); k_cache/v_cache
 [num_blocks, block_size, Hk, d] with explicit strides (written in place, never copied);
-slot_mapping int64 [N]: slot = block_id * block_size + offset; slot < 0 skips the token.
+slot_mapping int64 [N]: slot = block_id * block_size + offset; slot < 0 skips the token, and so does
+a slot past the pool (>= num_blocks * block_size): checked on the device, no host sync, no stray write.
 Grid: (N,); one program copies one token's Hk x d values of k and of v (cast to the cache dtype).
 """
 from __future__ import annotations
@@ -16,14 +17,14 @@ from ._utils import check, check_same_device, interpreting, next_pow2
 
 @triton.jit
 def _write_kv_kernel(
-    K, V, KCache, VCache, SlotMapping, block_size,
+    K, V, KCache, VCache, SlotMapping, block_size, num_slots,
     stride_kn, stride_kh, stride_vn, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(SlotMapping + tok).to(tl.int64)
-    if slot < 0:
+    if (slot < 0) | (slot >= num_slots):
         return
     blk = slot // block_size
     off = slot % block_size
@@ -71,6 +72,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     warps = 1 if interpreting() else (4 if block_h * block_d <= 4096 else 8)
     _write_kv_kernel[(N,)](
         k, v, k_cache, v_cache, slot_mapping.contiguous(), k_cache.shape[1],
+        k_cache.shape[0] * k_cache.shape[1],
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -76,6 +76,20 @@ def test_write_kv_cache_matches_reference(dtype, block_size, Hk, d):
     assert torch.equal(k_cache.view(-1, Hk, d)[written], k[slots >= 0])
 
 
+def test_write_kv_cache_skips_slots_past_the_pool():
+    """A slot >= num_blocks * block_size is skipped on the device instead of writing out of bounds."""
+    num_blocks, block_size, Hk, d = 3, 4, 2, 16
+    k_cache = torch.zeros(num_blocks, block_size, Hk, d)
+    v_cache = torch.zeros_like(k_cache)
+    k = randn(3, Hk, d, dtype=torch.float32, seed=7)
+    v = randn(3, Hk, d, dtype=torch.float32, seed=8)
+    slots = torch.tensor([5, num_blocks * block_size, num_blocks * block_size + 100])
+    write_kv_cache(k, v, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(-1, Hk, d), v_cache.view(-1, Hk, d)
+    assert torch.equal(flat_k[5], k[0]) and torch.equal(flat_v[5], v[0])
+    assert int((flat_k != 0).any(-1).any(-1).sum()) == 1  # only slot 5 was written
+
+
 def test_write_kv_cache_rejects_bad_arguments():
     k_cache, v_cache, table, _ = paged([4], 2, 16, 8, torch.float32)
     k = randn(4, 2, 16)
