@@ -1,0 +1,333 @@
+"""Command line: ``stllm answer ...`` (one question about one video) and ``stllm serve ...`` (HTTP).
+
+``python -m stllm_engine.cli``, ``python -m stllm_engine`` and the ``stllm`` console script are the
+same. Answers go to stdout (``--json``: answer + timings as JSON); progress, notices and a short
+timing summary go to stderr. Bad input (missing video, bad parameters, bad checkpoint) prints one
+line ``stllm: error: ...`` and exits with code 2; other failures exit with 1, also one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+SAMPLING_FLAGS = ("num_beams", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+DEFAULT_QUESTION = "What happens in the video?"
+
+
+class CLIError(Exception):
+    """An error reported as one line; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
+        raise CLIError(f"{message} (see {self.prog} --help)")
+
+
+def one_line(msg: object, limit: int = 400) -> str:
+    s = " ".join(str(msg).split())
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint folder in the official layout (default: the default model)")
+    p.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:1 (auto: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="compute dtype; auto = float32 on CPU, float16 on CUDA")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="stllm", description="ST-LLM video question answering: answer or serve.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    a = sub.add_parser("answer", help="answer one question about one video")
+    a.add_argument("--video", help="video file, GIF or folder of frames (default: the sample video)")
+    a.add_argument("--question", default=None,
+                   help=f"default: the shipped sample's question for the sample video, else {DEFAULT_QUESTION!r}")
+    a.add_argument("--system", default=None, help="system prompt (default: the release's chat system)")
+    _add_model_args(a)
+    a.add_argument("--backend", default="engine", choices=("engine", "reference"),
+                   help="engine (fast) or reference (transformers baseline)")
+    g = a.add_argument_group("sampling (defaults: the release's chat, greedy, repetition penalty 1.5)")
+    g.add_argument("--num-beams", type=int)
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float, help="0 = greedy")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int, help="engine only")
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--seed", type=int)
+    a.add_argument("--num-frames", type=int, help="frames sampled (default: the model's)")
+    a.add_argument("--keep-ratio", type=float, default=1.0, help="share of video tokens kept (engine only)")
+    a.add_argument("--stream", action="store_true", help="print the answer as it is generated (engine only)")
+    a.add_argument("--json", action="store_true", help="print the answer and timings as one JSON object")
+    s = sub.add_parser("serve", help="HTTP server: GET /health, POST /v1/answer")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
+    s.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache size in MiB (default 256)")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)")
+    return ap
+
+
+# --- shared pieces ----------------------------------------------------------------------------
+def resolve_model(model: str | None) -> Path:
+    """The checkpoint folder; the default model prints a notice when it is untrained."""
+    if model is None:
+        from stllm_engine.default_model import default_model
+
+        dm = default_model()
+        if not dm.trained:
+            progress(f"stllm: notice: the default model ({dm.path}) is an UNTRAINED tiny checkpoint; "
+                     "its answers are noise. Pass --model FOLDER for a real one.")
+        return dm.path
+    path = Path(model)
+    if not path.is_dir():
+        raise CLIError(f"model folder not found: {model}")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"not a checkpoint folder (no config.json): {model}")
+    return path
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def check_device(device: str) -> str:
+    """The device to use (``auto`` resolved); CLIError when it is unusable."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CLIError(f"bad --device {device!r}: {one_line(e)}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device} requested but CUDA is not available")
+    return device
+
+
+def load_engine(folder: Path, device: str, dtype, **kw):
+    from stllm_engine.api import STLLM
+
+    progress(f"loading {folder} on {device} ({str(dtype).removeprefix('torch.')}) ...")
+    t = time.perf_counter()
+    try:
+        llm = STLLM.from_pretrained(folder, device=device, dtype=dtype, **kw)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CLIError(f"cannot load model {folder}: {one_line(e)}") from None
+    progress(f"loaded in {time.perf_counter() - t:.1f}s")
+    return llm
+
+
+# --- answer -----------------------------------------------------------------------------------
+def _sampling_kw(args) -> dict:
+    return {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+
+
+def _check_answer_args(args) -> None:
+    from stllm_engine.sampling_params import SamplingParams
+
+    if args.video is not None and not Path(args.video).exists():
+        raise CLIError(f"video file not found: {args.video}")
+    if args.num_frames is not None and args.num_frames < 1:
+        raise CLIError(f"--num-frames must be a positive int, got {args.num_frames}")
+    if not 0 < args.keep_ratio <= 1:
+        raise CLIError(f"--keep-ratio must be in (0, 1], got {args.keep_ratio}")
+    try:
+        SamplingParams(**_sampling_kw(args))
+    except ValueError as e:
+        flag = str(e).split(" ")[0].removeprefix("SamplingParams.").replace("_", "-")
+        raise CLIError(f"bad sampling flag --{flag}: {e}" if flag in
+                       {f.replace("_", "-") for f in SAMPLING_FLAGS} else f"bad sampling flags: {e}") from None
+    if args.backend == "reference":
+        for flag, bad in (("--top-k", args.top_k is not None), ("--keep-ratio", args.keep_ratio != 1.0),
+                          ("--stream", args.stream)):
+            if bad:
+                raise CLIError(f"{flag} is not supported by --backend reference")
+    if args.stream and (args.num_beams or 1) > 1:
+        raise CLIError("--stream does not support beam search (--num-beams > 1)")
+
+
+def answer_engine(args, folder: Path, video) -> dict:
+    from stllm_engine.server import MODEL_FAILURE, AnswerText, result_json
+
+    llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device))
+    try:
+        params = llm.params(**_sampling_kw(args))
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"bad sampling flags: {one_line(e)}") from None
+    opts = {k: v for k, v in (("system", args.system), ("num_frames", args.num_frames),
+                              ("keep_ratio", args.keep_ratio)) if v is not None}
+    eng = llm.engine
+    rid = eng.add_request(video, args.question, params, **opts)
+    streamer = AnswerText(llm.tokenizer) if args.stream and not args.json else None
+    out = None
+    while out is None:
+        if not eng.has_unfinished_requests():
+            raise CLIError("the engine went idle before the answer finished", EXIT_FAILURE)
+        for o in eng.step():
+            if o.request_id != rid:
+                continue
+            if o.error is not None:
+                bad_input = not o.error.startswith(MODEL_FAILURE)
+                raise CLIError(one_line(o.error), EXIT_USAGE if bad_input else EXIT_FAILURE)
+            if streamer is not None:
+                sys.stdout.write(streamer.piece(o.token_ids, final=o.finished))
+                sys.stdout.flush()
+            if o.finished:
+                out = o
+    res = result_json(llm, out)
+    if streamer is not None:
+        sys.stdout.write("\n")
+    return res
+
+
+def _reference_run(ref, video, args, kw: dict):
+    """The reference's ``generate_ids`` step by step, timed: (5 time stamps, ReferenceGeneration)."""
+    import torch
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        frames = ref.load_frames(video, args.num_frames)
+        t1 = time.perf_counter()
+        feats = ref.encode_vision(frames)
+        t2 = time.perf_counter()
+        tokens = ref.projector(ref.frame_tokens(feats, args.question))
+        t3 = time.perf_counter()
+        gen = ref.generate_from_embeds(ref.chat_inputs_embeds(tokens, args.question, args.system), **kw)
+    return (t0, t1, t2, t3, time.perf_counter()), gen
+
+
+def answer_reference(args, folder: Path, video) -> dict:
+    from stllm_engine.reference import ReferenceSTLLM
+
+    progress(f"loading {folder} (reference) ...")
+    t = time.perf_counter()
+    try:
+        ref = ReferenceSTLLM.from_pretrained(folder, dtype=resolve_dtype(args.dtype, args.device),
+                                             device=args.device)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CLIError(f"cannot load model {folder}: {one_line(e)}") from None
+    progress(f"loaded in {time.perf_counter() - t:.1f}s")
+    kw = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "top_p": args.top_p,
+          "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if args.temperature:
+        kw.update(do_sample=True, temperature=args.temperature)
+    try:
+        stamps, gen = _reference_run(ref, video, args, kw)
+    except ValueError as e:
+        raise CLIError(one_line(e)) from None
+    t0, t1, t2, t3, t4 = stamps
+    n, max_new = len(gen.token_ids), kw.get("max_new_tokens", 300)
+    return {"text": ref.decode_answer(gen.token_ids), "finish_reason": "length" if n >= max_new else "stop",
+            "timings": {"frame_decode": t1 - t0, "vision": t2 - t1, "qformer": t3 - t2, "generate": t4 - t3,
+                        "total": t4 - t0, "num_tokens": n},
+            "usage": {"prompt_tokens": gen.prompt_length, "completion_tokens": n}}
+
+
+def timing_summary(res: dict) -> str:
+    t = res["timings"]
+    parts = [f"{name} {t[key]:.2f}s" for name, key in (
+        ("frames", "frame_decode"), ("vision", "vision"), ("q-former", "qformer"), ("prefill", "prefill"),
+        ("ttft", "ttft"), ("generate", "generate")) if key in t]
+    if "decode_tokens_per_s" in t:
+        parts.append(f"decode {t['num_decode_tokens']} tok @ {t['decode_tokens_per_s']:.1f} tok/s")
+    if t.get("vision_cache_hit"):
+        parts.append("vision cache hit")
+    parts.append(f"total {t['total']:.2f}s")
+    return "timings: " + " | ".join(parts) + f" | finish: {res['finish_reason']}"
+
+
+def cmd_answer(args) -> int:
+    _check_answer_args(args)
+    folder = resolve_model(args.model)
+    args.device = check_device(args.device)
+    if args.video is None:
+        from stllm_engine.default_model import sample_video
+
+        args.video = str(sample_video())
+        if args.question is None:
+            from stllm_engine.default_model import sample_question
+
+            args.question = (sample_question() or {}).get("question")
+    if args.question is None:
+        args.question = DEFAULT_QUESTION
+    run = answer_engine if args.backend == "engine" else answer_reference
+    res = run(args, folder, args.video)
+    res.update(backend=args.backend, model=str(folder), video=args.video, question=args.question)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        if not args.stream:
+            print(res["text"])
+        progress(timing_summary(res))
+    return 0
+
+
+# --- serve ------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    import asyncio
+
+    from stllm_engine.server import serve
+
+    for name in ("port", "kv_cache_mib", "max_num_seqs"):
+        v = getattr(args, name)
+        if v < (0 if name == "port" else 1) or (name == "port" and v > 65535):
+            raise CLIError(f"bad --{name.replace('_', '-')}: {v}")
+    folder = resolve_model(args.model)
+    args.device = check_device(args.device)
+    llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
+                      kv_cache_memory=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs)
+
+    def ready(server) -> None:
+        progress(f"serving {folder} on http://{server.host}:{server.port} (GET /health, POST /v1/answer); "
+                 "Ctrl-C stops")
+
+    try:
+        asyncio.run(serve(llm, args.host, args.port, model_name=str(folder), ready=ready))
+    except OSError as e:
+        raise CLIError(f"cannot listen on {args.host}:{args.port}: {one_line(e)}", EXIT_FAILURE) from None
+    except KeyboardInterrupt:
+        progress("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 bad input, 1 other failure)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return {"answer": cmd_answer, "serve": cmd_serve}[args.command](args)
+    except CLIError as e:
+        print(f"stllm: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("stllm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, no traceback (set STLLM_DEBUG=1 for one)
+        import os
+
+        if os.environ.get("STLLM_DEBUG"):
+            raise
+        print(f"stllm: error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The command line on a tiny checkpoint and a real mp4: answers, JSON, streaming, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stllm_engine.api import STLLM
+from stllm_engine.cli import main
+from stllm_engine.reference import ReferenceSTLLM
+from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+from stllm_engine.testing.videos import write_corrupt_video, write_video
+
+QUESTION = "What is moving?"
+MAX_NEW = 8
+TIMING_KEYS = {"frame_decode", "vision", "qformer", "prefill", "ttft", "decode", "total",
+               "decode_tokens_per_s", "num_decode_tokens", "vision_cache_hit"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    ckpt = write_tiny_checkpoint(d / "ckpt", vit="eva", video_input="all", seed=2)
+    video = write_video(d / "clip.mp4", num_frames=12, size=(96, 72), seed=3)
+    return ckpt, video
+
+
+@pytest.fixture(scope="module")
+def engine_answer(files):
+    llm = STLLM.from_pretrained(files[0])
+    return llm.answer(str(files[1]), QUESTION, max_new_tokens=MAX_NEW)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def base(files, *extra):
+    return ["answer", "--model", str(files[0]), "--video", str(files[1]), "--question", QUESTION,
+            "--max-new-tokens", str(MAX_NEW), *extra]
+
+
+def test_answer_prints_the_engine_answer(files, engine_answer, capsys):
+    code, out, err = run(capsys, *base(files))
+    assert code == 0, err
+    assert out == engine_answer + "\n"
+    assert "timings:" in err and "ttft" in err and "loading" in err
+
+
+def test_json_has_answer_and_timings(files, engine_answer, capsys):
+    code, out, err = run(capsys, *base(files, "--json"))
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["text"] == engine_answer and res["backend"] == "engine"
+    assert TIMING_KEYS <= set(res["timings"])
+    assert res["timings"]["ttft"] > 0 and res["finish_reason"] in ("stop", "length")
+    assert 1 <= res["usage"]["completion_tokens"] <= MAX_NEW
+    assert "timings:" not in err
+
+
+def test_stream_prints_the_same_answer(files, engine_answer, capsys):
+    code, out, err = run(capsys, *base(files, "--stream"))
+    assert code == 0, err
+    assert out == engine_answer + "\n"
+
+
+@pytest.mark.parametrize("extra", [["--num-frames", "4"], ["--keep-ratio", "0.5"], ["--num-beams", "2"]])
+def test_request_options_reach_the_engine(files, capsys, extra):
+    llm = STLLM.from_pretrained(files[0])
+    kw = {"--num-frames": ("num_frames", int), "--keep-ratio": ("keep_ratio", float),
+          "--num-beams": ("num_beams", int)}[extra[0]]
+    want = llm.answer(str(files[1]), QUESTION, max_new_tokens=MAX_NEW, **{kw[0]: kw[1](extra[1])})
+    code, out, err = run(capsys, *base(files, *extra, "--json"))
+    assert code == 0, err
+    assert json.loads(out)["text"] == want
+
+
+def test_reference_backend_matches_reference_model(files, capsys):
+    ref = ReferenceSTLLM.from_pretrained(files[0])
+    want = ref.answer(str(files[1]), QUESTION, max_new_tokens=MAX_NEW)
+    code, out, err = run(capsys, *base(files, "--backend", "reference", "--json"))
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["text"] == want and res["backend"] == "reference"
+    assert {"frame_decode", "vision", "qformer", "generate", "total"} <= set(res["timings"])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--video", "{d}/missing_clip.mp4"], "missing_clip.mp4"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--num-frames", "0"], "--num-frames"),
+    (["--keep-ratio", "0"], "--keep-ratio"),
+    (["--model", "{d}/no_model"], "no_model"),
+    (["--model", "{d}"], "config.json"),
+    (["--backend", "reference", "--top-k", "5"], "--top-k"),
+    (["--stream", "--num-beams", "3"], "beam"),
+    (["--dtype", "float64"], "float64"),
+    (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "nodev"], "device"),
+    (["--video", "{corrupt}"], "corrupt.mp4"),
+    (["--bogus-flag"], "--bogus-flag"),
+])
+def test_bad_input_exits_2_with_one_line(files, capsys, tmp_path, argv, needle):
+    corrupt = write_corrupt_video(tmp_path / "corrupt.mp4") if "{corrupt}" in argv else None
+    argv = [a.format(d=tmp_path, corrupt=corrupt) for a in argv]
+    full = ["answer", "--model", str(files[0]), "--video", str(files[1]), "--question", QUESTION, *argv]
+    code, out, err = run(capsys, *full)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("stllm: error:")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err and out == ""
+
+
+def test_module_entry_point_missing_video_exit_code(files, tmp_path):
+    missing = tmp_path / "gone.mp4"
+    proc = subprocess.run([sys.executable, "-m", "stllm_engine", "answer", "--model", str(files[0]),
+                           "--video", str(missing)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"stllm: error: video file not found: {missing}"
+    assert proc.stdout == ""
+
+
+def test_default_model_is_flagged_untrained(tmp_path, capsys, monkeypatch, files):
+    monkeypatch.setenv("STLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("stllm_engine.default_model.ASSETS", tmp_path / "no-assets")  # hide the shipped model
+    code, out, err = run(capsys, "answer", "--video", str(files[1]), "--max-new-tokens", "3")
+    assert code == 0, err
+    assert "UNTRAINED" in err and str(tmp_path / "cache") in err
+    assert os.path.isfile(tmp_path / "cache" / "untrained-tiny" / "config.json")

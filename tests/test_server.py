@@ -1,0 +1,246 @@
+"""The HTTP server on a tiny checkpoint and real mp4 files: health, answers, errors, streaming."""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from stllm_engine.api import STLLM
+from stllm_engine.server import AnswerText, ServerThread
+from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+from stllm_engine.testing.videos import write_corrupt_video, write_video
+
+QUESTION = "What happens in the video?"
+MAX_NEW = 10
+BODY_LIMIT = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("server")
+    ckpt = write_tiny_checkpoint(d / "ckpt", vit="eva", video_input="all", seed=1)
+    videos = [write_video(d / f"v{i}.mp4", num_frames=12, size=(96, 72), seed=i) for i in range(3)]
+    corrupt = write_corrupt_video(d / "corrupt.mp4")
+    return ckpt, videos, corrupt
+
+
+@pytest.fixture(scope="module")
+def expected(files):
+    """Answers of a separate engine (same checkpoint) for the questions the tests ask."""
+    ckpt, videos, _ = files
+    llm = STLLM.from_pretrained(ckpt)
+    return {(str(v), q): llm.answer(str(v), q, max_new_tokens=MAX_NEW)
+            for v in videos for q in (QUESTION, "Which shape moves?")}
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    with ServerThread(STLLM.from_pretrained(files[0]), model_name="tiny", max_body_bytes=BODY_LIMIT) as s:
+        yield s
+
+
+def request(server, method: str, path: str, body=None, raw: bytes | None = None):
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=120)
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    return resp.status, resp.getheader("Content-Type"), payload
+
+
+def answer(server, body):
+    status, _, payload = request(server, "POST", "/v1/answer", body)
+    return status, json.loads(payload)
+
+
+def test_health(server):
+    status, ctype, payload = request(server, "GET", "/health")
+    assert status == 200 and ctype == "application/json"
+    body = json.loads(payload)
+    assert body["status"] == "ok" and body["model"] == "tiny" and body["variant"] == "eva/all"
+    assert "kv" in body["stats"] and "vision_cache" in body["stats"]
+
+
+def test_answer_matches_engine(server, files, expected):
+    video = str(files[1][0])
+    status, body = answer(server, {"video": video, "question": QUESTION, "params": {"max_new_tokens": MAX_NEW}})
+    assert status == 200, body
+    assert set(body) == {"text", "finish_reason", "timings", "usage"}
+    assert body["text"] == expected[(video, QUESTION)]
+    assert body["finish_reason"] in ("stop", "length")
+    assert 1 <= body["usage"]["completion_tokens"] <= MAX_NEW
+    assert body["usage"]["prompt_tokens"] > 12 * 6  # 12 frames x 6 query tokens + text
+    for key in ("frame_decode", "vision", "qformer", "prefill", "ttft", "decode", "decode_tokens_per_s"):
+        assert body["timings"][key] >= 0
+    assert body["timings"]["ttft"] > 0
+
+
+def test_video_b64_same_answer_as_path(server, files, expected):
+    video = files[1][1]
+    b64 = base64.b64encode(video.read_bytes()).decode()
+    status, body = answer(server, {"video_b64": b64, "question": QUESTION, "params": {"max_new_tokens": MAX_NEW}})
+    assert status == 200, body
+    assert body["text"] == expected[(str(video), QUESTION)]
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"{not json", "not valid JSON"),
+    ({"video": "/no/such/clip.mp4", "question": "q"}, "clip.mp4"),
+    ({"question": "q"}, "video"),
+    ({"video": "X", "video_b64": "AAAA", "question": "q"}, "exactly one"),
+    ({"video_b64": "@@not base64@@", "question": "q"}, "video_b64"),
+    ({"video": "X", "question": ""}, "question"),
+    ({"video": "X", "question": "q", "params": {"temperature": -1}}, "temperature"),
+    ({"video": "X", "question": "q", "params": {"max_new_tokens": 0}}, "max_new_tokens"),
+    ({"video": "X", "question": "q", "params": {"beams": 2}}, "beams"),
+    ({"video": "X", "question": "q", "colour": "red"}, "colour"),
+    ({"video": "X", "question": "q", "stream": True, "params": {"num_beams": 2}}, "beam"),
+    ({"video": "X", "question": "q", "num_frames": 0}, "num_frames"),
+    ({"video": "X", "question": "q", "keep_ratio": 1.5}, "keep_ratio"),
+    ([1, 2], "JSON object"),
+])
+def test_bad_request_is_400_naming_the_problem(server, files, body, needle):
+    if isinstance(body, dict) and body.get("video") == "X":
+        body = dict(body, video=str(files[1][0]))
+    raw = body if isinstance(body, bytes) else None
+    status, ctype, payload = request(server, "POST", "/v1/answer", None if raw else body, raw=raw)
+    assert status == 400 and ctype == "application/json"
+    assert needle in json.loads(payload)["error"]
+
+
+def test_corrupt_video_is_400(server, files):
+    status, body = answer(server, {"video": str(files[2]), "question": QUESTION})
+    assert status == 400 and "corrupt.mp4" in body["error"]
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/nope", 404), ("POST", "/health", 405),
+                                                  ("GET", "/v1/answer", 405)])
+def test_unknown_route_or_method(server, method, path, status):
+    got, _, payload = request(server, method, path, {} if method == "POST" else None)
+    assert got == status and path in json.loads(payload)["error"]
+
+
+def test_bad_requests_do_not_break_concurrent_good_ones(server, files, expected):
+    videos = [str(v) for v in files[1]]
+    good = [{"video": v, "question": q, "params": {"max_new_tokens": MAX_NEW}}
+            for v in videos for q in (QUESTION, "Which shape moves?")]
+    bad = [{"video": str(files[2]), "question": QUESTION},
+           {"video": videos[0], "question": QUESTION, "params": {"top_p": 0}},
+           {"video": "/missing.mp4", "question": QUESTION}]
+    results: dict[int, tuple] = {}
+
+    def run(i, body):
+        results[i] = answer(server, body)
+
+    threads = [threading.Thread(target=run, args=(i, b)) for i, b in enumerate(good + bad)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for i, body in enumerate(good):
+        status, out = results[i]
+        assert status == 200, out
+        assert out["text"] == expected[(body["video"], body["question"])]
+    for i in range(len(good), len(good) + len(bad)):
+        assert results[i][0] == 400
+    assert request(server, "GET", "/health")[0] == 200
+
+
+def sse_events(payload: bytes) -> list:
+    events = []
+    for block in payload.decode().split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+@pytest.mark.parametrize("vi, question", [(0, QUESTION), (2, "Which shape moves?")])
+def test_stream_pieces_join_to_the_answer(server, files, expected, vi, question):
+    video = str(files[1][vi])
+    status, ctype, payload = request(server, "POST", "/v1/answer", {
+        "video": video, "question": question, "stream": True, "params": {"max_new_tokens": MAX_NEW}})
+    assert status == 200 and ctype == "text/event-stream"
+    events = sse_events(payload)
+    assert events[-1] == "[DONE]"
+    final = events[-2]
+    assert final["done"] is True and final["finish_reason"] in ("stop", "length")
+    pieces = [e["text"] for e in events[:-2]]
+    assert len(pieces) >= 2 and all(pieces)
+    assert "".join(pieces) == final["text"] == expected[(video, question)]
+
+
+def test_stream_of_a_bad_video_is_400_before_streaming(server):
+    status, ctype, payload = request(server, "POST", "/v1/answer", {
+        "video_b64": base64.b64encode(b"definitely not a video").decode(), "question": "q", "stream": True})
+    assert status == 400 and ctype == "application/json"
+    assert json.loads(payload)["error"]
+
+
+def test_answer_text_holds_back_unstable_tails(files):
+    from stllm_engine.tokenizers import load_llama_tokenizer
+
+    tok = load_llama_tokenizer(files[0])
+    ids = tok("hello world ### more", add_special_tokens=False).input_ids
+    at = AnswerText(tok)
+    pieces = [at.piece(ids[:i + 1], final=i == len(ids) - 1) for i in range(len(ids))]
+    assert "".join(pieces) == at.text(ids) == "hello world"
+    assert not any("#" in p for p in pieces)
+
+
+def raw_exchange(server, data: bytes, read_all: bool = True) -> bytes:
+    with socket.create_connection((server.host, server.port), timeout=60) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not read_all:
+                break
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"GARBAGE\r\n\r\n", b"400"),
+    (b"POST /v1/answer HTTP/1.1\r\nContent-Length: abc\r\n\r\n", b"400"),
+    (b"POST /v1/answer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"400"),
+    (b"POST /v1/answer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (BODY_LIMIT + 1), b"413"),
+])
+def test_malformed_http_gets_an_error_status(server, data, status):
+    reply = raw_exchange(server, data)
+    assert reply.startswith(b"HTTP/1.1 " + status)
+    assert b'"error"' in reply
+
+
+def test_client_leaving_a_stream_aborts_its_request(server, files, expected, monkeypatch):
+    eng = server.llm.engine
+    aborted: list[bool] = []
+    real_abort = eng.abort
+
+    def recording_abort(rid):
+        aborted.append(real_abort(rid))
+        return aborted[-1]
+
+    monkeypatch.setattr(eng, "abort", recording_abort)
+    long = 1500  # far more than can finish before the hang-up is noticed
+    body = json.dumps({"video": str(files[1][0]), "question": QUESTION, "stream": True,
+                       "params": {"max_new_tokens": long, "min_new_tokens": long, "stop": ["@@@@"]}}).encode()
+    head = b"POST /v1/answer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+    first = raw_exchange(server, head + body, read_all=False)  # headers (maybe a piece), then hang up
+    assert first.startswith(b"HTTP/1.1 200")
+    while not aborted:
+        time.sleep(0.1)
+    assert aborted == [True]  # the request was still running when it was aborted
+    video = str(files[1][0])
+    status, out = answer(server, {"video": video, "question": QUESTION, "params": {"max_new_tokens": MAX_NEW}})
+    assert status == 200 and out["text"] == expected[(video, QUESTION)]
+    stats = json.loads(request(server, "GET", "/health")[2])["stats"]
+    assert stats["running"] == 0 and stats["waiting"] == 0
