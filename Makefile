@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.stllm-installed
 VIDEO ?=
-QUESTION ?= What is moving in this video, and in which direction?
+QUESTION ?=
 
 .PHONY: setup demo test bench clean
 
@@ -28,7 +28,7 @@ $(STAMP): $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 	touch $@
 
 demo: setup
-	$(PY) -m stllm_engine.cli answer $(if $(VIDEO),--video "$(VIDEO)") --question "$(QUESTION)"
+	$(PY) -m stllm_engine.cli answer $(if $(VIDEO),--video "$(VIDEO)") $(if $(QUESTION),--question "$(QUESTION)")
 
 test: setup
 	$(PY) -m pytest -q tests
