@@ -6,6 +6,10 @@ post-processed like the release (leading <unk>/<s> dropped, cut at EOS and "###"
 "Assistant:", stripped). ``generate`` runs many requests with continuous batching and returns
 :class:`RequestOutput` objects in request order; ``stream`` yields text pieces; ``chat`` keeps a
 multi-turn session whose earlier turns are served from the KV prefix cache.
+
+``mvbench_answer`` follows the release's MVBench inference (``infer_mvbench``): MVBench frame
+sampling, BOS + text | every frame's tokens | text, greedy, repetition penalty 1.0, 100 new tokens,
+"###" stop ids, ``"(" +`` the first line of the answer; ``mvbench_generate`` batches many.
 """
 from __future__ import annotations
 
@@ -18,11 +22,12 @@ import torch
 
 from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
 from stllm_engine.outputs import RequestOutput
-from stllm_engine.prompts import SEP, chat_prompt, postprocess_answer
+from stllm_engine.prompts import MVBENCH_SYSTEM, SEP, chat_prompt, mvbench_postprocess, postprocess_answer
 from stllm_engine.sampling_params import SamplingParams
 
 _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
 _REQUEST_KEYS = {"system", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling"}
+_MVBENCH_KEYS = ("video", "question", "candidates", "num_frames", "bound", "system", "video_tokens", "params")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LEADING_DROP_IDS = (0, 1)  # Chat.answer drops a leading <unk>, then a leading <s>
 
@@ -182,6 +187,57 @@ class STLLM:
                 if o.finished:
                     self.last_output = o
                     return
+
+    # --- MVBench ----------------------------------------------------------------------------
+    def mvbench_params(self, **kw) -> SamplingParams:
+        """The release's MVBench generation: greedy, repetition penalty 1.0, 1..100 new tokens,
+        stop on the "###" ids only (like the reference's stopping criterion), with overrides."""
+        base = dict(temperature=0.0, repetition_penalty=1.0, max_new_tokens=100, min_new_tokens=1,
+                    stop=[], stop_token_ids=self.stop_token_ids)
+        base.update(kw)
+        return SamplingParams(**base)
+
+    def mvbench_text(self, out: RequestOutput) -> str:
+        """MVBench prediction of a finished output: ``"(" +`` first line (raises if it failed)."""
+        if out.error is not None:
+            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+        ids = clean_answer_ids(out.token_ids, self.tokenizer.eos_token_id)
+        return mvbench_postprocess(self.tokenizer.decode(ids, skip_special_tokens=False))
+
+    def mvbench_generate(self, items: list, params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Many MVBench questions at once (continuous batching). Each item is ``(video, question,
+        candidates)`` or a dict with those keys and optional ``num_frames``/``bound``/``system``/
+        ``video_tokens``/``params``. Outputs come in item order; a failed item has ``error`` set,
+        the others are intact. Turn outputs into predictions with :meth:`mvbench_text`."""
+        default = params if params is not None else self.mvbench_params()
+        rids = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                if not isinstance(item, (tuple, list)) or len(item) != 3:
+                    raise ValueError(f"MVBench item {i} must be (video, question, candidates) or a dict")
+                item = dict(zip(_MVBENCH_KEYS, item))
+            bad = set(item) - set(_MVBENCH_KEYS)
+            missing = {"video", "question", "candidates"} - set(item)
+            if bad or missing:
+                raise ValueError(f"MVBench item {i}: unknown keys {sorted(bad)}, missing {sorted(missing)}")
+            item = dict(item)
+            video, question, candidates = item.pop("video"), item.pop("question"), item.pop("candidates")
+            p = item.pop("params", default)
+            rids.append(self.engine.add_mvbench_request(video, question, candidates, p, **item))
+        done = self._run_until_done(rids)
+        return [done[r] for r in rids]
+
+    def mvbench_answer(self, video, question: str, candidates: list[str], num_frames: int | None = None,
+                       bound=None, system: str = MVBENCH_SYSTEM, *, video_tokens: str = "frames") -> str:
+        """MVBench prediction like ``ReferenceSTLLM.mvbench_answer``, e.g. ``"(B) slows down"``;
+        ``video``: frames [T, 3, S, S], ``VideoFrames`` or a ``load_video`` source (MVBench
+        sampling, ``bound`` = (start, end) seconds). ``video_tokens="own"``: the checkpoint's
+        projector instead of every frame's tokens. The full output is in ``last_output``."""
+        (out,) = self.mvbench_generate([dict(video=video, question=question, candidates=candidates,
+                                             num_frames=num_frames, bound=bound, system=system,
+                                             video_tokens=video_tokens)])
+        self.last_output = out
+        return self.mvbench_text(out)
 
     def chat(self, video, system: str | None = None, **video_kw) -> "ChatSession":
         """A multi-turn conversation about one video."""

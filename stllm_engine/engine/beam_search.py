@@ -30,7 +30,8 @@ NEG = -1.0e9
 def clone_sequence(parent: Sequence) -> Sequence:
     """A new Sequence with the parent's tokens and state (blocks are attached by ``fork``)."""
     child = Sequence(parent.prompt_token_ids, parent.params, video_embeds=parent.video_embeds,
-                     video_key=parent.video_key, request_id=parent.request_id)
+                     video_key=parent.video_key, request_id=parent.request_id,
+                     video_start=parent.video_start)
     child.output_token_ids = list(parent.output_token_ids)
     child.cumulative_logprob = parent.cumulative_logprob
     child.num_cached_tokens = parent.num_cached_tokens

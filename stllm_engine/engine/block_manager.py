@@ -3,8 +3,11 @@
 Prefix reuse: block i of a sequence is published under ``hash(hash of block i-1, its content)``
 once its KV is computed. Content is each position's key: the text id, or for a video position a
 negative marker derived from the sequence's ``video_key`` (video content hash, frame indices,
-variant, question...) and the offset, so two requests with the same video, question and prompt
-share blocks while different videos never do (the allocator verifies the content on a hit).
+variant, question...) and the offset into the video; a block overlapping video positions also
+hashes the ``video_key`` itself. So two requests with the same video, question and prompt share
+blocks while different videos never do (the allocator verifies the content on a hit); leading
+text-only blocks (text before the video, ``video_start``) are shared whatever the video, and
+every block after the video inherits its identity through the chain.
 Only blocks strictly before the last known token are looked up, so at least the last token is
 recomputed and yields logits. Beams share blocks after ``fork``; writing into a shared last block
 copies it first (``append_slot`` returns the (src, dst) pairs for the runner to copy).
@@ -59,19 +62,28 @@ class BlockManager:
         marker of the video identity and offset. ``ids``: ``seq.token_ids`` if already at hand."""
         bs = self.block_size
         start, end = i * bs, (i + 1) * bs
-        lv = seq.num_video_tokens
+        lv, vs = seq.num_video_tokens, seq.video_start
+        ve = vs + lv
         ids = seq.token_ids if ids is None else ids
-        out = []
-        if start < lv:
-            vdig = _digest(seq.video_key.encode()) & 0x3FFFFFFF
-            out = [-1 - ((vdig + p) & 0x7FFFFFFF) for p in range(start, min(end, lv))]
-        if end > lv:
-            out += ids[max(start, lv) - lv:end - lv]
+        if end <= vs:  # text before the video
+            return ids[start:end]
+        if start >= ve:  # text after the video (every block when there is no video)
+            return ids[start - lv:end - lv]
+        out = ids[start:vs] if start < vs else []
+        vdig = _digest(seq.video_key.encode()) & 0x3FFFFFFF
+        out += [-1 - ((vdig + p - vs) & 0x7FFFFFFF) for p in range(max(start, vs), min(end, ve))]
+        if end > ve:
+            out += ids[ve - lv:end - lv]
         return out
+
+    def overlaps_video(self, seq: Sequence, i: int) -> bool:
+        """Whether block i holds at least one video position."""
+        return seq.num_video_tokens > 0 and i * self.block_size < seq.video_end \
+            and (i + 1) * self.block_size > seq.video_start
 
     def block_hash(self, seq: Sequence, i: int, prev: int, content: list[int]) -> int:
         parts = [prev.to_bytes(8, "little"), len(content).to_bytes(4, "little")]
-        if i * self.block_size < seq.num_video_tokens:
+        if self.overlaps_video(seq, i):
             parts.append(b"video:" + seq.video_key.encode() + b"\0")
         parts.append(b"".join(int(t).to_bytes(8, "little", signed=True) for t in content))
         return _digest(*parts)

@@ -2,6 +2,8 @@
 
 add_request: video -> frames (``load_video``) -> vision cache / ``encode_vision`` ->
 ``encode_video(question)`` -> optional keep-ratio token dropping -> prompt ids -> Sequence.
+add_mvbench_request: the release's MVBench layout instead (BOS + text | every frame's tokens |
+text); add_prepared: ready video tokens and ids, with ``video_start`` ids before the video.
 step: schedule -> ``ModelRunner.run`` -> sample (or a beam step) -> append -> stop checks -> free.
 A bad request (unreadable video, bad parameters, prompt that cannot fit) finishes alone with
 ``finish_reason="error"`` and a message; a failing model step fails only the requests in it.
@@ -23,7 +25,7 @@ from stllm_engine.engine.sequence import Sequence
 from stllm_engine.engine.video_prep import PreparedVideo, prepare_video
 from stllm_engine.engine.vision_cache import VisionCache
 from stllm_engine.outputs import RequestOutput, RequestTimings
-from stllm_engine.prompts import chat_prompt
+from stllm_engine.prompts import MVBENCH_SYSTEM, chat_prompt, mvbench_prompt_segments, mvbench_question
 from stllm_engine.sampling_params import SamplingParams
 
 RELEASE_MAX_LENGTH = 2000  # Chat.answer: prompt + max_new_tokens beyond this cuts the prompt's left
@@ -65,6 +67,25 @@ class EngineConfig:
 def kv_bytes_per_block(model, block_size: int) -> int:
     c = model.config.llm
     return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
+
+
+def _check_question(question) -> None:
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a str, got {type(question).__name__}")
+
+
+def truncate_left(tokens, key: str, ids: list[int], video_start: int, over: int):
+    """Cut ``over`` positions from the left of [ids[:video_start] | tokens | ids[video_start:]] as
+    the release cuts its input embeddings; -> (tokens | None, key, ids, video_start)."""
+    lv = 0 if tokens is None else int(tokens.shape[0])
+    cut_t = min(over, video_start)
+    cut_v = min(over - cut_t, lv)
+    cut_a = over - cut_t - cut_v
+    ids = ids[cut_t:video_start] + ids[video_start + cut_a:]
+    if cut_v:
+        tokens = tokens[cut_v:] if lv > cut_v else None
+        key = f"{key}|cut={cut_v}"
+    return tokens, key, ids, video_start - cut_t
 
 
 class _Request:
@@ -119,6 +140,14 @@ class LLMEngine:
         ids = self.tokenizer(chat_prompt(question, system), add_special_tokens=False).input_ids
         return [self.tokenizer.eos_token_id] + list(ids)
 
+    def mvbench_prompt_ids(self, question: str, system: str = MVBENCH_SYSTEM) -> tuple[list[int], int]:
+        """(ids, video_start) of the release's MVBench prompt for an already formatted
+        ``mvbench_question``: BOS (``</s>``, as :meth:`prompt_ids`) + text before the video, then
+        the text after it (no BOS); the video goes at position ``video_start``."""
+        before, after = mvbench_prompt_segments(question, system)
+        head = [self.tokenizer.eos_token_id] + list(self.tokenizer(before, add_special_tokens=False).input_ids)
+        return head + list(self.tokenizer(after, add_special_tokens=False).input_ids), len(head)
+
     def prepare_video(self, video, question: str, **kw) -> PreparedVideo:
         return prepare_video(self.model, self.vision_cache, video, question, **kw)
 
@@ -127,6 +156,34 @@ class LLMEngine:
                     num_frames: int | None = None, keep_ratio: float = 1.0, keep_mode: str = "even",
                     keep_seed: int = 0, sampling: str = "uniform") -> str:
         """Queue one question about one video; returns its request id (errors end up in its output)."""
+        def build(req: _Request) -> None:
+            _check_question(question)
+            pv = self._prepare_timed(req, video, question, num_frames=num_frames, keep_ratio=keep_ratio,
+                                     keep_mode=keep_mode, keep_seed=keep_seed, sampling=sampling)
+            self._admit(req, pv.tokens, pv.key, self.prompt_ids(question, system))
+        return self._queue(request_id, params, build)
+
+    def add_mvbench_request(self, video, question: str, candidates, params: SamplingParams | None = None, *,
+                            request_id: str | None = None, num_frames: int | None = None, bound=None,
+                            system: str | None = MVBENCH_SYSTEM, video_tokens: str = "frames") -> str:
+        """Queue an MVBench multiple-choice question the release's way (``infer_mvbench``): MVBench
+        frame sampling (``bound`` in seconds), the formatted question into the Q-Former, every
+        frame's tokens concatenated whatever the variant (``video_tokens="own"``: the checkpoint's
+        projector instead), BOS + text | video | text. ``system=None``: ``MVBENCH_SYSTEM``."""
+        def build(req: _Request) -> None:
+            _check_question(question)
+            if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
+                raise TypeError(f"candidates must be a list of str, got {candidates!r}")
+            q = mvbench_question(question, list(candidates))
+            pv = self._prepare_timed(req, video, q, num_frames=num_frames, sampling="mvbench", bound=bound,
+                                     video_tokens=video_tokens)
+            ids, video_start = self.mvbench_prompt_ids(q, MVBENCH_SYSTEM if system is None else system)
+            self._admit(req, pv.tokens, pv.key, ids, video_start)
+        return self._queue(request_id, params, build)
+
+    def _queue(self, request_id: str | None, params, build) -> str:
+        """Register a request, check its params, then ``build(req)`` admits it; any error fails
+        this request only (its output carries the message)."""
         rid = self._new_id(request_id)
         req = _Request(rid, params, time.perf_counter())
         self._requests[rid] = req
@@ -134,28 +191,25 @@ class LLMEngine:
             if params is not None and not isinstance(params, SamplingParams):
                 raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
             req.params = params or SamplingParams()
-            if not isinstance(question, str):
-                raise TypeError(f"question must be a str, got {type(question).__name__}")
-            pv = self.prepare_video(video, question, num_frames=num_frames, keep_ratio=keep_ratio,
-                                    keep_mode=keep_mode, keep_seed=keep_seed, sampling=sampling)
-            req.timings.frame_decode, req.timings.vision, req.timings.qformer = pv.frame_decode_s, pv.vision_s, pv.qformer_s
-            req.timings.vision_cache_hit = pv.cache_hit
-            self._admit(req, pv.tokens, pv.key, self.prompt_ids(question, system))
+            build(req)
         except Exception as e:  # noqa: BLE001 - any bad input fails this request only
             self._fail(req, e)
         return rid
 
+    def _prepare_timed(self, req: _Request, video, question: str, **kw) -> PreparedVideo:
+        pv = self.prepare_video(video, question, **kw)
+        t = req.timings
+        t.frame_decode, t.vision, t.qformer = pv.frame_decode_s, pv.vision_s, pv.qformer_s
+        t.vision_cache_hit = pv.cache_hit
+        return pv
+
     def add_prepared(self, video_tokens: torch.Tensor | None, video_key: str, prompt_token_ids: list[int],
-                     params: SamplingParams | None = None, *, request_id: str | None = None) -> str:
-        """Queue a request whose video tokens and prompt ids are already built (multi-turn chat)."""
-        rid = self._new_id(request_id)
-        req = _Request(rid, params or SamplingParams(), time.perf_counter())
-        self._requests[rid] = req
-        try:
-            self._admit(req, video_tokens, video_key, list(prompt_token_ids))
-        except Exception as e:  # noqa: BLE001
-            self._fail(req, e)
-        return rid
+                     params: SamplingParams | None = None, *, request_id: str | None = None,
+                     video_start: int = 0) -> str:
+        """Queue a request whose video tokens and prompt ids are already built (multi-turn chat);
+        the first ``video_start`` ids go before the video tokens, the rest after them."""
+        return self._queue(request_id, params, lambda req: self._admit(
+            req, video_tokens, video_key, list(prompt_token_ids), video_start))
 
     def _new_id(self, request_id: str | None) -> str:
         if request_id is None:
@@ -166,7 +220,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         return request_id
 
-    def _admit(self, req: _Request, tokens, key: str, ids: list[int]) -> None:
+    def _admit(self, req: _Request, tokens, key: str, ids: list[int], video_start: int = 0) -> None:
         p = req.params
         lv = 0 if tokens is None else int(tokens.shape[0])
         total = lv + len(ids)
@@ -178,12 +232,9 @@ class LLMEngine:
                 raise ValueError(f"context too long: {total} prompt tokens + max_new_tokens {p.max_new_tokens} "
                                  f"> max length {self.max_length} (max_position_embeddings "
                                  f"{self.max_positions}); lower max_new_tokens or use fewer frames")
-            cut_v = min(over, lv)  # the release cuts the embeddings from the left
-            tokens = tokens[cut_v:] if lv - cut_v > 0 else None
-            ids = ids[over - cut_v:]
-            key = f"{key}|cut={over}"
+            tokens, key, ids, video_start = truncate_left(tokens, key, ids, video_start, over)
         seq = Sequence(ids, p, video_embeds=tokens, video_key=key if tokens is not None else "",
-                       request_id=req.request_id)
+                       request_id=req.request_id, video_start=video_start)
         self.scheduler.add(seq)
         req.seq = seq
         req.checker = StopChecker(self.tokenizer, seq, self.eos_token_id, self.max_positions)

@@ -1,8 +1,9 @@
 """ModelRunner: turns one scheduled step into packed model inputs and returns logits.
 
 A step is a list of ``(sequence, n)``: the sequence computes positions
-``[num_computed_tokens, num_computed_tokens + n)``. Position p < Lv is fed from the sequence's
-``video_embeds[p]``, later positions from ``token_ids[p - Lv]`` through the embedding table.
+``[num_computed_tokens, num_computed_tokens + n)``. With S = ``video_start`` and Lv video tokens,
+position p < S is fed from ``token_ids[p]``, S <= p < S + Lv from ``video_embeds[p - S]``, later
+positions from ``token_ids[p - Lv]`` (text through the embedding table).
 All sequences are packed into one [N, H] pass (no padding):
 
 * every n == 1: a decode pass (``paged_decode_attention``);
@@ -86,13 +87,19 @@ class ModelRunner:
             pos = range(start, end)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            lv = seq.num_video_tokens
-            if start < lv:
-                video_parts.append((row0, seq.video_embeds[start:min(end, lv)]))
-            if end > lv:
-                t0 = max(start, lv)
-                text_ids.extend(seq.token_ids[t0 - lv:end - lv])
-                text_rows.extend(range(row0 + t0 - start, row0 + n))
+            lv, vs = seq.num_video_tokens, seq.video_start
+            ve = vs + lv
+            if start < vs:  # text before the video
+                a = min(end, vs)
+                text_ids.extend(seq.prompt_token_ids[start:a])
+                text_rows.extend(range(row0, row0 + a - start))
+            if start < ve and end > vs:  # video
+                a = max(start, vs)
+                video_parts.append((row0 + a - start, seq.video_embeds[a - vs:min(end, ve) - vs]))
+            if end > ve:  # text after the video, then outputs
+                a = max(start, ve)
+                text_ids.extend(seq.text_slice(a - lv, end - lv))
+                text_rows.extend(range(row0 + a - start, row0 + n))
             cu_q.append(row0 + n)
             ctx_lens.append(end)
             tables.append(table)

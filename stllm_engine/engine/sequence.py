@@ -1,7 +1,9 @@
-"""One generation stream: video tokens + prompt text ids + generated ids, and its KV bookkeeping.
+"""One generation stream: prompt text ids, video tokens, generated ids, and its KV bookkeeping.
 
-Positions run 0..num_tokens-1 over [video tokens | prompt text ids | output ids]. Position p < Lv is
-fed from ``video_embeds[p]``; any later position from ``token_ids[p - Lv]``. The KV of positions
+Positions run 0..num_tokens-1 over [text before the video | video tokens | text after | outputs].
+``video_start`` (S) text ids come first (0 for the chat layout, the MVBench layout puts BOS + a
+text segment there). Position p < S is fed from ``token_ids[p]``, S <= p < S + Lv from
+``video_embeds[p - S]``, any later position from ``token_ids[p - Lv]``. The KV of positions
 < ``num_computed_tokens`` is in the cache; the scheduler asks the runner for the next chunk.
 Torch-free apart from holding ``video_embeds`` (an opaque tensor here).
 """
@@ -27,7 +29,7 @@ class Sequence:
 
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams | None = None, *,
                  video_embeds: Any = None, video_key: str = "", request_id: str | None = None,
-                 seq_id: int | None = None) -> None:
+                 seq_id: int | None = None, video_start: int = 0) -> None:
         self.seq_id = next(_ids) if seq_id is None else seq_id
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.prompt_token_ids = list(prompt_token_ids)
@@ -36,6 +38,13 @@ class Sequence:
         if self.num_video_tokens and not video_key:
             raise ValueError("a Sequence with video_embeds needs a video_key (its prefix-cache identity)")
         self.video_key = video_key
+        if isinstance(video_start, bool) or not isinstance(video_start, int) \
+                or not 0 <= video_start <= len(self.prompt_token_ids):
+            raise ValueError(f"video_start must be an int in 0..{len(self.prompt_token_ids)} (the number "
+                             f"of prompt ids before the video), got {video_start!r}")
+        if video_start and not self.num_video_tokens:
+            raise ValueError(f"video_start={video_start} given for a Sequence without video_embeds")
+        self.video_start = video_start
         self.num_prompt_tokens = self.num_video_tokens + len(self.prompt_token_ids)
         if self.num_prompt_tokens == 0:
             raise ValueError("a Sequence needs at least one prompt position (video or text)")
@@ -56,13 +65,27 @@ class Sequence:
         return self.num_prompt_tokens + len(self.output_token_ids)
 
     @property
+    def video_end(self) -> int:
+        """First position after the video tokens (``video_start + num_video_tokens``)."""
+        return self.video_start + self.num_video_tokens
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
     @property
     def token_ids(self) -> list[int]:
-        """Text ids after the video tokens: prompt ids then output ids."""
+        """All text ids in position order: prompt ids (before and after the video), then outputs."""
         return self.prompt_token_ids + self.output_token_ids
+
+    def text_slice(self, i: int, j: int) -> list[int]:
+        """``token_ids[i:j]`` (0 <= i <= j) without building the whole list."""
+        n = len(self.prompt_token_ids)
+        if j <= n:
+            return self.prompt_token_ids[i:j]
+        if i >= n:
+            return self.output_token_ids[i - n:j - n]
+        return self.prompt_token_ids[i:] + self.output_token_ids[:j - n]
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -82,11 +105,14 @@ class Sequence:
     def position_key(self, p: int) -> int:
         """Prefix-cache identity of position p: a text id (>= 0) or a video marker (< 0).
 
-        Video markers only distinguish offsets; the video identity enters the block hash through
-        ``video_key``.
+        Video markers only distinguish offsets into the video; the video identity enters the block
+        hash through ``video_key``.
         """
-        if p < self.num_video_tokens:
-            return -1 - p
+        v = p - self.video_start
+        if v < 0:
+            return self.prompt_token_ids[p]
+        if v < self.num_video_tokens:
+            return -1 - v
         return self.token_ids[p - self.num_video_tokens]
 
     # --- updates ----------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """From a video source and a question to the LLM's video tokens, with the vision cache.
 
 frames (``load_video``, or given) -> vision cache or ``model.encode_vision`` -> Q-Former with the
-question + projector (``model.encode_video``) -> optional inference-time dynamic masking
+question + projector (``model.encode_video``; ``video_tokens="frames"``: every frame's
+``llama_proj`` tokens concatenated whatever the variant, the release's MVBench input) -> optional
+inference-time dynamic masking
 (keep_ratio: drop a share of video tokens, kept ones keep their order, packed with
 ``ops.pack_by_mask``). Also builds the prefix-cache identity (``key``) of those tokens.
 """
@@ -16,6 +18,7 @@ import torch
 from stllm_engine.engine.vision_cache import VisionCache, vision_key
 
 KEEP_MODES = ("even", "random")
+VIDEO_TOKENS = ("own", "frames")  # the checkpoint's projector | all frames' tokens (MVBench)
 
 
 @dataclass
@@ -53,7 +56,7 @@ def keep_mask(num_tokens: int, keep_ratio: float, mode: str = "even", seed: int 
     return mask
 
 
-def _frames_of(model, video, num_frames: int, sampling: str):
+def _frames_of(model, video, num_frames: int, sampling: str, bound=None):
     """(frames [T,3,S,S], indices, content hash) from any accepted video input."""
     from stllm_engine.video import VideoFrames, load_video
 
@@ -65,21 +68,35 @@ def _frames_of(model, video, num_frames: int, sampling: str):
             raise ValueError(f"preprocessed frames must be float [T, 3, {s}, {s}], got {tuple(video.shape)}")
         digest = hashlib.sha256(video.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
         return video, list(range(video.shape[0])), "frames:" + digest
-    vf = load_video(video, num_frames=num_frames, sampling=sampling, size=model.config.vision.image_size)
+    vf = load_video(video, num_frames=num_frames, sampling=sampling, bound=bound,
+                    size=model.config.vision.image_size)
     return vf.frames, list(vf.indices), vf.content_hash
+
+
+@torch.no_grad()
+def frame_tokens(model, image_embeds: torch.Tensor, question: str) -> torch.Tensor:
+    """Every frame's Q-Former(question) + ``llama_proj`` tokens, concatenated -> [T * Q, H]."""
+    states = model.qformer(image_embeds.to(model.device, model.dtype), model.qformer_ids(question))
+    out = model.projector.llama_proj(states)
+    return out.reshape(-1, out.shape[-1])
 
 
 def prepare_video(model, cache: VisionCache | None, video, question: str, *, num_frames: int | None = None,
                   keep_ratio: float = 1.0, keep_mode: str = "even", keep_seed: int = 0,
-                  sampling: str = "uniform") -> PreparedVideo:
+                  sampling: str = "uniform", bound=None, video_tokens: str = "own") -> PreparedVideo:
+    """Video tokens [Lv, H] and their prefix-cache key for ``question`` (see the module doc).
+
+    ``bound``: (start, end) seconds for MVBench sampling (ignored for given frame tensors)."""
     cfg = model.config
+    if video_tokens not in VIDEO_TOKENS:
+        raise ValueError(f"video_tokens must be one of {VIDEO_TOKENS}, got {video_tokens!r}")
     n = cfg.num_frames if num_frames is None else num_frames
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"num_frames must be a positive int, got {n!r}")
     if keep_ratio != 1.0:
         keep_mask(1, keep_ratio, keep_mode)  # validate before the expensive part
     t0 = time.perf_counter()
-    frames, indices, chash = _frames_of(model, video, n, sampling)
+    frames, indices, chash = _frames_of(model, video, n, sampling, bound)
     if cfg.vision.btadapter and len(indices) > cfg.vision.btadapter_max_frames:
         raise ValueError(f"the BT-Adapter handles at most {cfg.vision.btadapter_max_frames} frames, "
                          f"got {len(indices)}")
@@ -93,9 +110,14 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
         if cache is not None:
             cache.put(key, embeds)
     t2 = time.perf_counter()
-    tokens = model.encode_video(embeds, question)
+    if video_tokens == "own":
+        tokens = model.encode_video(embeds, question)
+    else:
+        tokens = frame_tokens(model, embeds, question)
     t3 = time.perf_counter()
     ident = f"{chash}|{','.join(map(str, indices))}|{variant}|{model.dtype}|q={question}"
+    if video_tokens != "own":
+        ident += f"|tokens={video_tokens}"
     if keep_ratio != 1.0:
         from stllm_engine.ops import pack_by_mask
 
