@@ -22,14 +22,14 @@ import torch
 
 from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
 from stllm_engine.outputs import RequestOutput
-from stllm_engine.prompts import MVBENCH_SYSTEM, SEP, chat_prompt, mvbench_postprocess, postprocess_answer
+from stllm_engine.prompts import (MVBENCH_SYSTEM, SEP, chat_prompt, clean_output_ids, mvbench_postprocess,
+                                  postprocess_answer)
 from stllm_engine.sampling_params import SamplingParams
 
 _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
 _REQUEST_KEYS = {"system", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling"}
 _MVBENCH_KEYS = ("video", "question", "candidates", "num_frames", "bound", "system", "video_tokens", "params")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-LEADING_DROP_IDS = (0, 1)  # Chat.answer drops a leading <unk>, then a leading <s>
 
 
 def stop_id_sequences(tokenizer, text: str = SEP) -> list[list[int]]:
@@ -44,17 +44,6 @@ def stop_id_sequences(tokenizer, text: str = SEP) -> list[list[int]]:
         if s and s not in out:
             out.append(s)
     return out
-
-
-def clean_answer_ids(ids: list[int], eos_token_id: int | None) -> list[int]:
-    """Drop a leading 0 then a leading 1; cut at the first EOS (release cleanup)."""
-    ids = list(ids)
-    for lead in LEADING_DROP_IDS:
-        if ids and ids[0] == lead:
-            ids = ids[1:]
-    if eos_token_id is not None and eos_token_id in ids:
-        ids = ids[:ids.index(eos_token_id)]
-    return ids
 
 
 class STLLM:
@@ -122,7 +111,7 @@ class STLLM:
         """Release answer text of a finished output (raises if the request failed)."""
         if out.error is not None:
             raise RuntimeError(f"request {out.request_id} failed: {out.error}")
-        ids = clean_answer_ids(out.token_ids, self.tokenizer.eos_token_id)
+        ids = clean_output_ids(out.token_ids, self.tokenizer.eos_token_id)
         return postprocess_answer(self.tokenizer.decode(ids, skip_special_tokens=False))
 
     # --- one request ------------------------------------------------------------------------
@@ -201,7 +190,7 @@ class STLLM:
         """MVBench prediction of a finished output: ``"(" +`` first line (raises if it failed)."""
         if out.error is not None:
             raise RuntimeError(f"request {out.request_id} failed: {out.error}")
-        ids = clean_answer_ids(out.token_ids, self.tokenizer.eos_token_id)
+        ids = clean_output_ids(out.token_ids, self.tokenizer.eos_token_id)
         return mvbench_postprocess(self.tokenizer.decode(ids, skip_special_tokens=False))
 
     def mvbench_generate(self, items: list, params: SamplingParams | None = None) -> list[RequestOutput]:

@@ -104,3 +104,21 @@ def check_answer(pred: str, gt: str) -> bool:
     pred_option = pred.lower().split(" ")[0]
     gt_option = gt.lower().split(" ")[0]
     return pred_option.replace(".", "") in gt_option or gt_option in pred_option
+
+
+LEADING_DROP_IDS = (0, 1)  # the release's Chat.answer drops a leading <unk>, then a leading <s>
+
+
+def clean_output_ids(ids: list[int], eos_token_id: int | None) -> list[int]:
+    """Release cleanup of generated ids: drop a leading 0, then a leading 1; cut at the first EOS.
+
+    Cutting at EOS is ours: with transformers 4.28 the release decoded the EOS as the text
+    ``"</s>"``; the engine and the reference both end the text at EOS instead.
+    """
+    ids = list(ids)
+    for lead in LEADING_DROP_IDS:
+        if ids and ids[0] == lead:
+            ids = ids[1:]
+    if eos_token_id is not None and eos_token_id in ids:
+        ids = ids[:ids.index(eos_token_id)]
+    return ids

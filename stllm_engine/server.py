@@ -22,7 +22,8 @@ import json
 import threading
 from pathlib import Path
 
-from stllm_engine.api import STLLM, clean_answer_ids
+from stllm_engine.api import STLLM
+from stllm_engine.prompts import clean_output_ids
 from stllm_engine.engine.async_engine import AsyncLLMEngine
 from stllm_engine.outputs import RequestOutput
 from stllm_engine.prompts import postprocess_answer
@@ -61,7 +62,7 @@ class AnswerText:
         self._byte_token: dict[int, bool] = {}
 
     def text(self, ids: list[int]) -> str:
-        ids = clean_answer_ids(ids, self.tokenizer.eos_token_id)
+        ids = clean_output_ids(ids, self.tokenizer.eos_token_id)
         return postprocess_answer(self.tokenizer.decode(ids, skip_special_tokens=False))
 
     def _is_byte(self, i: int) -> bool:

@@ -60,7 +60,7 @@ class ReferenceAnswerer:
         if self.video_tokens == "release":
             return self.model.mvbench_answer(frames, question, candidates)
         from stllm_engine.prompts import mvbench_postprocess, mvbench_question
-        from stllm_engine.reference.generation import clean_output_ids
+        from stllm_engine.prompts import clean_output_ids
 
         m = self.model
         q = mvbench_question(question, candidates)

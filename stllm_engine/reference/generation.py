@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from transformers import StoppingCriteria
 
-from ..prompts import SEP
+from ..prompts import SEP, clean_output_ids  # noqa: F401 (re-exported)
 
 # ``Chat.answer`` strips a leading id 0 (<unk>) and then a leading id 1 (<s>) from the output.
-LEADING_DROP_IDS = (0, 1)
 
 
 def stop_sequences(tokenizer, text: str = SEP) -> list[list[int]]:
@@ -57,18 +56,3 @@ class StopOnSequences(StoppingCriteria):
             return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
         return torch.tensor([ends_with_any(row, self.stops) for row in input_ids],
                             dtype=torch.bool, device=input_ids.device)
-
-
-def clean_output_ids(ids: list[int], eos_token_id: int | None) -> list[int]:
-    """Release cleanup of generated ids: drop a leading 0, then a leading 1; cut at the first EOS.
-
-    Cutting at EOS is ours: with transformers 4.28 the release decoded the EOS as the text
-    ``"</s>"``; the engine and this reference both end the text at EOS instead.
-    """
-    ids = list(ids)
-    for lead in LEADING_DROP_IDS:
-        if ids and ids[0] == lead:
-            ids = ids[1:]
-    if eos_token_id is not None and eos_token_id in ids:
-        ids = ids[:ids.index(eos_token_id)]
-    return ids
