@@ -60,9 +60,12 @@ class STLLM:
                         dtype: torch.dtype | str | None = None, kv_cache_memory: int = 256 << 20,
                         block_size: int = 16, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                         vision_cache_bytes: int = 256 << 20, num_kv_blocks: int | None = None,
-                        enable_prefix_caching: bool = True, **engine_kw) -> "STLLM":
+                        enable_prefix_caching: bool = True, qformer_tokenizer: str | Path | None = None,
+                        **engine_kw) -> "STLLM":
         """Load an official-layout folder; the KV pool holds ``kv_cache_memory`` bytes
-        (or ``num_kv_blocks`` blocks) of ``block_size`` positions."""
+        (or ``num_kv_blocks`` blocks) of ``block_size`` positions. ``qformer_tokenizer``: the
+        Q-Former's BERT tokenizer (folder or vocab.txt) when the checkpoint has no
+        ``qformer_tokenizer/`` (the release's folders do not ship it: use bert-base-uncased)."""
         from stllm_engine.model.stllm import STLLMModel
         from stllm_engine.tokenizers import load_llama_tokenizer
         from stllm_engine.weights import load_checkpoint
@@ -75,7 +78,7 @@ class STLLM:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but CUDA is not available")
         ckpt = load_checkpoint(path, dtype=dtype)
-        model = STLLMModel.from_checkpoint(ckpt, device, dtype)
+        model = STLLMModel.from_checkpoint(ckpt, device, dtype, qformer_tokenizer=qformer_tokenizer)
         config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               vision_cache_bytes=vision_cache_bytes, enable_prefix_caching=enable_prefix_caching,

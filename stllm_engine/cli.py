@@ -43,6 +43,9 @@ def progress(msg: str) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder in the official layout (default: the default model)")
+    p.add_argument("--qformer-tokenizer", default=None,
+                   help="Q-Former BERT tokenizer folder or vocab.txt, for release checkpoints that lack "
+                        "qformer_tokenizer/ (bert-base-uncased)")
     p.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:1 (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="compute dtype; auto = float32 on CPU, float16 on CUDA")
@@ -167,7 +170,8 @@ def _check_answer_args(args) -> None:
 def answer_engine(args, folder: Path, video) -> dict:
     from stllm_engine.server import MODEL_FAILURE, AnswerText, result_json
 
-    llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device))
+    llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
+                      qformer_tokenizer=args.qformer_tokenizer)
     try:
         params = llm.params(**_sampling_kw(args))
     except (TypeError, ValueError) as e:
@@ -221,7 +225,7 @@ def answer_reference(args, folder: Path, video) -> dict:
     t = time.perf_counter()
     try:
         ref = ReferenceSTLLM.from_pretrained(folder, dtype=resolve_dtype(args.dtype, args.device),
-                                             device=args.device)
+                                             device=args.device, qformer_tokenizer=args.qformer_tokenizer)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CLIError(f"cannot load model {folder}: {one_line(e)}") from None
     progress(f"loaded in {time.perf_counter() - t:.1f}s")
@@ -294,7 +298,8 @@ def cmd_serve(args) -> int:
     folder = resolve_model(args.model)
     args.device = check_device(args.device)
     llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
-                      kv_cache_memory=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs)
+                      kv_cache_memory=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs,
+                      qformer_tokenizer=args.qformer_tokenizer)
 
     def ready(server) -> None:
         progress(f"serving {folder} on http://{server.host}:{server.port} (GET /health, POST /v1/answer); "

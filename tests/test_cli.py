@@ -133,3 +133,22 @@ def test_default_model_is_flagged_untrained(tmp_path, capsys, monkeypatch, files
     assert code == 0, err
     assert "UNTRAINED" in err and str(tmp_path / "cache") in err
     assert os.path.isfile(tmp_path / "cache" / "untrained-tiny" / "config.json")
+
+
+def test_answer_with_a_separate_qformer_tokenizer(tmp_path, capsys):
+    """A release-style folder without qformer_tokenizer/ answers once --qformer-tokenizer is given."""
+    import shutil
+
+    from stllm_engine.cli import main
+    from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+    from stllm_engine.testing.videos import write_video
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", seed=3)
+    bert = tmp_path / "bert"
+    shutil.move(str(ckpt / "qformer_tokenizer"), str(bert))
+    video = write_video(tmp_path / "v.mp4", num_frames=12, size=(96, 72), fps=8)
+    args = ["answer", "--model", str(ckpt), "--video", str(video), "--question", "What moves?",
+            "--max-new-tokens", "4", "--device", "cpu"]
+    assert main(args) == 2                       # no Q-Former tokenizer: one clear error
+    assert "tokenizer" in capsys.readouterr().err.lower()
+    assert main(args + ["--qformer-tokenizer", str(bert)]) == 0
