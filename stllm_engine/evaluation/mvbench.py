@@ -5,6 +5,7 @@ synthetic set (``tasks.json``). CLI::
 
     python -m stllm_engine.evaluation.mvbench --data DIR --model CKPT \
         --backend reference|engine --out results.json [--limit N] [--segments N|0] [--split test]
+        [--video-tokens release|own]
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def evaluate(answerer: MVBenchAnswerer, data_dir: str | Path, *, num_segments: i
 def main(argv: list[str] | None = None) -> EvalResult:
     import argparse
 
-    from stllm_engine.evaluation.answerers import BACKENDS, load_answerer
+    from stllm_engine.evaluation.answerers import BACKENDS, VIDEO_TOKENS, load_answerer
 
     p = argparse.ArgumentParser(description="MVBench-format multiple-choice evaluation")
     p.add_argument("--data", required=True, help="data dir (json/ + videos, optional tasks.json)")
@@ -114,9 +115,12 @@ def main(argv: list[str] | None = None) -> EvalResult:
     p.add_argument("--tasks", nargs="*", default=None, help="task names (default: all)")
     p.add_argument("--split", default="test", help="split folder used when --data holds splits")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--video-tokens", choices=VIDEO_TOKENS, default="release",
+                   help="release: every frame's tokens whatever video_input (the release's MVBench "
+                        "quirk); own: the checkpoint's own projector (all/mean/residual)")
     a = p.parse_args(argv)
     data = resolve_split(a.data, a.split)
-    answerer = load_answerer(a.backend, a.model, a.device)
+    answerer = load_answerer(a.backend, a.model, a.device, a.video_tokens)
     segments = a.segments if a.segments is not None else int(getattr(answerer, "num_frames", 16))
     t0 = time.time()
     result = evaluate(answerer, data, num_segments=segments, limit=a.limit, tasks=a.tasks)
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> EvalResult:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"data": str(data), "model": str(a.model), "backend": a.backend,
-                "segments": segments, "limit": a.limit, "seconds": round(time.time() - t0, 2)}
+                "video_tokens": a.video_tokens, "segments": segments, "limit": a.limit,
+                "seconds": round(time.time() - t0, 2)}
         out.write_text(json.dumps(result.to_json(**meta), indent=1) + "\n")
         print(f"wrote {out}")
     return result

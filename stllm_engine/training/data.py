@@ -7,6 +7,10 @@ Sequence (``ReferenceSTLLM.mvbench_inputs_embeds`` + the answer)::
 
 BOS is the id the release actually prepends (``</s>``, see ``reference/chat.py``). The Q-Former
 text is the formatted MVBench question. Labels cover the target only.
+
+With ``chat=True`` every item also yields chat-format examples (``ReferenceSTLLM.chat_inputs_embeds``
++ the answer): ``[video tokens] [BOS + chat_prompt(q)] [target: "The red circle moves left." + EOS]``
+with the raw question as Q-Former text (sentences from :mod:`stllm_engine.datasets.chat`).
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from pathlib import Path
 import torch
 
 from stllm_engine.evaluation.mvbench_data import MVBenchItem, load_items, resolve_split
-from stllm_engine.prompts import MVBENCH_SYSTEM, mvbench_prompt_segments, mvbench_question
+from stllm_engine.prompts import (CHAT_SYSTEM, MVBENCH_SYSTEM, chat_prompt, mvbench_prompt_segments,
+                                   mvbench_question)
 
 
 @dataclass
@@ -51,12 +56,23 @@ def prompt_ids(tokenizer, bos_id: int, eos_id: int, question: str, target: str,
     return PromptIds([bos_id] + enc(before), enc(after), enc(target) + [eos_id])
 
 
+def chat_prompt_ids(tokenizer, bos_id: int, eos_id: int, question: str, target: str,
+                    system: str = CHAT_SYSTEM) -> PromptIds:
+    """Chat layout: nothing before the video; after it BOS + ``chat_prompt``; target + EOS."""
+    def enc(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+    return PromptIds([], [bos_id] + enc(chat_prompt(question, system)), enc(target) + [eos_id])
+
+
 class QADataset:
     """Examples of one split; frames decoded once (MVBench sampling, as the evaluation reads them)
-    and cached as float16."""
+    and cached as float16. Indices ``0..len(items)-1`` are the MVBench-format examples; with
+    ``chat=True`` the chat-format examples follow."""
 
     def __init__(self, data_dir: str | Path, tokenizer, bos_id: int, eos_id: int, num_frames: int,
-                 image_size: int, tasks: list[str] | None = None, limit: int | None = None) -> None:
+                 image_size: int, tasks: list[str] | None = None, limit: int | None = None,
+                 chat: bool = False) -> None:
         self.root = resolve_split(data_dir, "train")
         self.items = load_items(self.root, tasks=tasks, limit=limit)
         if not self.items:
@@ -64,9 +80,15 @@ class QADataset:
         self.tokenizer, self.bos_id, self.eos_id = tokenizer, bos_id, eos_id
         self.num_frames, self.image_size = num_frames, image_size
         self._frames: dict[int, torch.Tensor] = {}
+        self.chat: list[tuple[int, str, str]] = []  # (item index, question, answer sentence)
+        if chat:
+            from stllm_engine.datasets.chat import chat_pairs
+
+            for i, it in enumerate(self.items):
+                self.chat += [(i, q, a) for q, a in chat_pairs(it.task, it.question, it.answer)]
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.items) + len(self.chat)
 
     def frames(self, i: int) -> torch.Tensor:
         if i not in self._frames:
@@ -78,6 +100,12 @@ class QADataset:
         return self._frames[i].float()
 
     def __getitem__(self, i: int) -> Example:
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} out of range 0..{len(self) - 1}")
+        if i >= len(self.items):
+            j, question, sentence = self.chat[i - len(self.items)]
+            ids = chat_prompt_ids(self.tokenizer, self.bos_id, self.eos_id, question, sentence)
+            return Example(self.frames(j), question, ids, self.items[j].task)
         item = self.items[i]
         q = mvbench_question(item.question, item.candidates)
         ids = prompt_ids(self.tokenizer, self.bos_id, self.eos_id, q, target_text(item))

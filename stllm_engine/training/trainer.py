@@ -51,6 +51,7 @@ class TrainConfig:
     tasks: tuple[str, ...] | None = None
     limit: int | None = None  # training items per task
     device: str = "cpu"
+    chat: bool = False  # also train chat-format examples (datasets/chat.py sentences)
 
     def __post_init__(self) -> None:
         if isinstance(self.masking, dict):
@@ -94,7 +95,7 @@ class Trainer:
                                             self.model.reference.prompt_bos_id,
                                             c.llm.eos_token_id, c.num_frames, c.vision.image_size,
                                             tasks=list(cfg.tasks) if cfg.tasks else None,
-                                            limit=cfg.limit)
+                                            limit=cfg.limit, chat=cfg.chat)
         self.sampler = BatchSampler(len(self.dataset), cfg.batch_size, cfg.seed)
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -1,0 +1,325 @@
+"""Reproduce the shipped default model: data, three trainings, evaluation, table, shipping.
+
+    .venv/bin/python scripts/train_default_model.py [--work build/default_model] [--stages ...]
+
+Stages (all by default, in order):
+  data   synthetic set (train 300/task, held-out test 40/task, 16 frames, 64 px)
+  init   one random tiny-style checkpoint (sizes below)
+  pretrain  shared warm-up of the visual pathway from that random init: 300 steps on the two
+         static control tasks only (colour, shape; all tokens, no masking), the common starting
+         point of the three runs (as the paper's variants share a pretrained InstructBLIP/Vicuna).
+         Without it, 1200 steps on the full mix stayed at chance on every task (text prior only).
+  train  three runs from the warm-up, same data (all six tasks)/steps/seed, in parallel:
+         all-mask (dynamic masking + MVM, the paper's recipe), all-nomask, mean (no masking)
+  eval   MVBench-format accuracy on the held-out split, each model with its own video input
+         (``--video-tokens own``), plus chat-path exact-match on the same items
+  table  benchmarks/results/{train,eval}-<run>-cpu-2core.json and default_model.md
+  ship   best run (temporal average) -> stllm_engine/assets/default_model (safetensors, no
+         mvm_decoder) + sample.mp4 / sample.json (the first held-out Flash Count clip it answers
+         right), and the first 12 held-out Flash Count / Appearance Order items ->
+         tests/data/default_model_heldout (for the test)
+Every command run is printed and recorded in the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+HELDOUT = ROOT / "tests" / "data" / "default_model_heldout"
+ASSETS = ROOT / "stllm_engine" / "assets"
+DEVICE = "cpu-2core"
+PY = sys.executable
+
+# model sizes (write_tiny_checkpoint overrides on the "tiny" preset): 56 px / patch 14 (17 tokens a
+# frame), 8 frames, 4 Q-Former queries a frame (32 video tokens for "all"), LLM 2 x 128. The
+# Q-Former cross-attends in both layers and reads the last 8 text tokens: with 96 text tokens and
+# cross-attention in one layer its per-frame outputs were ~1% apart (text-dominated) and 2000 steps
+# learned no temporal task.
+SIZES = dict(vision_width=64, vision_depth=2, vision_num_heads=4, vision_mlp_dim=256,
+             qformer_hidden_size=64, qformer_num_layers=2, qformer_num_heads=4,
+             qformer_intermediate_size=128, qformer_num_query_tokens=4, qformer_max_txt_len=8,
+             qformer_cross_attention_freq=1, qformer_max_position_embeddings=128,
+             llm_hidden_size=128, llm_intermediate_size=344, llm_num_layers=2, llm_num_heads=4,
+             llm_num_kv_heads=4, num_frames=8)
+RUNS = {"all-mask": [], "all-nomask": ["--no-mask"], "mean": ["--video-input", "mean", "--no-mask"]}
+TEMPORAL = ("Moving Direction", "Appearance Order", "Flash Count", "Speed Change")
+CONTROL = ("Object Colour", "Object Shape")
+SAMPLE_TASK = "Flash Count"  # the temporal task the shipped model learned best (chat path)
+HELDOUT_TASKS = ("Flash Count", "Appearance Order")  # shipped for tests/test_default_model.py
+CHANCE = {"Moving Direction": 1 / 4, "Appearance Order": 1 / 3, "Flash Count": 1 / 4,
+          "Speed Change": 1 / 3, "Object Colour": 1 / 4, "Object Shape": 1 / 3}
+
+
+NOTES = """Findings (run of 2026-11-25, cpu-2core):
+- MVBench format (answer = option letter): every run stays at chance on every task, controls
+  included; the models always answer (C)/(D). Mapping the answer to its option letter (a pointer
+  over the option list) was not learned by this 2-layer, 128-wide LLM in 2500 steps.
+- Chat path (answer in words, what `stllm answer` / `make demo` use): `all` without masking learned
+  two of the four temporal tasks (Flash Count 77.5%, Appearance Order 62.5% vs chance 25/33%) and
+  colour (100%); Moving Direction and Speed Change stayed at chance. `mean` (same steps) stays at
+  chance on every temporal task (Flash Count 32.5%, Appearance Order 37.5%) while learning colour
+  (100%): the temporal gain comes from keeping the frame tokens, as in the paper.
+- Dynamic masking + MVM (the paper's recipe) did NOT help here: with ~1M parameters trained from
+  scratch its MVM loss fell to ~0.000 within a few hundred steps and the run lost even the colour
+  task it had after the warm-up (chance everywhere). The paper fine-tunes pretrained models; this
+  budget does not reproduce its masking gain.
+- Shipped: `all-nomask` (best chat temporal average); sample = the first held-out Flash Count clip
+  (answered right, as 31 of its 40 held-out Flash Count clips are).
+- Earlier attempts (not shipped): 16 frames, Q-Former reading 96 text tokens with cross-attention
+  in one layer, no warm-up: 1200 steps at chance on all tasks; with the warm-up, 2000 steps still at
+  chance on temporal tasks (per-frame Q-Former outputs were ~1% apart: text-dominated)."""
+
+
+def sh(cmd: list[str], log: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    out = log.open("w") if log else None
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if out else None,
+                            env={**os.environ, **(env or {})})
+
+
+def run(cmd: list[str]) -> None:
+    rc = sh(cmd).wait()
+    if rc:
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}")
+
+
+def pretrain_cmd(a) -> list[str]:
+    return [PY, "-m", "stllm_engine.training.train", "--data", str(a.work / "data"),
+            "--init", str(a.work / "init"), "--out", str(a.work / "pretrain"), "--steps", "300",
+            "--batch-size", str(a.batch_size), "--lr", "1e-3", "--warmup", "20", "--seed", "0",
+            "--chat", "--no-mask", "--tasks", "Object Colour", "Object Shape", "--save-every", "100",
+            "--log-every", "10"]
+
+
+def train_cmd(a, name: str) -> list[str]:
+    return [PY, "-m", "stllm_engine.training.train", "--data", str(a.work / "data"),
+            "--init", str(a.work / "pretrain" / "final"), "--out", str(a.work / "runs" / name),
+            "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr", "1e-3",
+            "--warmup", "50", "--seed", "0", "--chat", "--save-every", "500",
+            "--log-every", "20"] + RUNS[name]
+
+
+def eval_cmd(a, name: str) -> list[str]:
+    return [PY, "-m", "stllm_engine.evaluation.mvbench", "--data", str(a.work / "data"),
+            "--model", str(a.work / "runs" / name / "final"), "--backend", "reference",
+            "--video-tokens", "own", "--out", str(RESULTS / f"eval-{name}-{DEVICE}.json")]
+
+
+def stage_data(a) -> None:
+    run([PY, "-m", "stllm_engine.datasets.synthetic", "--out", str(a.work / "data"),
+         "--n-train", "300", "--n-test", "40", "--seed", "0", "--frames", "16", "--size", "64"])
+
+
+def stage_init(a) -> None:
+    from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+
+    write_tiny_checkpoint(a.work / "init", vit="eva", video_input="all", seed=0, shards=1,
+                          fmt="safetensors", **SIZES)
+
+
+def stage_pretrain(a) -> None:
+    run(pretrain_cmd(a))
+
+
+def stage_train(a) -> None:
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    (a.work / "runs").mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name in a.runs:
+        procs[name] = (sh(train_cmd(a, name), a.work / "runs" / f"{name}.log", env), time.time())
+    for name, (p, t0) in procs.items():
+        if p.wait():
+            raise SystemExit(f"training {name} failed; see {a.work / 'runs' / (name + '.log')}")
+        (a.work / "runs" / name / "wall.json").write_text(json.dumps(
+            {"seconds": round(time.time() - t0, 1), "threads": 1, "parallel_runs": len(procs)}) + "\n")
+
+
+def chat_eval(folder: Path, data: Path) -> dict:
+    """Chat-path exact match (greedy, release chat defaults) on every held-out item."""
+    from stllm_engine.datasets.chat import chat_answer
+    from stllm_engine.evaluation import load_items
+    from stllm_engine.reference import ReferenceSTLLM
+
+    model = ReferenceSTLLM.from_pretrained(folder)
+    scores: dict[str, list[int]] = {}
+    examples = []
+    for item in load_items(data / "test"):
+        want = chat_answer(item.task, item.question, item.answer)
+        got = model.answer(str(item.video_path), item.question, max_new_tokens=30)
+        scores.setdefault(item.task, []).append(int(got == want))
+        if len(examples) < 12:
+            examples.append({"task": item.task, "question": item.question, "expected": want, "got": got})
+    return {"tasks": {k: sum(v) / len(v) for k, v in scores.items()}, "examples": examples}
+
+
+def stage_eval(a) -> None:
+    for name in a.runs:
+        run(eval_cmd(a, name))
+        res = json.loads((RESULTS / f"eval-{name}-{DEVICE}.json").read_text())
+        res["chat_exact_match"] = chat_eval(a.work / "runs" / name / "final", a.work / "data")
+        (RESULTS / f"eval-{name}-{DEVICE}.json").write_text(json.dumps(res, indent=1) + "\n")
+
+
+def _avg(d: dict, names) -> float:
+    return sum(d[n] for n in names) / len(names)
+
+
+def stage_table(a) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import git_commit
+
+    def read_log(folder: Path) -> list[dict]:
+        return [json.loads(l) for l in (folder / "log.jsonl").read_text().splitlines()]
+
+    pre = read_log(a.work / "pretrain")
+    rows = []
+    for name in a.runs:
+        run_dir = a.work / "runs" / name
+        log = read_log(run_dir)
+        wall = run_dir / "wall.json"
+        train = {"benchmark": f"train-{name}", "device": DEVICE, "commit": git_commit(),
+                 "command": " ".join(train_cmd(a, name)).replace(PY, "python"),
+                 "pretrain_command": " ".join(pretrain_cmd(a)).replace(PY, "python"),
+                 "config": json.loads((run_dir / "train_config.json").read_text()),
+                 "sizes": SIZES, "steps": log[-1]["step"], "train_seconds": log[-1]["seconds"],
+                 "pretrain_steps": pre[-1]["step"], "pretrain_seconds": pre[-1]["seconds"],
+                 "wall": json.loads(wall.read_text()) if wall.is_file() else None,
+                 "final": log[-1], "log": log}
+        (RESULTS / f"train-{name}-{DEVICE}.json").write_text(json.dumps(train, indent=1) + "\n")
+        ev = json.loads((RESULTS / f"eval-{name}-{DEVICE}.json").read_text())
+        acc = {k: v["accuracy"] for k, v in ev["tasks"].items()}
+        rows.append((name, acc, ev["chat_exact_match"]["tasks"], train))
+    lines = ["# The shipped default model: three trainings on synthetic temporal video QA", "",
+             "Held-out test split: 40 items per task, MVBench format, multiple choice (letter check);",
+             "each model evaluated with its own video input (`--video-tokens own`). Chat = exact match",
+             "of the plain chat answer (`answer()`, greedy, repetition penalty 1.5) with the expected",
+             "sentence, same items. Accuracies in %.", ""]
+    tasks = list(TEMPORAL + CONTROL)
+    lines.append("| model | " + " | ".join(tasks) + " | temporal avg | control avg | chat temporal | "
+                 "chat control | steps | training time |")
+    lines.append("|---" * (len(tasks) + 7) + "|")
+    lines.append("| chance | " + " | ".join(f"{100 * CHANCE[t]:.1f}" for t in tasks)
+                 + f" | {100 * _avg(CHANCE, TEMPORAL):.1f} | {100 * _avg(CHANCE, CONTROL):.1f}"
+                 + f" | {100 * _avg(CHANCE, TEMPORAL):.1f} | {100 * _avg(CHANCE, CONTROL):.1f} | | |")
+    for name, acc, chat, tr in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in tasks)
+                     + f" | {100 * _avg(acc, TEMPORAL):.1f} | {100 * _avg(acc, CONTROL):.1f}"
+                     + f" | {100 * _avg(chat, TEMPORAL):.1f} | {100 * _avg(chat, CONTROL):.1f}"
+                     + f" | {tr['pretrain_steps']} + {tr['steps']}"
+                     + f" | {tr['pretrain_seconds'] / 60:.1f} + {tr['train_seconds'] / 60:.1f} min |")
+    lines += ["", "Chat path per task (exact match of the answer sentence, %):", "",
+              "| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for name, acc, chat, tr in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * chat[t]:.1f}" for t in tasks) + " |")
+    lines += ["", NOTES]
+    lines += ["", f"Model: {SIZES} (write_tiny_checkpoint overrides of the tiny preset; ~1M parameters,",
+              "the project-trained 1024-token BPE tokenizer). Training: batch "
+              f"{a.batch_size}, AdamW lr 1e-3, cosine to 1e-4, seed 0. Steps = shared warm-up",
+              "(controls only, from random init) + the run itself (all six tasks, 50 warmup steps);",
+              "times are the training loops' own clocks (frame decoding of the first epoch included),",
+              "one thread each, the three runs in parallel on a 2-core CPU shared with other work.",
+              "Data: MVBench-format + chat-format examples of the same 300 training clips per task.",
+              "", "Commands (`scripts/train_default_model.py` runs all of them):", "", "```"]
+    lines.append(" ".join([PY, "-m", "stllm_engine.datasets.synthetic", "--out", str(a.work / "data"),
+                           "--n-train", "300", "--n-test", "40", "--seed", "0", "--frames", "16",
+                           "--size", "64"]).replace(PY, "python"))
+    lines.append(f"python -c 'write_tiny_checkpoint(\"{a.work / 'init'}\", seed=0, shards=1, "
+                 f"fmt=\"safetensors\", **SIZES)'  # SIZES in scripts/train_default_model.py")
+    lines.append("OMP_NUM_THREADS=1 " + " ".join(shlex.quote(c) for c in pretrain_cmd(a)).replace(PY, "python"))
+    for name in a.runs:
+        lines.append("OMP_NUM_THREADS=1 " + " ".join(train_cmd(a, name)).replace(PY, "python"))
+    for name in a.runs:
+        lines.append(" ".join(eval_cmd(a, name)).replace(PY, "python"))
+    lines += ["```", ""]
+    (RESULTS / "default_model.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def stage_ship(a) -> None:
+    import torch
+
+    from dataclasses import replace
+
+    from stllm_engine.evaluation import load_items
+    from stllm_engine.datasets.chat import chat_answer
+    from stllm_engine.reference import ReferenceSTLLM
+    from stllm_engine.weights import load_checkpoint, write_checkpoint
+
+    # best = highest chat-path temporal average (the path the CLI uses; MVBench-format letter
+    # accuracy stayed at chance for every run, see default_model.md)
+    best = max(a.runs, key=lambda n: _avg(json.loads((RESULTS / f"eval-{n}-{DEVICE}.json").read_text())
+                                          ["chat_exact_match"]["tasks"], TEMPORAL))
+    src = a.work / "runs" / best / "final"
+    ckpt = load_checkpoint(src, dtype=torch.float32, progress=False)  # drops mvm_decoder.*
+    dst = ASSETS / "default_model"
+    if dst.exists():
+        shutil.rmtree(dst)
+    config = replace(ckpt.config, mvm_decoder=False, torch_dtype="float32")
+    write_checkpoint(dst, config, ckpt.state_dict, shards=1, fmt="safetensors")
+    for p in src.iterdir():
+        if p.name in ("config.json",) or p.suffix in (".bin", ".safetensors", ".pt") \
+                or p.name.endswith(".index.json"):
+            continue
+        (shutil.copytree if p.is_dir() else shutil.copy2)(p, dst / p.name)
+    ship_heldout(a.work / "data" / "test", per_task=12)
+    model = ReferenceSTLLM.from_pretrained(dst)
+    for item in load_items(a.work / "data" / "test", tasks=[SAMPLE_TASK]):
+        want = chat_answer(item.task, item.question, item.answer)
+        if model.answer(str(item.video_path), item.question) == want:
+            shutil.copy2(item.video_path, ASSETS / "sample.mp4")
+            (ASSETS / "sample.json").write_text(json.dumps(
+                {"question": item.question, "expected": want,
+                 "source": f"held-out test split, {item.video_path.name}", "model": best},
+                indent=1) + "\n")
+            print(f"shipped {best} -> {dst}; sample {item.video_path.name}: {want}")
+            return
+    raise SystemExit(f"no held-out {SAMPLE_TASK} clip answered correctly; not shipping a sample")
+
+
+def ship_heldout(test_dir: Path, per_task: int) -> None:
+    """The first ``per_task`` held-out items of :data:`HELDOUT_TASKS` as an MVBench-format data dir."""
+    if HELDOUT.exists():
+        shutil.rmtree(HELDOUT)
+    (HELDOUT / "json").mkdir(parents=True)
+    table = json.loads((test_dir / "tasks.json").read_text())
+    keep = {}
+    for task in HELDOUT_TASKS:
+        json_name, prefix, kind, bound = table[task]
+        entries = json.loads((test_dir / "json" / json_name).read_text())[:per_task]
+        (HELDOUT / "json" / json_name).write_text(json.dumps(entries, indent=1) + "\n")
+        for e in entries:
+            (HELDOUT / prefix).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(test_dir / prefix / e["video"], HELDOUT / prefix / e["video"])
+        keep[task] = [json_name, prefix, kind, bound]
+    (HELDOUT / "tasks.json").write_text(json.dumps(keep, indent=1) + "\n")
+
+
+STAGES = {"data": stage_data, "init": stage_init, "pretrain": stage_pretrain, "train": stage_train, "eval": stage_eval,
+          "table": stage_table, "ship": stage_ship}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, default=ROOT / "build" / "default_model")
+    p.add_argument("--stages", nargs="*", default=list(STAGES), choices=list(STAGES))
+    p.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch-size", type=int, default=8)
+    a = p.parse_args()
+    a.work = a.work.resolve()
+    for s in a.stages:
+        print(f"== {s}", flush=True)
+        STAGES[s](a)
+
+
+if __name__ == "__main__":
+    main()
