@@ -16,16 +16,25 @@ LlamaForCausalLM.generate(inputs_embeds=...)``, i.e. its ``generate_ids`` path.
 Metrics (each on videos the engine has not seen before, so no cache helps unless stated):
 * ttft: engine = ``RequestOutput.timings.ttft`` (arrival -> first token, frame decoding included);
   reference = wall time of the whole pipeline with ``max_new_tokens=1``. Median over the videos.
-* decode tokens/s: engine = (N-1) / (finish - first token); reference =
-  (N-1) / (time(N tokens) - time(1 token)), both times taken around ``generate`` alone on the same
-  video (the video encoding before it is timed out of both, so its run-to-run noise does not
-  enter the difference). Median over the videos.
+* decode tokens/s: engine = (N-1) / (finish - first token); reference = (N-1) / (time token N
+  exists - time token 1 exists), taken inside ``generate`` by a never-stopping StoppingCriteria
+  (the same definition; a difference of two whole-run times was swamped by prefill noise on the
+  loaded host). Median over the videos.
 * throughput: C requests (different videos) submitted together to the engine (continuous batching)
   vs the reference answering them one after another; requests/s = C / wall time.
-* cached-video ttft: a second, different question on a video the engine just answered (vision
-  features cached; the Q-Former reruns since it reads the question) vs that video's first TTFT.
+* cached_video_second_question_ttft: (a) an independent second question on a video the engine just
+  answered: only the vision features are reused (the instruction-aware Q-Former reads the
+  question, so the video tokens and their KV change) vs that video's first TTFT.
+* chat_follow_up_ttft: (b) ``llm.chat(video)`` then a second ``ask``: the follow-up prompt extends
+  the first turn's, so the video tokens and the first turn's KV come from the prefix cache (up to
+  the first token where re-tokenized history differs) vs the first turn's TTFT (video preparation
+  included).
+Engine and reference run interleaved per video. On the CPU the reference runs twice: at torch's
+thread count (how a user runs it) and at the engine's decode thread count (``STLLM_CPU_THREADS``,
+see ``stllm_engine/model/threads.py``), both reported; the dtype is always the same on both sides.
 Targets (ratio = "engine better by"): ttft >= 1/0.7, decode >= 1.5, throughput >= 4,
-cached-video ttft >= 1/0.3. Writes ``benchmarks/results/e2e-<device>.json``.
+cached/follow-up ttft >= 1/0.3. Writes ``benchmarks/results/e2e-<device>.json`` (other dtypes than
+the device default: ``e2e-<device>-<dtype>.json``).
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, format_table, row, write_result  # noqa: E402
+from common import RESULTS, device_name, format_table, row, write_result  # noqa: E402
 
 QUESTIONS = ("What is the red shape doing while the other objects move across the frame, and in which "
              "direction does it go?",
@@ -106,10 +115,26 @@ def bench_videos(cache: Path, count: int) -> list[Path]:
 
 
 # --- the two sides ----------------------------------------------------------------------------
+def token_clock():
+    """A transformers StoppingCriteria that never stops and records when each new token exists."""
+    from transformers import StoppingCriteria
+
+    class TokenClock(StoppingCriteria):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return TokenClock()
+
+
 @torch.no_grad()
-def reference_run(ref, video: Path, question: str, n: int, num_frames: int, device: str):
-    """(seconds for the whole pipeline, seconds in ``generate`` alone, ids) for exactly ``n`` tokens."""
-    from transformers import GenerationConfig
+def reference_run(ref, video: Path, question: str, n: int, num_frames: int, device: str, clock=None):
+    """(seconds for the whole pipeline, seconds in ``generate`` alone, ids) for exactly ``n`` tokens;
+    ``clock`` (:func:`token_clock`) records each token's time."""
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     lc = ref.config.llm
     gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
@@ -124,7 +149,8 @@ def reference_run(ref, video: Path, question: str, n: int, num_frames: int, devi
     tg = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
-        out = ref.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)
+        out = ref.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen,
+                               stopping_criteria=StoppingCriteriaList([clock] if clock is not None else []))
     sync(device)
     end = time.perf_counter()
     ids = out[0].tolist()
@@ -166,6 +192,26 @@ def kv_memory(config, dtype: torch.dtype, seqs: int, tokens: int) -> int:
 
 
 # --- the benchmark ----------------------------------------------------------------------------
+def chat_turns(llm, video: Path, n: int, num_frames: int, device: str):
+    """A two-turn chat on a new video: (first-turn TTFT incl. video preparation, follow-up TTFT,
+    follow-up cached prompt tokens, follow-up prompt tokens)."""
+    params = engine_params(llm, n)
+    chat = llm.chat(str(video), num_frames=num_frames)
+    sync(device)
+    chat.ask(QUESTIONS[0], params=params)
+    pv, o1 = chat._prepared, chat.outputs[0]
+    first = pv.frame_decode_s + pv.vision_s + pv.qformer_s + o1.timings.ttft
+    if pv.cache_hit:
+        raise RuntimeError("the chat's first turn hit the vision cache: not a cold first turn")
+    chat.ask(QUESTIONS[1], params=params)
+    o2 = chat.outputs[1]
+    return first, o2.timings.ttft, o2.num_cached_tokens, o2.num_prompt_tokens
+
+
+def thread_label(n) -> str:
+    return f"{n}" if n else f"torch ({torch.get_num_threads()})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="bench-cpu", choices=tuple(PRESETS))
@@ -177,7 +223,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=None, help="requests in the throughput run (default 8)")
     ap.add_argument("--repeats", type=int, default=None, help="videos per latency metric (default 3)")
     ap.add_argument("--num-frames", type=int, default=16)
-    ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/e2e-<device>.json)")
+    ap.add_argument("--no-matched-threads", action="store_true",
+                    help="skip the extra reference runs at the engine's decode thread count (CPU)")
+    ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/e2e-<device>[-<dtype>].json)")
     args = ap.parse_args()
     n = args.new_tokens or (16 if args.quick else 64)
     conc = args.concurrency or (4 if args.quick else 8)
@@ -192,75 +240,130 @@ def main() -> None:
 
     from stllm_engine.api import STLLM
     from stllm_engine.default_model import cache_dir
+    from stllm_engine.model.threads import cpu_threads
     from stllm_engine.reference import ReferenceSTLLM
 
     cache = cache_dir() / "bench"
     folder = args.checkpoint or checkpoint_for(args.preset, cache)
-    videos = bench_videos(cache, 1 + 2 * reps + conc)
-    warm, lat_v, thr_v, cache_v = videos[0], videos[1:1 + reps], videos[1 + reps:1 + reps + conc], videos[1 + reps + conc:]
+    videos = bench_videos(cache, 1 + 3 * reps + conc)
+    warm, lat_v = videos[0], videos[1:1 + reps]
+    thr_v = videos[1 + reps:1 + reps + conc]
+    cache_v, chat_v = videos[1 + reps + conc:1 + 2 * reps + conc], videos[1 + 2 * reps + conc:]
     log(f"loading {folder} on {args.device} ({str(dtype).removeprefix('torch.')}): reference, engine ...")
     ref = ReferenceSTLLM.from_pretrained(folder, dtype=dtype, device=args.device)
     cfg = ref.config
     prompt_est = args.num_frames * cfg.tokens_per_frame + 200
     llm = STLLM.from_pretrained(folder, device=args.device, dtype=dtype, max_num_seqs=max(conc, 8),
-                                kv_cache_memory=kv_memory(cfg, dtype, conc + 1, prompt_est + n))
+                                kv_cache_memory=kv_memory(cfg, dtype, conc + 3, prompt_est + 2 * n))
+    policy = llm.engine.model.thread_policy
+    # reference settings: torch's threads (as a user runs it), and the engine's decode thread count
+    ref_threads = {"torch": None}
+    fixed = not policy.only_when_busy  # auto follows the host's load: only torch's setting is comparable
+    if args.device == "cpu" and fixed and not args.no_matched_threads \
+            and policy.decode not in (None, torch.get_num_threads()):
+        ref_threads[f"{policy.decode} thread(s)"] = policy.decode
+    from stllm_engine.model.threads import machine_busy
+
+    busy = [machine_busy()]
     q1, q2 = QUESTIONS
+    log(f"engine threads: decode {thread_label(policy.decode)}, prefill/vision {thread_label(policy.prefill)}; "
+        f"reference threads: {', '.join(ref_threads)}")
     log("warm-up ...")
-    reference_run(ref, warm, q1, 2, args.num_frames, args.device)
+    for nt in ref_threads.values():
+        with cpu_threads(nt):
+            reference_run(ref, warm, q1, 2, args.num_frames, args.device)
     engine_runs(llm, [(warm, q1)], 2, args.num_frames, args.device)
     llm.engine.vision_cache.clear()
 
-    log(f"latency: {reps} video(s), {n} tokens ...")
-    r_t1, r_rate, e_ttft, e_rate, same = [], [], [], [], 0
+    log(f"latency: {reps} video(s), {n} tokens, interleaved ...")
+    r_t1 = {k: [] for k in ref_threads}
+    r_rate = {k: [] for k in ref_threads}
+    e_ttft, e_rate, same = [], [], 0
     for v in lat_v:
-        t1, g1, _ = reference_run(ref, v, q1, 1, args.num_frames, args.device)
-        _, gn, ref_ids = reference_run(ref, v, q1, n, args.num_frames, args.device)
+        for k, nt in ref_threads.items():
+            clock = token_clock()
+            with cpu_threads(nt):
+                t1, _, _ = reference_run(ref, v, q1, 1, args.num_frames, args.device)
+                _, _, ref_ids = reference_run(ref, v, q1, n, args.num_frames, args.device, clock)
+            r_t1[k].append(t1)
+            r_rate[k].append((n - 1) / max(clock.times[-1] - clock.times[0], 1e-9))
         _, (out,) = engine_runs(llm, [(v, q1)], n, args.num_frames, args.device)
-        r_t1.append(t1)
-        r_rate.append((n - 1) / max(gn - g1, 1e-9))
         e_ttft.append(out.timings.ttft)
         e_rate.append(out.timings.decode_tokens_per_s)
         same += out.token_ids == ref_ids
-        log(f"  {v.name}: ttft engine {out.timings.ttft:.3f}s ({stages(out)}) ref {t1:.3f}s | decode engine "
-            f"{e_rate[-1]:.1f} tok/s ref {r_rate[-1]:.1f} tok/s | same greedy ids: {out.token_ids == ref_ids}")
+        refs = " | ".join(f"ref[{k}] ttft {r_t1[k][-1]:.3f}s decode {r_rate[k][-1]:.1f} tok/s" for k in ref_threads)
+        log(f"  {v.name}: engine ttft {out.timings.ttft:.3f}s ({stages(out)}) decode {e_rate[-1]:.1f} tok/s | "
+            f"{refs} | same greedy ids: {out.token_ids == ref_ids}")
 
     log(f"throughput: {conc} requests ...")
     e_wall, _ = engine_runs(llm, [(v, q1) for v in thr_v], n, args.num_frames, args.device)
-    r_wall = sum(reference_run(ref, v, q1, n, args.num_frames, args.device)[0] for v in thr_v)
-    log(f"  engine {e_wall:.2f}s together, reference {r_wall:.2f}s one after another")
+    r_wall = {}
+    for k, nt in ref_threads.items():
+        with cpu_threads(nt):
+            r_wall[k] = sum(reference_run(ref, v, q1, n, args.num_frames, args.device)[0] for v in thr_v)
+    log(f"  engine {e_wall:.2f}s together; reference one after another: "
+        + ", ".join(f"[{k}] {w:.2f}s" for k, w in r_wall.items()))
 
-    log("cached video: second question ...")
+    log("(a) independent second question on a cached video (vision cache hit; Q-Former + prefill rerun) ...")
     first, second = [], []
     for v in cache_v:
         _, (o1,) = engine_runs(llm, [(v, q1)], 2, args.num_frames, args.device)
         _, (o2,) = engine_runs(llm, [(v, q2)], 2, args.num_frames, args.device)
-        if not o2.timings.vision_cache_hit:
-            raise RuntimeError("the second question missed the vision cache")
+        if o1.timings.vision_cache_hit or not o2.timings.vision_cache_hit:
+            raise RuntimeError("expected a vision-cache miss then a hit")
         first.append(o1.timings.ttft)
         second.append(o2.timings.ttft)
         log(f"  {v.name}: first {o1.timings.ttft:.3f}s ({stages(o1)}), second {o2.timings.ttft:.3f}s ({stages(o2)})")
 
+    log("(b) chat follow-up turn (video tokens + first turn from the KV prefix cache) ...")
+    c_first, c_second, c_new = [], [], []
+    for v in chat_v:
+        f, s2, cached, total = chat_turns(llm, v, n, args.num_frames, args.device)
+        c_first.append(f)
+        c_second.append(s2)
+        c_new.append(total - cached)
+        log(f"  {v.name}: first turn {f:.3f}s, follow-up {s2:.3f}s ({cached}/{total} prompt tokens from the cache)")
+
+    busy.append(machine_busy())
     med = statistics.median
     base = dict(preset=args.checkpoint.name if args.checkpoint else args.preset, dtype=str(dtype).removeprefix("torch."),
                 frames=args.num_frames, video_input=cfg.video_input,
                 video_tokens=args.num_frames * cfg.tokens_per_frame, new_tokens=n, greedy=True,
-                repetition_penalty=REPETITION_PENALTY)
+                repetition_penalty=REPETITION_PENALTY,
+                engine_threads=f"decode {thread_label(policy.decode)}, prefill/vision {thread_label(policy.prefill)}"
+                + (" (while the host is oversubscribed, else torch's)" if policy.only_when_busy else ""),
+                host_oversubscribed_at_start_end=busy)
     ref_name = "transformers reference"
-    rows = [
-        row(dict(base, videos=reps, target=f">={TARGETS['ttft']:.2f}x"), "ttft", med(e_ttft),
-            ref_name + " (max_new_tokens=1)", med(r_t1), "s", False),
-        row(dict(base, videos=reps, target=f">={TARGETS['decode']:.2f}x"), "decode_tokens_per_s", med(e_rate),
-            ref_name + " ((N-1)/(t_gen(N) - t_gen(1)))", med(r_rate), "tokens/s", True),
-        row(dict(base, requests=conc, target=f">={TARGETS['throughput']:.2f}x"), "requests_per_s",
-            conc / e_wall, ref_name + " (sequential)", conc / r_wall, "requests/s", True),
-        row(dict(base, videos=reps, target=f">={TARGETS['cached_video_ttft']:.2f}x"), "cached_video_ttft",
-            med(second), "engine, first question on the video", med(first), "s", False),
+    rows = []
+    for k in ref_threads:
+        rc = dict(base, reference_threads=k)
+        rows += [
+            row(dict(rc, videos=reps, target=f">={TARGETS['ttft']:.2f}x"), "ttft", med(e_ttft),
+                ref_name + " (max_new_tokens=1)", med(r_t1[k]), "s", False),
+            row(dict(rc, videos=reps, target=f">={TARGETS['decode']:.2f}x"), "decode_tokens_per_s", med(e_rate),
+                ref_name + " ((N-1)/(t_token(N) - t_token(1)), per-token clock in generate)", med(r_rate[k]), "tokens/s", True),
+            row(dict(rc, requests=conc, target=f">={TARGETS['throughput']:.2f}x"), "requests_per_s",
+                conc / e_wall, ref_name + " (sequential)", conc / r_wall[k], "requests/s", True),
+        ]
+    rows += [
+        row(dict(base, videos=reps, target=f">={TARGETS['cached_video_ttft']:.2f}x"),
+            "cached_video_second_question_ttft", med(second),
+            "engine, first question on the video (vision cache hit only; KV cannot be reused)", med(first),
+            "s", False),
+        row(dict(base, videos=reps, follow_up_uncached_prompt_tokens=med(c_new),
+                 target=f">={TARGETS['cached_video_ttft']:.2f}x"), "chat_follow_up_ttft", med(c_second),
+            "engine, first chat turn on the video (incl. video preparation; follow-up reuses its KV)",
+            med(c_first), "s", False),
     ]
     device = device_name(args.device)
-    out = write_result("e2e", device, rows, args.out)
+    default_out = None
+    if dtype != (torch.float16 if args.device.startswith("cuda") else torch.float32):
+        default_out = RESULTS / f"e2e-{device.replace(' ', '-')}-{base['dtype']}.json"
+    out = write_result("e2e", device, rows, args.out or default_out)
     print(f"e2e on {device}: {base['preset']} {base['dtype']}, {args.num_frames} frames "
-          f"({base['video_tokens']} video tokens), {n} new tokens; same greedy ids on {same}/{reps} videos")
-    print(format_table(rows, ["target"]))
+          f"({base['video_tokens']} video tokens), {n} new tokens; same greedy ids on {same}/{reps} videos; "
+          f"engine threads {base['engine_threads']}")
+    print(format_table(rows, ["reference_threads", "target"]))
     print(f"wrote {out}")
 
 

@@ -13,7 +13,9 @@ All sequences are packed into one [N, H] pass (no padding):
 
 Logits come back (float32, batch order) only for sequences whose chunk reaches their last known
 token, i.e. the ones that sample. Copy-on-write block copies are made by :meth:`copy_blocks`
-before :meth:`run` (``ScheduledBatch.copies``).
+before :meth:`run` (``ScheduledBatch.copies``). On the CPU a pass runs on the model's
+``thread_policy`` threads (decode vs prefill, see ``stllm_engine/model/threads.py``) and the
+LLM's weights are pre-packed for oneDNN (``stllm_engine/model/packed_linear.py``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from typing import Any, Iterable
 import torch
 
 from stllm_engine.model.context import AttentionContext, reset_context, set_context
+from stllm_engine.model.packed_linear import pack_linears
+from stllm_engine.model.threads import ThreadPolicy, cpu_threads
 
 
 class ModelRunner:
@@ -44,6 +48,7 @@ class ModelRunner:
                              "config with block_size and num_kv_blocks")
         self.block_size = model.block_size
         self.num_blocks = model.kv_cache.shape[2]
+        self.num_packed = pack_linears(model)  # CPU: LLM weights pre-packed for oneDNN (inference)
 
     def copy_blocks(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write, e.g. beam search forks)."""
@@ -60,12 +65,14 @@ class ModelRunner:
         if not items:
             raise ValueError("ModelRunner.run: empty batch")
         embeds, positions, ctx, sample_rows = self._prepare(items)
-        set_context(ctx)
-        try:
-            hidden = self.model(embeds, positions)
-        finally:
-            reset_context()
-        return self.model.compute_logits(hidden[sample_rows])
+        policy = getattr(self.model, "thread_policy", None) or ThreadPolicy(None, None)
+        with cpu_threads(policy.threads(decode=not ctx.is_prefill), self.model.device):
+            set_context(ctx)
+            try:
+                hidden = self.model(embeds, positions)
+            finally:
+                reset_context()
+            return self.model.compute_logits(hidden[sample_rows])
 
     # --- input building ---------------------------------------------------------------------
     def _prepare(self, items):

@@ -19,6 +19,7 @@ from stllm_engine.model.convert import convert_state_dict
 from stllm_engine.model.llama import LlamaModel
 from stllm_engine.model.projector import VideoProjector
 from stllm_engine.model.qformer import QFormer
+from stllm_engine.model.threads import ThreadPolicy, cpu_threads
 from stllm_engine.model.vision import EVAVisionTransformer
 
 LN_VISION_EPS = 1e-5  # the release's ln_vision is a torch LayerNorm with the default eps
@@ -38,6 +39,7 @@ class STLLMModel(nn.Module):
         self.qformer_tokenizer = None  # set by from_checkpoint (or by the caller)
         self.kv_cache: torch.Tensor | None = None  # [2, layers, num_blocks, block_size, Hk, d]
         self.block_size = 0
+        self.thread_policy = ThreadPolicy.from_env()  # CPU threads of decode vs prefill/vision passes
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
@@ -77,10 +79,11 @@ class STLLMModel(nn.Module):
     @torch.no_grad()
     def encode_vision(self, frames: torch.Tensor) -> torch.Tensor:
         """frames [T, 3, S, S] (normalised) -> image_embeds [T, Nv, Wv] in the model dtype."""
-        x = self.visual_encoder(frames.to(self.device, self.dtype))
-        ln = self.ln_vision
-        return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(),
-                            ln.eps).to(self.dtype)
+        with cpu_threads(self.thread_policy.threads(decode=False), self.device):
+            x = self.visual_encoder(frames.to(self.device, self.dtype))
+            ln = self.ln_vision
+            return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(),
+                                ln.eps).to(self.dtype)
 
     def qformer_ids(self, question: str) -> torch.Tensor:
         """The question's Q-Former token ids [n] (truncated from the left to max_txt_len)."""
@@ -95,8 +98,9 @@ class STLLMModel(nn.Module):
     def encode_video(self, image_embeds: torch.Tensor, question: str | torch.Tensor) -> torch.Tensor:
         """image_embeds [T, Nv, Wv] + question (text or Q-Former ids) -> video tokens [Lv, H]."""
         ids = question if isinstance(question, torch.Tensor) else self.qformer_ids(question)
-        states = self.qformer(image_embeds.to(self.device, self.dtype), ids)
-        return self.projector(states)
+        with cpu_threads(self.thread_policy.threads(decode=False), self.device):
+            states = self.qformer(image_embeds.to(self.device, self.dtype), ids)
+            return self.projector(states)
 
     # --- LLM side ---------------------------------------------------------------------------
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:

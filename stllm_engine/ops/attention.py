@@ -2,10 +2,16 @@
 
 GQA everywhere: query head h reads kv head h // (Hq // Hk). Causal masks align the last query
 with the last key (flash-attn); a query with no visible key gets zeros.
+
+CPU ``paged_prefill_attention``: chunks of fewer than ``GATHER_MIN_QUERIES`` queries (decodes mixed
+into a prefill pass, small chunks) use the C++ kernel straight from the cache; longer ones (a chat
+turn over its cached history, big chunked-prefill chunks) gather each sequence's K/V rows once and
+run torch SDPA (oneDNN/flash GEMM tiles), which is several times faster per query there.
 """
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +101,37 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return cpp().paged_decode_attention(qc, k_cache, v_cache, bt, cl, scale).to(q.dtype)
 
 
+GATHER_MIN_QUERIES = 64
+
+
+def _paged_prefill_gather(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+    """CPU: gather each sequence's first context_lens[b] cache rows, then causal varlen SDPA."""
+    bs, Hk, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    cq, cl = cu_seqlens_q.tolist(), context_lens.tolist()
+    check(len(cq) == len(cl) + 1 and cq[0] == 0 and cq[-1] == q.shape[0],
+          f"paged_prefill_attention: cu_seqlens_q {cq} does not fit {len(cl)} sequences and {q.shape[0]} query rows")
+    offs = torch.arange(bs, dtype=torch.int64)
+    slots = []
+    for b, n in enumerate(cl):
+        check(n >= 0, f"paged_prefill_attention: context_lens[{b}] = {n} must be >= 0")
+        nblk = -(-n // bs)
+        check(nblk <= block_tables.shape[1], f"paged_prefill_attention: context_lens[{b}] = {n} needs {nblk} "
+                                             f"blocks but block_tables has {block_tables.shape[1]} columns")
+        blocks = block_tables[b, :nblk].to(torch.int64)
+        if nblk and (int(blocks.min()) < 0 or int(blocks.max()) >= k_cache.shape[0]):
+            raise IndexError(f"paged_prefill_attention: block_tables[{b}] holds a block outside "
+                             f"[0, {k_cache.shape[0]})")
+        slots.append((blocks[:, None] * bs + offs).reshape(-1)[:n])
+    index = torch.cat(slots)
+    k = k_cache.reshape(-1, Hk, d).index_select(0, index)
+    v = v_cache.reshape(-1, Hk, d).index_select(0, index)
+    cu_k = torch.tensor([0, *accumulate(cl)], dtype=torch.int32)
+    lq = [b - a for a, b in zip(cq, cq[1:])]
+    out = varlen_attention(q.to(k.dtype), k, v, cu_seqlens_q.to(torch.int32), cu_k, max(lq), max(cl),
+                           causal=True, scale=scale)
+    return out.to(q.dtype)
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             context_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -105,4 +142,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
     qc, bt, cl = _paged_args("paged_prefill_attention", q, k_cache, v_cache, block_tables, context_lens)
     cu = cu_seqlens_q.to(torch.int32).contiguous()
+    if cu.numel() >= 2 and int((cu[1:] - cu[:-1]).max()) >= GATHER_MIN_QUERIES:
+        return _paged_prefill_gather(qc, k_cache, v_cache, bt, cu, cl, scale).to(q.dtype)
     return cpp().paged_prefill_attention(qc, k_cache, v_cache, bt, cu, cl, scale).to(q.dtype)

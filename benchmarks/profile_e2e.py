@@ -1,0 +1,134 @@
+"""Where the time goes: per-phase breakdown of one answer, engine vs reference, same dtype/threads.
+
+    STLLM_CPU_THREADS=1 python benchmarks/profile_e2e.py [--preset bench-cpu] [--dtype float32]
+                                                          [--threads N] [--repeats 3] [--batch 1]
+
+Phases (median over repeats, engine and reference interleaved, torch at ``--threads`` for both):
+frame decode, ViT (+ ln_vision), Q-Former (+ projector), LLM prefill of the chat prompt (one
+packed pass vs ``LlamaForCausalLM`` forward), then the engine's decode step split into input
+building (``ModelRunner._prepare``), model forward, LM head, sampler and the rest of
+``LLMEngine.step`` (scheduler, stop checks, outputs); the reference's decode is
+(t_gen(N) - t_gen(1)) / (N - 1). ``--ops`` adds torch.profiler op tables of both prefills.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import e2e  # noqa: E402
+
+
+def timed(fn, store: dict, key: str):
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        store[key].append(time.perf_counter() - t)
+        return out
+    return wrapper
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="bench-cpu", choices=("tiny", "bench-cpu"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (the engine's policy "
+                    "is overridden to the same count)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1, help="concurrent engine requests in the decode breakdown")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--ops", action="store_true", help="print torch.profiler op tables of both prefills")
+    args = ap.parse_args()
+    import os
+
+    os.environ["STLLM_CPU_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    from stllm_engine.api import STLLM
+    from stllm_engine.default_model import cache_dir
+    from stllm_engine.model.context import AttentionContext, reset_context, set_context
+    from stllm_engine.reference import ReferenceSTLLM
+    from stllm_engine.video import load_video
+
+    cache = cache_dir() / "bench"
+    folder = e2e.checkpoint_for(args.preset, cache)
+    videos = e2e.bench_videos(cache, 1 + args.repeats + args.batch)
+    ref = ReferenceSTLLM.from_pretrained(folder, dtype=dtype, device="cpu")
+    llm = STLLM.from_pretrained(folder, device="cpu", dtype=dtype, max_num_seqs=max(8, args.batch))
+    m, q = llm.engine.model, e2e.QUESTIONS[0]
+    ids = llm.engine.prompt_ids(q)
+
+    def engine_prefill(tokens):
+        x = torch.cat([tokens, m.embed_tokens(torch.tensor(ids))]).to(m.dtype)
+        n = x.shape[0]
+        cu = torch.tensor([0, n], dtype=torch.int32)
+        set_context(AttentionContext(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
+                                     max_seqlen_k=n, slot_mapping=torch.arange(n),
+                                     context_lens=torch.tensor([n], dtype=torch.int32),
+                                     block_tables=torch.arange(-(-n // m.block_size), dtype=torch.int32)[None]))
+        try:
+            return m.compute_logits(m(x, torch.arange(n))[-1:])
+        finally:
+            reset_context()
+
+    T = defaultdict(list)
+    for i, v in enumerate(videos[:1 + args.repeats]):  # round 0 warms up and is dropped
+        if i == 1:
+            T.clear()
+        t = time.perf_counter()
+        frames = load_video(str(v), num_frames=16, size=m.config.vision.image_size).frames
+        T["frame decode (engine)"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ref_frames = ref.load_frames(str(v), 16)
+        T["frame decode (reference)"].append(time.perf_counter() - t)
+        emb = timed(m.encode_vision, T, "ViT (engine)")(frames)
+        remb = timed(ref.encode_vision, T, "ViT (reference)")(ref_frames)
+        tok = timed(m.encode_video, T, "Q-Former+proj (engine)")(emb, q)
+        rtok = timed(lambda: ref.frame_tokens(remb, q).reshape(-1, tok.shape[-1]), T, "Q-Former+proj (reference)")()
+        timed(engine_prefill, T, "LLM prefill (engine)")(tok)
+        embeds = ref.chat_inputs_embeds(rtok, q)
+        timed(lambda: ref.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1), T, "LLM prefill (reference)")()
+        n = args.new_tokens
+        g1 = e2e.reference_run(ref, v, q, 1, 16, "cpu")[1]
+        gn = e2e.reference_run(ref, v, q, n, 16, "cpu")[1]
+        T["decode step (reference)"].append((gn - g1) / (n - 1))
+    print(f"{args.preset} {args.dtype}, {args.threads} thread(s), {len(ids) + tok.shape[0]} prompt positions")
+    for k, vals in T.items():
+        print(f"  {k:32s} {statistics.median(vals) * 1e3:9.2f} ms")
+
+    eng, D = llm.engine, defaultdict(list)
+    eng.runner._prepare = timed(eng.runner._prepare, D, "input building")
+    eng.runner.model = m
+    m.compute_logits = timed(m.compute_logits, D, "LM head")
+    run = eng.runner.run
+    eng.runner.run = timed(run, D, "runner.run (forward + LM head)")
+    eng._sample = timed(eng._sample, D, "sampler")
+    eng.step = timed(eng.step, D, "LLMEngine.step")
+    reqs = [{"video": str(v), "question": q, "num_frames": 16} for v in videos[-args.batch:]]
+    llm.generate(reqs, e2e.engine_params(llm, args.new_tokens))
+    last = args.new_tokens - 2  # decode steps only (the first steps prefill)
+    med = {k: statistics.median(v[-last:]) * 1e3 for k, v in D.items()}
+    print(f"engine decode step, batch {args.batch} (median of the last {last} steps):")
+    for k in ("LLMEngine.step", "runner.run (forward + LM head)", "LM head", "input building", "sampler"):
+        print(f"  {k:32s} {med[k]:9.2f} ms")
+    other = med["LLMEngine.step"] - med["runner.run (forward + LM head)"] - med["sampler"]
+    print(f"  {'scheduler/stop checks/outputs':32s} {other:9.2f} ms")
+    if args.ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name, fn in (("engine", lambda: engine_prefill(tok)),
+                         ("reference", lambda: ref.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1))):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            print(f"{name} prefill ops\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()

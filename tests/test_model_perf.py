@@ -1,0 +1,223 @@
+"""CPU performance paths of the engine's model: oneDNN-packed linears and the thread policy.
+
+PackedLinear must compute what ``F.linear`` computes (fp32 within GEMM rounding, bf16 within one
+bf16 step), over edge shapes; ``pack_linears`` must swap exactly the LLM projections + LM head and
+leave the model's logits unchanged; the thread policy must parse its setting, reject bad ones and
+restore torch's thread count.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stllm_engine.engine.model_runner import ModelRunner
+from stllm_engine.engine.sequence import Sequence
+from stllm_engine.model import STLLMModel
+from stllm_engine.model.packed_linear import PackedLinear, pack_linears, packing_available
+from stllm_engine.model.threads import ThreadPolicy, cpu_threads
+from stllm_engine.sampling_params import SamplingParams
+from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+from stllm_engine.weights import load_checkpoint
+
+needs_onednn = pytest.mark.skipif(not packing_available(torch.zeros(1)),
+                                  reason="oneDNN linear packing is not available in this torch build")
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1.6e-2)}  # (atol, rtol)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,k,n", [(1, 64, 96), (3, 88, 40), (17, 1024, 257), (32, 33, 1), (130, 33, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_matches_linear(dtype, rows, k, n, bias):
+    torch.manual_seed(rows * 7 + k)
+    lin = nn.Linear(k, n, bias=bias).to(dtype)
+    packed = PackedLinear(lin)
+    assert packed.weight is lin.weight and packed.bias is lin.bias  # shared, not copied
+    x = torch.randn(rows, k, dtype=dtype)
+    with torch.no_grad():
+        want, got = F.linear(x, lin.weight, lin.bias), packed(x)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=atol * k ** 0.5, rtol=rtol)
+
+
+@needs_onednn
+def test_packed_linear_leading_dims_non_contiguous_and_fallbacks():
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 10)
+    packed = PackedLinear(lin)
+    x = torch.randn(5, 24, 3).transpose(1, 2)  # [5, 3, 24] non-contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), F.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    # autograd: falls back to F.linear, gradients reach the shared weight
+    xg = torch.randn(4, 24, requires_grad=True)
+    packed(xg).sum().backward()
+    assert lin.weight.grad is not None and xg.grad is not None
+    torch.testing.assert_close(xg.grad, lin.weight.sum(0).expand(4, -1))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp("perf") / "ckpt", vit="eva",
+                                   video_input="all", seed=3, llm_vocab_size=400)
+    return load_checkpoint(folder, progress=False)
+
+
+def _logits(model, steps: int = 3) -> list[torch.Tensor]:
+    """Prefill of video embeddings + ids, then greedy decode steps through a ModelRunner."""
+    runner = ModelRunner(model)
+    torch.manual_seed(1)
+    seq = Sequence(list(range(5, 12)), SamplingParams(temperature=0.0),
+                   video_embeds=torch.randn(9, model.config.llm.hidden_size).to(model.dtype), video_key="v")
+    nb = -(-(seq.num_tokens + steps) // model.block_size)
+    seq.block_table = list(range(nb))
+    out = []
+    n = seq.num_tokens
+    for _ in range(steps + 1):
+        logits = runner.run([(seq, n)])
+        out.append(logits[0])
+        seq.num_computed_tokens += n
+        seq.append_token(int(logits[0].argmax()))
+        n = 1
+    return out
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_linears_keeps_logits(ckpt, dtype, monkeypatch):
+    monkeypatch.setenv("STLLM_CPU_PACKED", "0")
+    plain = STLLMModel.from_checkpoint(ckpt, "cpu", dtype)
+    plain.allocate_kv_cache(8, 4)
+    assert pack_linears(plain) == 0  # disabled by the environment
+    want = _logits(plain)
+    monkeypatch.setenv("STLLM_CPU_PACKED", "1")
+    model = STLLMModel.from_checkpoint(ckpt, "cpu", dtype)
+    model.allocate_kv_cache(8, 4)
+    runner = ModelRunner(model)  # packs
+    layers = model.config.llm.num_layers
+    assert runner.num_packed == 4 * layers + 1
+    assert isinstance(model.lm_head, PackedLinear) and isinstance(model.llm.layers[0].mlp.down_proj, PackedLinear)
+    assert pack_linears(model) == 0  # idempotent
+    assert model.dtype == dtype
+    got = _logits(model)
+    atol = 1e-4 if dtype == torch.float32 else 5e-2
+    for g, w in zip(got, want):
+        scale = w.abs().max().item()
+        assert (g - w).abs().max().item() <= atol * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("value,decode,prefill,busy_only", [
+    ("", None, None, False), ("auto", 1, 1, True), ("torch", None, None, False), ("1", 1, 1, False),
+    ("3", 3, 3, False), ("1,2", 1, 2, False), (" 2 , 4 ", 2, 4, False)])
+def test_thread_policy_parse(value, decode, prefill, busy_only):
+    p = ThreadPolicy.from_env(value)
+    assert (p.decode, p.prefill, p.only_when_busy) == (decode, prefill, busy_only)
+    if not busy_only:
+        assert p.threads(decode=True) == decode and p.threads(decode=False) == prefill
+
+
+@pytest.mark.parametrize("loads,want", [
+    ([5.0], [True]), ([0.3], [False]),
+    ([5.0, 2.2, 1.2], [True, True, False]),   # hysteresis: stays busy until below cores - 0.5
+    ([0.5, 2.2, 2.6], [False, False, True])])  # and idle until above cores + 0.5
+def test_auto_policy_follows_load_with_hysteresis(monkeypatch, loads, want):
+    from stllm_engine.model import threads
+
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "_BUSY", {"state": False, "checked": -1e9})
+    clock = [0.0]
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+    policy = ThreadPolicy()
+    for load, busy in zip(loads, want):
+        clock[0] += 10.0
+        monkeypatch.setattr(threads.os, "getloadavg", lambda load=load: (load, load, load))
+        assert threads.machine_busy() is busy
+        assert policy.threads(decode=True) == (1 if busy else None)
+        assert ThreadPolicy(2, 3, only_when_busy=False).threads(decode=False) == 3  # fixed: always
+    # re-read at most once a second
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (99.0, 99.0, 99.0) if want[-1] is False else (0.0,) * 3)
+    clock[0] += 0.5
+    assert threads.machine_busy() is want[-1]
+    clock[0] += 1.0
+    assert threads.machine_busy() is (not want[-1])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "a", "1,2,3", "1,x", ","])
+def test_thread_policy_rejects(value):
+    with pytest.raises(ValueError, match="STLLM_CPU_THREADS"):
+        ThreadPolicy.from_env(value)
+
+
+@pytest.mark.parametrize("bad", [0, -2, True, 1.5])
+def test_thread_policy_checks_fields(bad):
+    with pytest.raises(ValueError, match="ThreadPolicy.decode"):
+        ThreadPolicy(decode=bad)
+
+
+def test_cpu_threads_sets_and_restores():
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with cpu_threads(target):
+        assert torch.get_num_threads() == target
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with cpu_threads(target):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with cpu_threads(None):
+        assert torch.get_num_threads() == before
+    with cpu_threads(target, "meta"):  # not a CPU device: unchanged
+        assert torch.get_num_threads() == before
+
+
+def _cache(ctx, Hk, d, bs, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    nblk = [-(-c // bs) for c in ctx]
+    total = sum(nblk) + 3
+    k_cache = torch.randn(total, bs, Hk, d, generator=g).to(dtype)
+    v_cache = torch.randn(total, bs, Hk, d, generator=g).to(dtype)
+    perm = torch.randperm(total, generator=g).tolist()
+    width = max(nblk)
+    table, i = [], 0
+    for n in nblk:
+        table.append(perm[i:i + n] + [0] * (width - n))
+        i += n
+    return k_cache, v_cache, torch.tensor(table, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32), g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hq,Hk,d", [(4, 4, 64), (8, 2, 88)])
+@pytest.mark.parametrize("bs", [8, 16])
+def test_paged_prefill_gather_path_matches_twin(dtype, Hq, Hk, d, bs):
+    """Long chunks (>= GATHER_MIN_QUERIES) take the gather + SDPA path; mixed with short chunks and
+    decodes in one call, over permuted block tables; equal to the pure-torch twin."""
+    from stllm_engine import ops
+    from stllm_engine.kernels import reference as twin
+    from stllm_engine.ops.attention import GATHER_MIN_QUERIES
+
+    ctx = [200, 1, 97, 70, 133]
+    qlens = [120, 1, 97, 3, GATHER_MIN_QUERIES]  # history + new turn, decode, full prefill, chunk
+    k_cache, v_cache, table, lens, g = _cache(ctx, Hk, d, bs, dtype, seed=7)
+    cu = torch.tensor([0] + qlens).cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu[-1]), Hq, d, generator=g).to(dtype)
+    out = ops.paged_prefill_attention(q, k_cache, v_cache, table, cu, lens, scale=0.2)
+    want = twin.paged_prefill_attention(q, k_cache, v_cache, table, cu, lens, scale=0.2)
+    assert out.shape == q.shape and out.dtype == dtype
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), want.float(), **tol)
+
+
+def test_paged_prefill_gather_path_errors():
+    from stllm_engine import ops
+
+    k_cache, v_cache, table, lens, g = _cache([80], 2, 16, 8, torch.float32, seed=1)
+    cu = torch.tensor([0, 80], dtype=torch.int32)
+    q = torch.randn(80, 2, 16, generator=g)
+    bad = table.clone()
+    bad[0, 3] = k_cache.shape[0]
+    with pytest.raises(IndexError, match=r"block_tables\[0\]"):
+        ops.paged_prefill_attention(q, k_cache, v_cache, bad, cu, lens)
+    with pytest.raises(ValueError, match="needs 11 blocks"):
+        ops.paged_prefill_attention(q, k_cache, v_cache, table, cu, torch.tensor([88], dtype=torch.int32))
