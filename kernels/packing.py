@@ -2,18 +2,28 @@
 
 pack_by_mask: x [B, L, D], keep [B, L] bool -> packed [N, D] (kept rows in (b, l) order),
 cu_seqlens int32 [B+1], src_index int64 [N] with src_index = b * L + l. Index bookkeeping uses
-torch (nonzero / cumsum); the data movement is the Triton row gather/scatter (autograd included).
+torch (nonzero / cumsum); the data movement is a row gather/scatter: the Triton one
+(``gather_rows.py``, autograd included) unless the caller passes its own, as the op layer does for
+CPU tensors (its C++ gather), so this one implementation serves every backend. Importing this
+module does not import triton.
 """
 from __future__ import annotations
 
 import torch
 
 from ._utils import check
-from .gather_rows import gather_rows, scatter_rows
 
 
-def pack_by_mask(x: torch.Tensor, keep: torch.Tensor):
-    """x [B, L, D], keep [B, L] bool -> (packed [N, D], cu_seqlens [B+1] int32, src_index [N] int64)."""
+def _triton_rows():
+    from .gather_rows import gather_rows, scatter_rows
+
+    return gather_rows, scatter_rows
+
+
+def pack_by_mask(x: torch.Tensor, keep: torch.Tensor, gather_rows=None):
+    """x [B, L, D], keep [B, L] bool -> (packed [N, D], cu_seqlens [B+1] int32, src_index [N] int64).
+
+    ``gather_rows(x [M, D], index [N]) -> [N, D]``: the row gather to use (default: Triton's)."""
     check(x.dim() == 3, f"pack_by_mask: x must be [B, L, D], got shape {tuple(x.shape)}")
     check(keep.dtype == torch.bool, f"pack_by_mask: keep must be bool, got {keep.dtype}")
     check(tuple(keep.shape) == tuple(x.shape[:2]),
@@ -23,13 +33,17 @@ def pack_by_mask(x: torch.Tensor, keep: torch.Tensor):
     src_index = torch.nonzero(keep.reshape(-1), as_tuple=False).reshape(-1)
     cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=x.device)
     cu_seqlens[1:] = torch.cumsum(keep.sum(dim=1), 0)
+    gather_rows = gather_rows or _triton_rows()[0]
     packed = gather_rows(x.reshape(B * L, D), src_index)
     return packed, cu_seqlens, src_index
 
 
-def unpack(packed: torch.Tensor, src_index: torch.Tensor, B: int, L: int) -> torch.Tensor:
-    """packed [N, D], src_index [N] (from pack_by_mask) -> [B, L, D], zeros at dropped positions."""
+def unpack(packed: torch.Tensor, src_index: torch.Tensor, B: int, L: int, scatter_rows=None) -> torch.Tensor:
+    """packed [N, D], src_index [N] (from pack_by_mask) -> [B, L, D], zeros at dropped positions.
+
+    ``scatter_rows(src, index, num_rows)``: the row scatter to use (default: Triton's)."""
     check(packed.dim() == 2, f"unpack: packed must be [N, D], got shape {tuple(packed.shape)}")
+    scatter_rows = scatter_rows or _triton_rows()[1]
     return scatter_rows(packed, src_index, B * L).view(B, L, packed.shape[1])
 
 

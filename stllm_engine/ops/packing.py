@@ -72,38 +72,20 @@ def scatter_rows(src: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch
 def pack_by_mask(x: torch.Tensor, keep: torch.Tensor):
     """x [B, L, D], keep [B, L] bool -> (packed [N, D], cu_seqlens [B+1] int32, src_index [N] int64).
 
-    src_index = b * L + l of each kept row (kept order preserved)."""
-    if on_cuda(x):
-        return triton_kernels("packing").pack_by_mask(x, keep)
-    check(x.dim() == 3, f"pack_by_mask: x must be [B, L, D], got shape {tuple(x.shape)}")
-    check(keep.dtype == torch.bool, f"pack_by_mask: keep must be bool, got {keep.dtype}")
-    check(tuple(keep.shape) == tuple(x.shape[:2]),
-          f"pack_by_mask: keep shape {tuple(keep.shape)} does not match x's [B, L] {tuple(x.shape[:2])}")
-    check_cpu("pack_by_mask", ("keep", keep))
-    B, L, D = x.shape
-    src_index = torch.nonzero(keep.reshape(-1)).reshape(-1)
-    cu_seqlens = torch.zeros(B + 1, dtype=torch.int32)
-    torch.cumsum(keep.sum(dim=1, dtype=torch.int32), 0, out=cu_seqlens[1:])
-    return gather_rows(x.reshape(B * L, D), src_index), cu_seqlens, src_index
+    src_index = b * L + l of each kept row (kept order preserved). One implementation
+    (``kernels/packing.py``) for every device, moving rows with this layer's gather."""
+    return _packing().pack_by_mask(x, keep, gather_rows=gather_rows)
 
 
 def unpack(packed: torch.Tensor, src_index: torch.Tensor, B: int, L: int) -> torch.Tensor:
     """Inverse of pack_by_mask: packed [N, D] -> [B, L, D], zeros at dropped positions."""
-    if on_cuda(packed):
-        return triton_kernels("packing").unpack(packed, src_index, B, L)
-    check(packed.dim() == 2, f"unpack: packed must be [N, D], got shape {tuple(packed.shape)}")
-    return scatter_rows(packed, src_index, B * L).view(B, L, packed.shape[1])
+    return _packing().unpack(packed, src_index, B, L, scatter_rows=scatter_rows)
 
 
 def pack_ragged(seqs: list[torch.Tensor]):
     """list of [Li, D] (same D, dtype, device) -> (packed [N, D], cu_seqlens [B+1] int32)."""
-    check(len(seqs) > 0, "pack_ragged: need at least one sequence")
-    first = seqs[0]
-    for i, s in enumerate(seqs):
-        check(s.dim() == 2 and s.shape[1] == first.shape[1],
-              f"pack_ragged: sequence {i} has shape {tuple(s.shape)}, expected [L, {first.shape[1]}]")
-        check(s.dtype == first.dtype and s.device == first.device,
-              f"pack_ragged: sequence {i} is {s.dtype} on {s.device}, expected {first.dtype} on {first.device}")
-    lens = torch.tensor([0] + [s.shape[0] for s in seqs], dtype=torch.int64)
-    cu_seqlens = torch.cumsum(lens, 0).to(dtype=torch.int32, device=first.device)
-    return torch.cat(seqs, 0), cu_seqlens
+    return _packing().pack_ragged(seqs)
+
+
+def _packing():
+    return triton_kernels("packing")  # index bookkeeping only: imports no triton
