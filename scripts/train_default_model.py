@@ -11,10 +11,12 @@ Stages (all by default, in order):
          Without it, 1200 steps on the full mix stayed at chance on every task (text prior only).
   train  three runs from the warm-up, same data (all six tasks)/steps/seed, in parallel:
          all-mask (dynamic masking + MVM, the paper's recipe), all-nomask, mean (no masking)
+  continue  all-nomask-cont: all-nomask's final checkpoint trained 3000 more steps on the same
+         data at a lower LR (3e-4, cosine to 3e-5, seed 1, 2 threads, alone on the machine)
   eval   MVBench-format accuracy on the held-out split, each model with its own video input
          (``--video-tokens own``), plus chat-path exact-match on the same items
   table  benchmarks/results/{train,eval}-<run>-cpu-2core.json and default_model.md
-  ship   best run (temporal average) -> stllm_engine/assets/default_model (safetensors, no
+  ship   best run (see :func:`pick_shipped`) -> stllm_engine/assets/default_model (safetensors, no
          mvm_decoder) + sample.mp4 / sample.json (the first held-out Flash Count clip it answers
          right), and the first 12 held-out Flash Count / Appearance Order items ->
          tests/data/default_model_heldout (for the test)
@@ -51,6 +53,8 @@ SIZES = dict(vision_width=64, vision_depth=2, vision_num_heads=4, vision_mlp_dim
              llm_hidden_size=128, llm_intermediate_size=344, llm_num_layers=2, llm_num_heads=4,
              llm_num_kv_heads=4, num_frames=8)
 RUNS = {"all-mask": [], "all-nomask": ["--no-mask"], "mean": ["--video-input", "mean", "--no-mask"]}
+# continued runs: name -> (run it starts from, extra flags, lr, steps, seed, threads)
+CONTINUE = {"all-nomask-cont": ("all-nomask", ["--no-mask"], "3e-4", 3000, 1, 2)}
 TEMPORAL = ("Moving Direction", "Appearance Order", "Flash Count", "Speed Change")
 CONTROL = ("Object Colour", "Object Shape")
 SAMPLE_TASK = "Flash Count"  # the temporal task the shipped model learned best (chat path)
@@ -72,8 +76,15 @@ NOTES = """Findings (run of 2026-11-25, cpu-2core):
   scratch its MVM loss fell to ~0.000 within a few hundred steps and the run lost even the colour
   task it had after the warm-up (chance everywhere). The paper fine-tunes pretrained models; this
   budget does not reproduce its masking gain.
-- Shipped: `all-nomask` (best chat temporal average); sample = the first held-out Flash Count clip
-  (answered right, as 31 of its 40 held-out Flash Count clips are).
+- Shipped until this continuation: `all-nomask` (best chat temporal average of the three runs).
+- Continuation (`all-nomask-cont`, shipped now): `all-nomask` final + 3000 steps at lr 3e-4 (cosine to
+  3e-5, seed 1, 2 threads, 9.6 min alone on the idle machine). Chat temporal average 49.4 -> 59.4:
+  Appearance Order 62.5 -> 100.0, Speed Change 35.0 -> 40.0, Flash Count unchanged at 77.5, Moving
+  Direction 22.5 -> 20.0 (chance 25; still not learned); controls: shape 35.0 -> 50.0, colour 100.
+  MVBench letter format still at chance everywhere (temporal avg 29.4 -> 28.8, control avg
+  28.7 -> 23.8; Flash Count 32.5 -> 12.5): fixed-letter guessing, neither run is above chance by
+  two standard errors on any task (the rule `pick_shipped` applies before replacing a model). Sample = the first held-out Flash Count
+  clip (answered right, as 31 of the 40 held-out Flash Count clips are).
 - Earlier attempts (not shipped): 16 frames, Q-Former reading 96 text tokens with cross-attention
   in one layer, no warm-up: 1200 steps at chance on all tasks; with the warm-up, 2000 steps still at
   chance on temporal tasks (per-frame Q-Former outputs were ~1% apart: text-dominated)."""
@@ -108,6 +119,22 @@ def train_cmd(a, name: str) -> list[str]:
             "--log-every", "20"] + RUNS[name]
 
 
+def continue_cmd(a, name: str) -> list[str]:
+    base, flags, lr, steps, seed, _ = CONTINUE[name]
+    return [PY, "-m", "stllm_engine.training.train", "--data", str(a.work / "data"),
+            "--init", str(a.work / "runs" / base / "final"), "--out", str(a.work / "runs" / name),
+            "--steps", str(steps), "--batch-size", str(a.batch_size), "--lr", lr, "--warmup", "50",
+            "--seed", str(seed), "--chat", "--save-every", "500", "--log-every", "20"] + flags
+
+
+def run_cmd(a, name: str) -> list[str]:
+    return continue_cmd(a, name) if name in CONTINUE else train_cmd(a, name)
+
+
+def threads(name: str) -> int:
+    return CONTINUE[name][5] if name in CONTINUE else 1
+
+
 def eval_cmd(a, name: str) -> list[str]:
     return [PY, "-m", "stllm_engine.evaluation.mvbench", "--data", str(a.work / "data"),
             "--model", str(a.work / "runs" / name / "final"), "--backend", "reference",
@@ -134,13 +161,23 @@ def stage_train(a) -> None:
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     (a.work / "runs").mkdir(parents=True, exist_ok=True)
     procs = {}
-    for name in a.runs:
+    for name in (n for n in a.runs if n in RUNS):
         procs[name] = (sh(train_cmd(a, name), a.work / "runs" / f"{name}.log", env), time.time())
     for name, (p, t0) in procs.items():
         if p.wait():
             raise SystemExit(f"training {name} failed; see {a.work / 'runs' / (name + '.log')}")
         (a.work / "runs" / name / "wall.json").write_text(json.dumps(
             {"seconds": round(time.time() - t0, 1), "threads": 1, "parallel_runs": len(procs)}) + "\n")
+
+
+def stage_continue(a) -> None:
+    for name in (n for n in a.runs if n in CONTINUE):
+        env = {"OMP_NUM_THREADS": str(threads(name)), "MKL_NUM_THREADS": str(threads(name))}
+        t0 = time.time()
+        if sh(continue_cmd(a, name), a.work / "runs" / f"{name}.log", env).wait():
+            raise SystemExit(f"training {name} failed; see {a.work / 'runs' / (name + '.log')}")
+        (a.work / "runs" / name / "wall.json").write_text(json.dumps(
+            {"seconds": round(time.time() - t0, 1), "threads": threads(name), "parallel_runs": 1}) + "\n")
 
 
 def chat_eval(folder: Path, data: Path) -> dict:
@@ -173,6 +210,33 @@ def _avg(d: dict, names) -> float:
     return sum(d[n] for n in names) / len(names)
 
 
+def _scores(name: str) -> tuple[dict, dict, dict]:
+    """(MVBench-format accuracy, chat exact match, items) per task of run ``name``, from its eval json."""
+    ev = json.loads((RESULTS / f"eval-{name}-{DEVICE}.json").read_text())
+    return ({k: v["accuracy"] for k, v in ev["tasks"].items()}, ev["chat_exact_match"]["tasks"],
+            {k: v["total"] for k, v in ev["tasks"].items()})
+
+
+def above_chance(acc: float, task: str, n: int) -> bool:
+    """More than two standard errors of a chance-level guesser above chance (n items)."""
+    p = CHANCE[task]
+    return acc > p + 2 * (p * (1 - p) / n) ** 0.5
+
+
+def pick_shipped(a) -> str:
+    """The base run with the best chat temporal average, replaced by a continued run only if that
+    one has a higher chat temporal average AND is not worse, in either metric, on any task where the
+    current pick is above chance (:func:`above_chance`; 40 items: > 38.7% / > 48.3% for 4 / 3
+    options)."""
+    best = max((n for n in a.runs if n in RUNS), key=lambda n: _avg(_scores(n)[1], TEMPORAL))
+    for name in (n for n in a.runs if n in CONTINUE):
+        (*old, n), new = _scores(best), _scores(name)[:2]
+        worse = [t for o, c in zip(old, new) for t in o if above_chance(o[t], t, n[t]) and c[t] < o[t]]
+        if _avg(new[1], TEMPORAL) > _avg(old[1], TEMPORAL) and not worse:
+            best = name
+    return best
+
+
 def stage_table(a) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import git_commit
@@ -181,24 +245,29 @@ def stage_table(a) -> None:
         return [json.loads(l) for l in (folder / "log.jsonl").read_text().splitlines()]
 
     pre = read_log(a.work / "pretrain")
+    shipped = pick_shipped(a)
     rows = []
     for name in a.runs:
         run_dir = a.work / "runs" / name
         log = read_log(run_dir)
         wall = run_dir / "wall.json"
         train = {"benchmark": f"train-{name}", "device": DEVICE, "commit": git_commit(),
-                 "command": " ".join(train_cmd(a, name)).replace(PY, "python"),
+                 "command": " ".join(run_cmd(a, name)).replace(PY, "python"),
                  "pretrain_command": " ".join(pretrain_cmd(a)).replace(PY, "python"),
                  "config": json.loads((run_dir / "train_config.json").read_text()),
                  "sizes": SIZES, "steps": log[-1]["step"], "train_seconds": log[-1]["seconds"],
                  "pretrain_steps": pre[-1]["step"], "pretrain_seconds": pre[-1]["seconds"],
                  "wall": json.loads(wall.read_text()) if wall.is_file() else None,
                  "final": log[-1], "log": log}
+        if name in CONTINUE:  # steps and clock of the run it continues
+            base = read_log(a.work / "runs" / CONTINUE[name][0])
+            train.update(base_run=CONTINUE[name][0], base_steps=base[-1]["step"],
+                         base_seconds=base[-1]["seconds"])
         (RESULTS / f"train-{name}-{DEVICE}.json").write_text(json.dumps(train, indent=1) + "\n")
         ev = json.loads((RESULTS / f"eval-{name}-{DEVICE}.json").read_text())
         acc = {k: v["accuracy"] for k, v in ev["tasks"].items()}
         rows.append((name, acc, ev["chat_exact_match"]["tasks"], train))
-    lines = ["# The shipped default model: three trainings on synthetic temporal video QA", "",
+    lines = ["# The shipped default model: trainings on synthetic temporal video QA", "",
              "Held-out test split: 40 items per task, MVBench format, multiple choice (letter check);",
              "each model evaluated with its own video input (`--video-tokens own`). Chat = exact match",
              "of the plain chat answer (`answer()`, greedy, repetition penalty 1.5) with the expected",
@@ -211,11 +280,14 @@ def stage_table(a) -> None:
                  + f" | {100 * _avg(CHANCE, TEMPORAL):.1f} | {100 * _avg(CHANCE, CONTROL):.1f}"
                  + f" | {100 * _avg(CHANCE, TEMPORAL):.1f} | {100 * _avg(CHANCE, CONTROL):.1f} | | |")
     for name, acc, chat, tr in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in tasks)
+        steps = [tr["pretrain_steps"], tr.get("base_steps"), tr["steps"]]
+        mins = [tr["pretrain_seconds"], tr.get("base_seconds"), tr["train_seconds"]]
+        label = name + (" (shipped)" if name == shipped else " (not shipped)" if name in CONTINUE else "")
+        lines.append(f"| {label} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in tasks)
                      + f" | {100 * _avg(acc, TEMPORAL):.1f} | {100 * _avg(acc, CONTROL):.1f}"
                      + f" | {100 * _avg(chat, TEMPORAL):.1f} | {100 * _avg(chat, CONTROL):.1f}"
-                     + f" | {tr['pretrain_steps']} + {tr['steps']}"
-                     + f" | {tr['pretrain_seconds'] / 60:.1f} + {tr['train_seconds'] / 60:.1f} min |")
+                     + " | " + " + ".join(str(x) for x in steps if x is not None)
+                     + " | " + " + ".join(f"{x / 60:.1f}" for x in mins if x is not None) + " min |")
     lines += ["", "Chat path per task (exact match of the answer sentence, %):", "",
               "| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for name, acc, chat, tr in rows:
@@ -227,6 +299,8 @@ def stage_table(a) -> None:
               "(controls only, from random init) + the run itself (all six tasks, 50 warmup steps);",
               "times are the training loops' own clocks (frame decoding of the first epoch included),",
               "one thread each, the three runs in parallel on a 2-core CPU shared with other work.",
+              "Continued runs (`all-nomask-cont`): + the steps of the continuation (lr 3e-4, cosine",
+              "to 3e-5, 50 warmup steps, seed 1, 2 threads, alone on the idle machine).",
               "Data: MVBench-format + chat-format examples of the same 300 training clips per task.",
               "", "Commands (`scripts/train_default_model.py` runs all of them):", "", "```"]
     lines.append(" ".join([PY, "-m", "stllm_engine.datasets.synthetic", "--out", str(a.work / "data"),
@@ -236,7 +310,7 @@ def stage_table(a) -> None:
                  f"fmt=\"safetensors\", **SIZES)'  # SIZES in scripts/train_default_model.py")
     lines.append("OMP_NUM_THREADS=1 " + " ".join(shlex.quote(c) for c in pretrain_cmd(a)).replace(PY, "python"))
     for name in a.runs:
-        lines.append("OMP_NUM_THREADS=1 " + " ".join(train_cmd(a, name)).replace(PY, "python"))
+        lines.append(f"OMP_NUM_THREADS={threads(name)} " + " ".join(run_cmd(a, name)).replace(PY, "python"))
     for name in a.runs:
         lines.append(" ".join(eval_cmd(a, name)).replace(PY, "python"))
     lines += ["```", ""]
@@ -256,33 +330,42 @@ def stage_ship(a) -> None:
 
     # best = highest chat-path temporal average (the path the CLI uses; MVBench-format letter
     # accuracy stayed at chance for every run, see default_model.md)
-    best = max(a.runs, key=lambda n: _avg(json.loads((RESULTS / f"eval-{n}-{DEVICE}.json").read_text())
-                                          ["chat_exact_match"]["tasks"], TEMPORAL))
+    best = pick_shipped(a)
     src = a.work / "runs" / best / "final"
     ckpt = load_checkpoint(src, dtype=torch.float32, progress=False)  # drops mvm_decoder.*
-    dst = ASSETS / "default_model"
-    if dst.exists():
-        shutil.rmtree(dst)
+    dst, new, old = (ASSETS / n for n in ("default_model", ".default_model.new", ".default_model.old"))
+    for d in (new, old):
+        if d.exists():
+            shutil.rmtree(d)
     config = replace(ckpt.config, mvm_decoder=False, torch_dtype="float32")
-    write_checkpoint(dst, config, ckpt.state_dict, shards=1, fmt="safetensors")
+    write_checkpoint(new, config, ckpt.state_dict, shards=1, fmt="safetensors")
     for p in src.iterdir():
         if p.name in ("config.json",) or p.suffix in (".bin", ".safetensors", ".pt") \
                 or p.name.endswith(".index.json"):
             continue
-        (shutil.copytree if p.is_dir() else shutil.copy2)(p, dst / p.name)
-    ship_heldout(a.work / "data" / "test", per_task=12)
-    model = ReferenceSTLLM.from_pretrained(dst)
+        (shutil.copytree if p.is_dir() else shutil.copy2)(p, new / p.name)
+    model = ReferenceSTLLM.from_pretrained(new)
     for item in load_items(a.work / "data" / "test", tasks=[SAMPLE_TASK]):
         want = chat_answer(item.task, item.question, item.answer)
         if model.answer(str(item.video_path), item.question) == want:
-            shutil.copy2(item.video_path, ASSETS / "sample.mp4")
-            (ASSETS / "sample.json").write_text(json.dumps(
-                {"question": item.question, "expected": want,
-                 "source": f"held-out test split, {item.video_path.name}", "model": best},
-                indent=1) + "\n")
-            print(f"shipped {best} -> {dst}; sample {item.video_path.name}: {want}")
-            return
-    raise SystemExit(f"no held-out {SAMPLE_TASK} clip answered correctly; not shipping a sample")
+            break
+    else:
+        shutil.rmtree(new)
+        raise SystemExit(f"no held-out {SAMPLE_TASK} clip answered correctly by {best}; shipped nothing")
+    # swap: the new folder is complete before the old one moves away (two renames, no copy)
+    if dst.exists():
+        dst.rename(old)
+    new.rename(dst)
+    if old.exists():
+        shutil.rmtree(old)
+    shutil.copy2(item.video_path, ASSETS / ".sample.mp4.new")
+    (ASSETS / ".sample.json.new").write_text(json.dumps(
+        {"question": item.question, "expected": want,
+         "source": f"held-out test split, {item.video_path.name}", "model": best}, indent=1) + "\n")
+    os.replace(ASSETS / ".sample.mp4.new", ASSETS / "sample.mp4")
+    os.replace(ASSETS / ".sample.json.new", ASSETS / "sample.json")
+    ship_heldout(a.work / "data" / "test", per_task=12)
+    print(f"shipped {best} -> {dst}; sample {item.video_path.name}: {want}")
 
 
 def ship_heldout(test_dir: Path, per_task: int) -> None:
@@ -303,7 +386,8 @@ def ship_heldout(test_dir: Path, per_task: int) -> None:
     (HELDOUT / "tasks.json").write_text(json.dumps(keep, indent=1) + "\n")
 
 
-STAGES = {"data": stage_data, "init": stage_init, "pretrain": stage_pretrain, "train": stage_train, "eval": stage_eval,
+STAGES = {"data": stage_data, "init": stage_init, "pretrain": stage_pretrain, "train": stage_train,
+          "continue": stage_continue, "eval": stage_eval,
           "table": stage_table, "ship": stage_ship}
 
 
@@ -311,7 +395,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=ROOT / "build" / "default_model")
     p.add_argument("--stages", nargs="*", default=list(STAGES), choices=list(STAGES))
-    p.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--runs", nargs="*", default=list(RUNS) + list(CONTINUE),
+                   choices=list(RUNS) + list(CONTINUE))
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=8)
     a = p.parse_args()

@@ -95,3 +95,11 @@ def test_heldout_temporal_chat_accuracy_far_above_chance(reference):
     chance = (1 / 4 + 1 / 3) / 2  # four flash counts, three shapes to appear first
     accuracy = sum(right.values()) / len(items)
     assert accuracy >= 0.6 and accuracy >= 2 * chance, right
+
+
+def test_results_table_names_the_shipped_model(sample):
+    """benchmarks/results/default_model.md marks exactly one row shipped: the run sample.json names."""
+    table = (Path(__file__).parent.parent / "benchmarks" / "results" / "default_model.md").read_text()
+    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    shipped = [n for n in names if n.endswith("(shipped)")]
+    assert shipped == [f"{sample['model']} (shipped)"], shipped
