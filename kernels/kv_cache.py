@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check, check_same_device, interpreting, next_pow2
+from ._utils import check, check_float, check_same_device, interpreting, next_pow2
 
 
 @triton.jit
@@ -46,6 +46,19 @@ def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
           f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     check(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1,
           "k_cache/v_cache must have a contiguous last (head-dim) dimension")
+
+
+def check_query_cache(op: str, rows: str, q: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor) -> None:
+    """q [*, Hq, d] against caches [num_blocks, block_size, Hk, d]: cache layout, head dim, GQA, dtype."""
+    check_cache(k_cache, v_cache)
+    check(q.dim() == 3, f"{op}: q must be [{rows}, Hq, d], got {tuple(q.shape)}")
+    Hq, d, Hk = q.shape[1], q.shape[2], k_cache.shape[2]
+    check(k_cache.shape[3] == d, f"{op}: head dim of q ({d}) and cache ({k_cache.shape[3]}) differ")
+    check(Hq % Hk == 0, f"{op}: Hq={Hq} is not a multiple of Hk={Hk}")
+    check(q.dtype == k_cache.dtype == v_cache.dtype,
+          f"{op}: dtypes differ: q {q.dtype}, cache {k_cache.dtype}/{v_cache.dtype}")
+    check_float("q", q)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from ._attn_config import decode_config, dot_precision, sm_count
-from ._utils import check, check_float, check_same_device, interpreting, next_pow2
-from .kv_cache import check_cache, write_kv_cache  # noqa: F401  (re-export)
+from ._utils import check, check_same_device, interpreting, next_pow2
+from .kv_cache import check_query_cache, write_kv_cache  # noqa: F401  (re-export)
 from .online_softmax import finalize, online_softmax_step, paged_slots
 from .paged_prefill import paged_prefill_attention  # noqa: F401  (re-export)
 
@@ -123,16 +123,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            scale: float | None = None, *, num_splits: int | None = None) -> torch.Tensor:
     """q [B, Hq, d] -> [B, Hq, d]; num_splits None picks split-K from the block-table width."""
-    check_cache(k_cache, v_cache)
-    check(q.dim() == 3, f"paged_decode_attention: q must be [B, Hq, d], got {tuple(q.shape)}")
+    check_query_cache("paged_decode_attention", "B", q, k_cache, v_cache)
     B, Hq, d = q.shape
     Hk = k_cache.shape[2]
-    check(k_cache.shape[3] == d, f"paged_decode_attention: head dim of q ({d}) and cache "
-          f"({k_cache.shape[3]}) differ")
-    check(Hq % Hk == 0, f"paged_decode_attention: Hq={Hq} is not a multiple of Hk={Hk}")
-    check(q.dtype == k_cache.dtype == v_cache.dtype,
-          f"paged_decode_attention: dtypes differ: q {q.dtype}, cache {k_cache.dtype}/{v_cache.dtype}")
-    check_float("q", q)
     check(block_tables.dtype == torch.int32 and block_tables.dim() == 2 and block_tables.shape[0] == B,
           f"paged_decode_attention: block_tables must be int32 [{B}, max_blocks], "
           f"got {block_tables.dtype} {tuple(block_tables.shape)}")

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ._attn_config import dot_precision, prefill_config
-from ._utils import check, check_float, check_same_device
-from .kv_cache import check_cache
+from ._utils import check, check_same_device
+from .kv_cache import check_query_cache
 from .online_softmax import finalize, online_softmax_step, paged_slots
 
 
@@ -107,16 +107,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             max_seqlen_q: int | None = None) -> torch.Tensor:
     """q [N, Hq, d] -> [N, Hq, d], causal over each sequence's paged context.
     max_seqlen_q: longest query chunk (computed from cu_seqlens_q, a host sync, when None)."""
-    check_cache(k_cache, v_cache)
-    check(q.dim() == 3, f"paged_prefill_attention: q must be [N, Hq, d], got {tuple(q.shape)}")
+    check_query_cache("paged_prefill_attention", "N", q, k_cache, v_cache)
     N, Hq, d = q.shape
     Hk = k_cache.shape[2]
-    check(k_cache.shape[3] == d, f"paged_prefill_attention: head dim of q ({d}) and cache "
-          f"({k_cache.shape[3]}) differ")
-    check(Hq % Hk == 0, f"paged_prefill_attention: Hq={Hq} is not a multiple of Hk={Hk}")
-    check(q.dtype == k_cache.dtype == v_cache.dtype,
-          f"paged_prefill_attention: dtypes differ: q {q.dtype}, cache {k_cache.dtype}/{v_cache.dtype}")
-    check_float("q", q)
     check(cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.dim() == 1 and cu_seqlens_q.numel() >= 2,
           f"paged_prefill_attention: cu_seqlens_q must be int32 [B+1], "
           f"got {cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}")
