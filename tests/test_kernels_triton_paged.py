@@ -10,29 +10,17 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton / the kernel modules are i
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from attention_checks import assert_fa_close, gen, randn  # noqa: E402
 from stllm_engine.kernels import reference as ref  # noqa: E402
 from stllm_engine.kernels.flash_attention import varlen_attention  # noqa: E402
 from stllm_engine.kernels.paged_attention import (  # noqa: E402
     choose_num_splits, paged_decode_attention, paged_prefill_attention, write_kv_cache)
 
 DTYPES = [torch.float32, torch.float16]
-EPS = {torch.float32: 2e-5, torch.float16: 2e-3}
 HEADS = [(4, 1, 16), (4, 2, 88), (2, 2, 64), (2, 2, 128)]      # Hq, Hk, d
 
 
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
-
-def randn(*shape, dtype=torch.float32, seed=0):
-    return torch.randn(*shape, generator=gen(seed)).to(dtype)
-
-
-def assert_fa_close(out, ref32, same_dtype):
-    """flash-attention's rule: |out - ref32| <= 2 * |torch_same_dtype - ref32| + eps."""
-    err = (out.float() - ref32.float()).abs().max().item()
-    base = (same_dtype.float() - ref32.float()).abs().max().item()
-    assert err <= 2 * base + EPS[out.dtype], f"max error {err} vs torch {out.dtype} error {base}"
 
 
 def paged(ctx_lens, Hk, d, block_size, dtype, seed=0, spare=3):
