@@ -17,7 +17,9 @@ cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
 with_cuda = bool(cu_sources) and torch.version.cuda is not None and CUDA_HOME is not None \
     and os.environ.get("STLLM_NO_CUDA", "0") != "1"
 
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+# -fno-trapping-math lets GCC if-convert float compares/selects, so the element-wise loops
+# (exp_approx, clamps) auto-vectorize; nothing in csrc relies on floating-point traps.
+cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]
 if with_cuda:
     ext = CUDAExtension(
         "stllm_engine._C", cpp_sources + cu_sources,

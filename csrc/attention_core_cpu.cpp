@@ -5,11 +5,8 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define STLLM_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define STLLM_CLONES
-#endif
+#include "vec_math.h"
+
 
 namespace stllm {
 
@@ -54,7 +51,7 @@ void attend_block(int R, int d, const float* q, const int64_t* limit, int64_t t0
     const float alpha = std::exp(m[r] - mx);  // 0 on the first block (m = -inf)
     float sum = 0.f;
     for (int j = 0; j < nv; ++j) {
-      sr[j] = std::exp(sr[j] - mx);
+      sr[j] = exp_approx(sr[j] - mx);  // vectorizes (std::exp does not)
       sum += sr[j];
     }
     l[r] = l[r] * alpha + sum;

@@ -17,4 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   stllm::register_kv_cache(m);
   stllm::register_paged_attention(m);
   stllm::register_packing(m);
+  stllm::register_rms_norm(m);
+  stllm::register_rotary(m);
+  stllm::register_activation(m);
 }

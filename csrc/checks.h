@@ -15,3 +15,6 @@
 #define STLLM_CHECK_INPUT(x) \
   STLLM_CHECK_CPU(x);        \
   STLLM_CHECK_CONTIG(x)
+#define STLLM_CHECK_F32_BF16(x)                                                         \
+  TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kBFloat16,   \
+              #x " must be float32 or bfloat16, got ", (x).scalar_type())

@@ -69,10 +69,10 @@ class ModelRunner:
         with cpu_threads(policy.threads(decode=not ctx.is_prefill), self.model.device):
             set_context(ctx)
             try:
-                hidden = self.model(embeds, positions)
+                hidden = self.model(embeds, positions, out_rows=sample_rows)
             finally:
                 reset_context()
-            return self.model.compute_logits(hidden[sample_rows])
+            return self.model.compute_logits(hidden)
 
     # --- input building ---------------------------------------------------------------------
     def _prepare(self, items):

@@ -3,6 +3,10 @@
 Tokens of all sequences in a step are packed into one [N, H] tensor with explicit positions (no
 padding). RMSNorm, rotary embedding (rotate-half, theta from the config), fused ``qkv_proj`` and
 ``gate_up_proj`` (built at load time from the official q/k/v and gate/up weights), SiLU MLP, GQA.
+The element-wise parts are the fused ops of :mod:`stllm_engine.ops.elementwise`: each residual add
+is folded into the RMSNorm after it, rotary runs in place on the qkv rows, SwiGLU on gate_up.
+``out_rows`` (the rows whose logits a step samples) trims the last layer: every row still writes
+its K/V, but o_proj, the MLP and the final norm run only for those rows.
 Attention reads the per-step :class:`~stllm_engine.model.context.AttentionContext`:
 
 * prefill without prefix: ``ops.varlen_attention`` (causal) over the new tokens;
@@ -15,11 +19,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from stllm_engine.config import LLMConfig
 from stllm_engine import ops
 from stllm_engine.model.context import get_context
+from stllm_engine.ops import elementwise as ew
 
 
 class RMSNorm(nn.Module):
@@ -31,9 +35,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return ew.rms_norm(x, self.weight, self.eps)
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -45,11 +47,7 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, heads, d] rotated by cos/sin [N, d] (rotate-half convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+apply_rotary = ew.rotate_ref  # x [N, heads, d] rotated by cos/sin [N, d] (rotate-half convention)
 
 
 class LlamaAttention(nn.Module):
@@ -63,11 +61,15 @@ class LlamaAttention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, Hk, d], bound later
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                out_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, H] -> [N, H], or [len(out_rows), H] for those rows only (all rows' K/V are
+        still written and attend; only the output projection is trimmed)."""
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        qkv = ew.rotary_qk_(self.qkv_proj(x), self.num_heads + self.num_kv_heads, self.head_dim, cos, sin)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         ctx = get_context()
         if self.k_cache is not None and ctx.slot_mapping is not None:
@@ -84,7 +86,8 @@ class LlamaAttention(nn.Module):
         else:
             o = ops.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                            ctx.context_lens, scale=self.scale)
-        return self.o_proj(o.reshape(n, self.q_size))
+        o = o.reshape(n, self.q_size)
+        return self.o_proj(o if out_rows is None else o.index_select(0, out_rows))
 
 
 class LlamaMLP(nn.Module):
@@ -94,8 +97,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ew.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -106,9 +108,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, normed: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                next_norm: RMSNorm, out_rows: torch.Tensor | None = None):
+        """(input_layernorm(x), x) -> (next_norm(x'), x') with x' this layer's output; the
+        residual tensor is updated in place where the fused op allows. ``out_rows``: only those
+        rows of x' (see LlamaAttention)."""
+        a = self.self_attn(normed, cos, sin, out_rows)
+        if out_rows is not None:
+            residual = residual.index_select(0, out_rows)
+        normed, residual = ew.add_rms_norm(a, residual, self.post_attention_layernorm.weight,
+                                           self.post_attention_layernorm.eps)
+        return ew.add_rms_norm(self.mlp(normed), residual, next_norm.weight, next_norm.eps)
 
 
 class LlamaModel(nn.Module):
@@ -121,13 +131,20 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """embeds [N, H] packed, positions [N] int64 -> final-normed hidden [N, H]."""
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor,
+                out_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds [N, H] packed, positions [N] int64 -> final-normed hidden [N, H]; with
+        ``out_rows`` (int64 row indices) only those rows, in that order, and the last layer's
+        o_proj/MLP run for them alone (prefill steps sample one row a sequence)."""
         if embeds.ndim != 2 or positions.shape != embeds.shape[:1]:
             raise ValueError(f"LLM expects packed embeds [N, H] and positions [N], got "
                              f"{tuple(embeds.shape)} and {tuple(positions.shape)}")
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
-        x = embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
+        residual = embeds.contiguous().clone()  # updated in place by the fused add + norm
+        normed = self.layers[0].input_layernorm(residual)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            next_norm = self.layers[i + 1].input_layernorm if i < last else self.norm
+            normed, residual = layer(normed, residual, cos, sin, next_norm,
+                                     out_rows if i == last else None)
+        return normed

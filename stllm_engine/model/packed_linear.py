@@ -55,7 +55,7 @@ class PackedLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        if rows > MAX_PACKED_ROWS or (rows == 1 and x.dtype == torch.float32):  # fp32 GEMV: MKL is as fast
+        if rows > MAX_PACKED_ROWS or rows == 0 or (rows == 1 and x.dtype == torch.float32):  # fp32 GEMV: MKL is as fast
             return F.linear(x, self.weight, self.bias)
         if not x2.is_contiguous():
             x2 = x2.contiguous()

@@ -108,9 +108,13 @@ class STLLMModel(nn.Module):
         return self.llm.embed_tokens(ids.to(self.device))
 
     @torch.no_grad()
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Packed embeds [N, H] + positions [N] -> hidden [N, H]; reads the AttentionContext."""
-        return self.llm(embeds.to(self.dtype), positions.to(self.device))
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor,
+                out_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed embeds [N, H] + positions [N] -> hidden [N, H] (or only ``out_rows``, see
+        LlamaModel.forward); reads the AttentionContext."""
+        if out_rows is not None:
+            out_rows = torch.as_tensor(out_rows, dtype=torch.int64, device=self.device)
+        return self.llm(embeds.to(self.dtype), positions.to(self.device), out_rows)
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""The fused CPU element-wise ops (C++) against their torch twins: RMSNorm with and without the
+residual add, in-place rotary on fused qkv rows, SwiGLU; plus the dispatch rules (in-place
+residual, autograd and float16 falling back to the twins) and LlamaModel's ``out_rows`` trim."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stllm_engine.ops import elementwise as ew
+from stllm_engine.model.llama import rotary_cos_sin
+
+DTYPES = [torch.float32, torch.bfloat16]
+ROWS = [1, 7, 33, 593]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    # fp32: a few ulp (summation order, FMA contraction, exp_approx); bf16: a float-ulp difference
+    # before a rounding can flip it, and RMSNorm rounds twice (h, then weight * h): <= 2 bf16 ulp
+    rtol, atol = (2e-6, 1e-6) if dtype == torch.float32 else (2 ** -6, 1e-3)
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("hidden", [64, 88, 1000])
+def test_rms_norm_and_fused_add(dtype, rows, hidden):
+    g = torch.Generator().manual_seed(rows * hidden)
+    x = torch.randn(rows, hidden, generator=g).to(dtype)
+    res = (3 * torch.randn(rows, hidden, generator=g)).to(dtype)
+    w = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype)
+    _close(ew.rms_norm(x, w, 1e-6), ew.rms_norm_ref(x, w, 1e-6), dtype)
+    want_res = res + x
+    want = ew.rms_norm_ref(want_res, w, 1e-5)
+    res_in = res.clone()
+    out, new_res = ew.add_rms_norm(x, res_in, w, 1e-5)
+    assert new_res.data_ptr() == res_in.data_ptr(), "CPU path updates the residual in place"
+    assert torch.equal(new_res, want_res)  # one rounding, as torch's add
+    _close(out, want, dtype)
+
+
+def test_rms_norm_strided_rows():
+    x = torch.randn(9, 2 * 96)[:, :96]  # row stride 192
+    w = torch.rand(96) + 0.5
+    _close(ew.rms_norm(x, w, 1e-6), ew.rms_norm_ref(x, w, 1e-6), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("head_dim,q_heads,kv_heads", [(64, 4, 4), (88, 2, 1), (128, 4, 2), (16, 3, 1)])
+def test_rotary_in_place_on_qkv(dtype, rows, head_dim, q_heads, kv_heads):
+    g = torch.Generator().manual_seed(rows + head_dim)
+    width = (q_heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(rows, width, generator=g).to(dtype)
+    positions = torch.randint(0, 4000, (rows,), generator=g)
+    cos, sin = rotary_cos_sin(positions, head_dim, 10000.0, dtype)
+    heads = q_heads + kv_heads
+    want = qkv.clone()
+    want[:, :heads * head_dim] = ew.rotate_ref(qkv[:, :heads * head_dim].reshape(rows, heads, head_dim),
+                                               cos, sin).reshape(rows, -1)
+    got = qkv.clone()
+    assert ew.rotary_qk_(got, heads, head_dim, cos, sin) is got
+    assert torch.equal(got[:, heads * head_dim:], qkv[:, heads * head_dim:]), "v must be untouched"
+    _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("inter", [1, 172, 2816])
+def test_silu_and_mul(dtype, rows, inter):
+    g = torch.Generator().manual_seed(rows + inter)
+    x = (4 * torch.randn(rows, 2 * inter, generator=g)).to(dtype)
+    x[0, 0] = -100.0  # exp overflow side: silu -> -0
+    x[-1, 0] = 100.0
+    _close(ew.silu_and_mul(x), ew.silu_and_mul_ref(x), dtype)
+
+
+def test_fallbacks_autograd_and_float16():
+    x = torch.randn(5, 32, requires_grad=True)
+    w = torch.ones(32)
+    ew.rms_norm(x, w, 1e-6).sum().backward()  # the twin runs under autograd
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    h = torch.randn(5, 64).half()
+    torch.testing.assert_close(ew.silu_and_mul(h), ew.silu_and_mul_ref(h))
+    res = torch.randn(5, 64).half()
+    out, new_res = ew.add_rms_norm(h, res.clone(), torch.ones(64).half(), 1e-6)
+    torch.testing.assert_close(new_res, res + h)
+
+
+def test_cpp_rejects_bad_shapes():
+    from stllm_engine._C import rms_norm, rotary_embedding_, silu_and_mul
+
+    with pytest.raises(RuntimeError, match="weight has 3 entries"):
+        rms_norm(torch.randn(2, 4), torch.ones(3), torch.empty(2, 4), 1e-6)
+    with pytest.raises(RuntimeError, match="exceeds the row width"):
+        rotary_embedding_(torch.randn(2, 8), 3, 4, torch.ones(2, 4), torch.ones(2, 4))
+    with pytest.raises(RuntimeError, match="even width"):
+        silu_and_mul(torch.randn(2, 5), torch.empty(2, 2))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        silu_and_mul(torch.randn(2, 4).half(), torch.empty(2, 2).half())
