@@ -5,8 +5,9 @@
 
 Model: random weights in the official layout at the preset's shapes (BENCHMARKS.md), written once
 into the cache (``$STLLM_CACHE`` or ``~/.cache/stllm-engine``/bench); ``--checkpoint`` uses a folder
-instead. Videos: generated mp4 (398x224, 48 frames at 8 fps), 16 frames sampled, video input
-``all``. Every request is the chat prompt with a ~30-token question, greedy, repetition penalty 1.5
+instead. Videos: generated mp4, 48 frames at 8 fps, ``--video 224p`` (398x224, the default) or
+``720p`` (1280x720: frame decoding and the resize to 224 weigh more, as with real clips), 16 frames
+sampled, video input ``all``. Every request is the chat prompt with a ~30-token question, greedy, repetition penalty 1.5
 (the release's), exactly N new tokens on both sides: ``min_new_tokens = max_new_tokens = N``
 masks EOS until N tokens exist (transformers' MinNewTokens / the engine's sampler), and no stop
 criterion runs ("###" stops are off: engine ``stop=[]``, reference generate without the release's
@@ -33,8 +34,8 @@ Engine and reference run interleaved per video. On the CPU the reference runs tw
 thread count (how a user runs it) and at the engine's decode thread count (``STLLM_CPU_THREADS``,
 see ``stllm_engine/model/threads.py``), both reported; the dtype is always the same on both sides.
 Targets (ratio = "engine better by"): ttft >= 1/0.7, decode >= 1.5, throughput >= 4,
-cached/follow-up ttft >= 1/0.3. Writes ``benchmarks/results/e2e-<device>.json`` (other dtypes than
-the device default: ``e2e-<device>-<dtype>.json``).
+cached/follow-up ttft >= 1/0.3. Writes ``benchmarks/results/e2e-<device>[-<dtype>][-720p].json`` (the
+dtype part for other dtypes than the device default).
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ QUESTIONS = ("What is the red shape doing while the other objects move across th
 PRESETS = {"tiny": "tiny", "bench-cpu": "bench_cpu", "stllm-7b": None}
 TARGETS = {"ttft": 1 / 0.7, "decode": 1.5, "throughput": 4.0, "cached_video_ttft": 1 / 0.3}
 REPETITION_PENALTY = 1.5
-VIDEO_SIZE, VIDEO_FRAMES, VIDEO_FPS = (398, 224), 48, 8
+VIDEO_SIZES = {"224p": (398, 224), "720p": (1280, 720)}  # BENCHMARKS.md: "720p and 224p"
+VIDEO_FRAMES, VIDEO_FPS = 48, 8
 
 
 def log(msg: str) -> None:
@@ -100,16 +102,17 @@ def checkpoint_for(preset: str, cache: Path) -> Path:
     return folder
 
 
-def bench_videos(cache: Path, count: int) -> list[Path]:
+def bench_videos(cache: Path, count: int, video: str = "224p") -> list[Path]:
     from stllm_engine.testing.videos import write_video
 
     folder = cache / "videos"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    size = VIDEO_SIZES[video]
     for seed in range(count):
-        p = folder / f"{VIDEO_SIZE[0]}x{VIDEO_SIZE[1]}-{VIDEO_FRAMES}f-seed{seed}.mp4"
+        p = folder / f"{size[0]}x{size[1]}-{VIDEO_FRAMES}f-seed{seed}.mp4"
         if not p.is_file():
-            write_video(p, num_frames=VIDEO_FRAMES, size=VIDEO_SIZE, fps=VIDEO_FPS, seed=seed)
+            write_video(p, num_frames=VIDEO_FRAMES, size=size, fps=VIDEO_FPS, seed=seed)
         paths.append(p)
     return paths
 
@@ -223,9 +226,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=None, help="requests in the throughput run (default 8)")
     ap.add_argument("--repeats", type=int, default=None, help="videos per latency metric (default 3)")
     ap.add_argument("--num-frames", type=int, default=16)
+    ap.add_argument("--video", default="224p", choices=tuple(VIDEO_SIZES), help="resolution of the test clips")
     ap.add_argument("--no-matched-threads", action="store_true",
                     help="skip the extra reference runs at the engine's decode thread count (CPU)")
-    ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/e2e-<device>[-<dtype>].json)")
+    ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/e2e-<device>[-<dtype>][-720p].json)")
     args = ap.parse_args()
     n = args.new_tokens or (16 if args.quick else 64)
     conc = args.concurrency or (4 if args.quick else 8)
@@ -245,7 +249,7 @@ def main() -> None:
 
     cache = cache_dir() / "bench"
     folder = args.checkpoint or checkpoint_for(args.preset, cache)
-    videos = bench_videos(cache, 1 + 3 * reps + conc)
+    videos = bench_videos(cache, 1 + 3 * reps + conc, args.video)
     warm, lat_v = videos[0], videos[1:1 + reps]
     thr_v = videos[1 + reps:1 + reps + conc]
     cache_v, chat_v = videos[1 + reps + conc:1 + 2 * reps + conc], videos[1 + 2 * reps + conc:]
@@ -327,7 +331,7 @@ def main() -> None:
     busy.append(machine_busy())
     med = statistics.median
     base = dict(preset=args.checkpoint.name if args.checkpoint else args.preset, dtype=str(dtype).removeprefix("torch."),
-                frames=args.num_frames, video_input=cfg.video_input,
+                video="x".join(map(str, VIDEO_SIZES[args.video])), frames=args.num_frames, video_input=cfg.video_input,
                 video_tokens=args.num_frames * cfg.tokens_per_frame, new_tokens=n, greedy=True,
                 repetition_penalty=REPETITION_PENALTY,
                 engine_threads=f"decode {thread_label(policy.decode)}, prefill/vision {thread_label(policy.prefill)}"
@@ -357,8 +361,10 @@ def main() -> None:
     ]
     device = device_name(args.device)
     default_out = None
-    if dtype != (torch.float16 if args.device.startswith("cuda") else torch.float32):
-        default_out = RESULTS / f"e2e-{device.replace(' ', '-')}-{base['dtype']}.json"
+    suffix = ("" if dtype == (torch.float16 if args.device.startswith("cuda") else torch.float32)
+              else f"-{base['dtype']}") + ("" if args.video == "224p" else f"-{args.video}")
+    if suffix:
+        default_out = RESULTS / f"e2e-{device.replace(' ', '-')}{suffix}.json"
     out = write_result("e2e", device, rows, args.out or default_out)
     print(f"e2e on {device}: {base['preset']} {base['dtype']}, {args.num_frames} frames "
           f"({base['video_tokens']} video tokens), {n} new tokens; same greedy ids on {same}/{reps} videos; "

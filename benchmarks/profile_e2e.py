@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1, help="concurrent engine requests in the decode breakdown")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--video", default="224p", choices=tuple(e2e.VIDEO_SIZES))
     ap.add_argument("--ops", action="store_true", help="print torch.profiler op tables of both prefills")
     args = ap.parse_args()
     import os
@@ -59,7 +60,7 @@ def main() -> None:
 
     cache = cache_dir() / "bench"
     folder = e2e.checkpoint_for(args.preset, cache)
-    videos = e2e.bench_videos(cache, 1 + args.repeats + args.batch)
+    videos = e2e.bench_videos(cache, 1 + args.repeats + args.batch, args.video)
     ref = ReferenceSTLLM.from_pretrained(folder, dtype=dtype, device="cpu")
     llm = STLLM.from_pretrained(folder, device="cpu", dtype=dtype, max_num_seqs=max(8, args.batch))
     m, q = llm.engine.model, e2e.QUESTIONS[0]
@@ -74,7 +75,7 @@ def main() -> None:
                                      context_lens=torch.tensor([n], dtype=torch.int32),
                                      block_tables=torch.arange(-(-n // m.block_size), dtype=torch.int32)[None]))
         try:
-            return m.compute_logits(m(x, torch.arange(n))[-1:])
+            return m.compute_logits(m(x, torch.arange(n), out_rows=torch.tensor([n - 1])))
         finally:
             reset_context()
 
