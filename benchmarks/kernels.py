@@ -107,6 +107,38 @@ def cpu_rows(quick: bool) -> list[dict]:
         base = cpu_time_ms(index_copy, reps * 3)
         rows.append(row(dict(op="write_kv_cache", tokens=N, kv_heads=32, head_dim=128, block_size=16,
                              dtype="float32", repeats=reps * 3), "latency", eng, "torch index_copy_", base, "ms", False))
+    rows += elementwise_rows(reps)
+    return rows
+
+
+def elementwise_rows(reps: int) -> list[dict]:
+    """Fused C++ element-wise ops vs the torch op-by-op twins, at a bench-cpu prefill (593 rows of
+    the 1024-wide, 16x64-head, 2816-MLP LLM) and a batch-8 decode step."""
+    from stllm_engine.model.llama import rotary_cos_sin
+    from stllm_engine.ops import elementwise as ew
+
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for N in (8, 593):
+            g = torch.Generator().manual_seed(N)
+            x, res = (torch.randn(N, 1024, generator=g).to(dtype) for _ in range(2))
+            w = (1 + 0.1 * torch.randn(1024, generator=g)).to(dtype)
+            qkv = torch.randn(N, 3 * 1024, generator=g).to(dtype)
+            cos, sin = rotary_cos_sin(torch.arange(N), 64, 10000.0, dtype)
+            gu = torch.randn(N, 2 * 2816, generator=g).to(dtype)
+
+            def rot_ref():
+                return ew.rotate_ref(qkv[:, :2048].view(N, 32, 64), cos, sin)
+            cases = {
+                "add_rms_norm": (lambda: ew.add_rms_norm(x, res, w, 1e-6),
+                                 lambda: ew.rms_norm_ref(res + x, w, 1e-6)),
+                "rotary_qk_": (lambda: ew.rotary_qk_(qkv, 32, 64, cos, sin), rot_ref),
+                "silu_and_mul": (lambda: ew.silu_and_mul(gu), lambda: ew.silu_and_mul_ref(gu)),
+            }
+            for op, (fused, twin) in cases.items():
+                eng, base = cpu_time_ms(fused, reps * 3), cpu_time_ms(twin, reps * 3)
+                cfg = dict(op=op, rows=N, hidden=1024, dtype=str(dtype).removeprefix("torch."), repeats=reps * 3)
+                rows.append(row(cfg, "latency", eng, "torch op-by-op twin", base, "ms", False))
     return rows
 
 
