@@ -8,103 +8,34 @@ step: schedule -> ``ModelRunner.run`` -> sample (or a beam step) -> append -> st
 A bad request (unreadable video, bad parameters, prompt that cannot fit) finishes alone with
 ``finish_reason="error"`` and a message; a failing model step fails only the requests in it.
 Beam-search requests prefill through the scheduler, then decode their beams together in a
-separate runner call each step.
+separate runner call each step (``beam_requests.py``). Config: ``engine_config.py``; per-request
+records and the release's left truncation: ``request.py``.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from stllm_engine.engine.beam_search import BeamGroup
+from stllm_engine.engine.beam_requests import BeamRequests
 from stllm_engine.engine.block_manager import BlockManager
+from stllm_engine.engine.engine_config import EngineConfig, kv_bytes_per_block  # noqa: F401 (re-exported)
+from stllm_engine.engine.request import Request, truncate_left  # noqa: F401 (re-exported)
 from stllm_engine.engine.sampler import Sampler, StopChecker
 from stllm_engine.engine.scheduler import Scheduler
 from stllm_engine.engine.sequence import Sequence
 from stllm_engine.engine.video_prep import PreparedVideo, prepare_video
 from stllm_engine.engine.vision_cache import VisionCache
-from stllm_engine.outputs import RequestOutput, RequestTimings
+from stllm_engine.outputs import RequestOutput
 from stllm_engine.prompts import MVBENCH_SYSTEM, chat_prompt, mvbench_prompt_segments, mvbench_question
 from stllm_engine.sampling_params import SamplingParams
-
-RELEASE_MAX_LENGTH = 2000  # Chat.answer: prompt + max_new_tokens beyond this cuts the prompt's left
-
-
-@dataclass
-class EngineConfig:
-    """block_size: KV positions per block; num_kv_blocks or kv_cache_memory (bytes) sizes the
-    pool; max_length: prompt + new tokens cap (the release's 2000, bounded by the model's
-    positions); truncate_prompt: cut longer prompts from the left like the release (else error);
-    beam_stop_first_row: stop ids/strings end beams as the release's criterion does (judged on the
-    best candidate, applied to all), else per candidate."""
-
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: int = 256 << 20
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    vision_cache_bytes: int = 256 << 20
-    enable_prefix_caching: bool = True
-    max_length: int = RELEASE_MAX_LENGTH
-    truncate_prompt: bool = True
-    beam_stop_first_row: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_length"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"EngineConfig.{name} must be a positive int, got {v!r}")
-        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks <= 0):
-            raise ValueError(f"EngineConfig.num_kv_blocks must be a positive int, got {self.num_kv_blocks!r}")
-        if self.num_kv_blocks is None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0):
-            raise ValueError(f"EngineConfig.kv_cache_memory must be a positive number of bytes, "
-                             f"got {self.kv_cache_memory!r}")
-        if not isinstance(self.vision_cache_bytes, int) or self.vision_cache_bytes < 0:
-            raise ValueError(f"EngineConfig.vision_cache_bytes must be >= 0, got {self.vision_cache_bytes!r}")
-
-
-def kv_bytes_per_block(model, block_size: int) -> int:
-    c = model.config.llm
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
-
 
 def _check_question(question) -> None:
     if not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}")
 
 
-def truncate_left(tokens, key: str, ids: list[int], video_start: int, over: int):
-    """Cut ``over`` positions from the left of [ids[:video_start] | tokens | ids[video_start:]] as
-    the release cuts its input embeddings; -> (tokens | None, key, ids, video_start)."""
-    lv = 0 if tokens is None else int(tokens.shape[0])
-    cut_t = min(over, video_start)
-    cut_v = min(over - cut_t, lv)
-    cut_a = over - cut_t - cut_v
-    ids = ids[cut_t:video_start] + ids[video_start + cut_a:]
-    if cut_v:
-        tokens = tokens[cut_v:] if lv > cut_v else None
-        key = f"{key}|cut={cut_v}"
-    return tokens, key, ids, video_start - cut_t
-
-
-class _Request:
-    def __init__(self, request_id: str, params: SamplingParams, arrival: float) -> None:
-        self.request_id = request_id
-        self.params = params
-        self.arrival = arrival
-        self.timings = RequestTimings()
-        self.seq: Sequence | None = None
-        self.beams: BeamGroup | None = None
-        self.checker: StopChecker | None = None
-        self.first_token_at: float | None = None
-        self.error: str | None = None
-        self.finish_reason: str | None = None
-        self.token_ids: list[int] = []
-        self.final_text: str | None = None  # beam search: text of the best hypothesis
-
-
-class LLMEngine:
+class LLMEngine(BeamRequests):
     def __init__(self, model, tokenizer, config: EngineConfig | None = None) -> None:
         from stllm_engine.engine.model_runner import ModelRunner
 
@@ -126,8 +57,8 @@ class LLMEngine:
         self.vision_cache = VisionCache(cfg.vision_cache_bytes)
         self.max_positions = model.config.llm.max_position_embeddings
         self.max_length = min(cfg.max_length, self.max_positions)
-        self._requests: dict[str, _Request] = {}
-        self._by_seq: dict[int, _Request] = {}
+        self._requests: dict[str, Request] = {}
+        self._by_seq: dict[int, Request] = {}
         self._pending: list[RequestOutput] = []
         self._next_id = 0
 
@@ -156,7 +87,7 @@ class LLMEngine:
                     num_frames: int | None = None, keep_ratio: float = 1.0, keep_mode: str = "even",
                     keep_seed: int = 0, sampling: str = "uniform") -> str:
         """Queue one question about one video; returns its request id (errors end up in its output)."""
-        def build(req: _Request) -> None:
+        def build(req: Request) -> None:
             _check_question(question)
             pv = self._prepare_timed(req, video, question, num_frames=num_frames, keep_ratio=keep_ratio,
                                      keep_mode=keep_mode, keep_seed=keep_seed, sampling=sampling)
@@ -170,7 +101,7 @@ class LLMEngine:
         frame sampling (``bound`` in seconds), the formatted question into the Q-Former, every
         frame's tokens concatenated whatever the variant (``video_tokens="own"``: the checkpoint's
         projector instead), BOS + text | video | text. ``system=None``: ``MVBENCH_SYSTEM``."""
-        def build(req: _Request) -> None:
+        def build(req: Request) -> None:
             _check_question(question)
             if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
                 raise TypeError(f"candidates must be a list of str, got {candidates!r}")
@@ -185,7 +116,7 @@ class LLMEngine:
         """Register a request, check its params, then ``build(req)`` admits it; any error fails
         this request only (its output carries the message)."""
         rid = self._new_id(request_id)
-        req = _Request(rid, params, time.perf_counter())
+        req = Request(rid, params, time.perf_counter())
         self._requests[rid] = req
         try:
             if params is not None and not isinstance(params, SamplingParams):
@@ -196,7 +127,7 @@ class LLMEngine:
             self._fail(req, e)
         return rid
 
-    def _prepare_timed(self, req: _Request, video, question: str, **kw) -> PreparedVideo:
+    def _prepare_timed(self, req: Request, video, question: str, **kw) -> PreparedVideo:
         pv = self.prepare_video(video, question, **kw)
         t = req.timings
         t.frame_decode, t.vision, t.qformer = pv.frame_decode_s, pv.vision_s, pv.qformer_s
@@ -220,7 +151,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         return request_id
 
-    def _admit(self, req: _Request, tokens, key: str, ids: list[int], video_start: int = 0) -> None:
+    def _admit(self, req: Request, tokens, key: str, ids: list[int], video_start: int = 0) -> None:
         p = req.params
         lv = 0 if tokens is None else int(tokens.shape[0])
         total = lv + len(ids)
@@ -240,7 +171,7 @@ class LLMEngine:
         req.checker = StopChecker(self.tokenizer, seq, self.eos_token_id, self.max_positions)
         self._by_seq[seq.seq_id] = req
 
-    def _fail(self, req: _Request, e: BaseException) -> None:
+    def _fail(self, req: Request, e: BaseException) -> None:
         req.error = str(e) if isinstance(e, (ValueError, TypeError)) else f"{type(e).__name__}: {e}"
         req.finish_reason = "error"
         self._release(req)
@@ -258,7 +189,7 @@ class LLMEngine:
         self._requests.pop(request_id, None)
         return True
 
-    def _release(self, req: _Request) -> None:
+    def _release(self, req: Request) -> None:
         if req.beams is not None:
             for s in req.beams.sequences:
                 self._by_seq.pop(s.seq_id, None)
@@ -347,76 +278,17 @@ class LLMEngine:
         outs, self._pending = self._pending, []
         return outs
 
-    def _on_token(self, req: _Request, now: float) -> None:
+    def _on_token(self, req: Request, now: float) -> None:
         if req.first_token_at is None:
             req.first_token_at = now
             req.timings.ttft = now - req.arrival
 
-    def _finish(self, req: _Request) -> None:
+    def _finish(self, req: Request) -> None:
         self._release(req)
         self._requests.pop(req.request_id, None)
 
-    # --- beam search ------------------------------------------------------------------------
-    def _beam_is_stop(self, params: SamplingParams):
-        def is_stop(tokens: list[int]) -> bool:
-            if len(tokens) < params.min_new_tokens:
-                return False
-            if any(tokens[len(tokens) - len(s):] == s for s in params.stop_token_ids if len(tokens) >= len(s)):
-                return True
-            if params.stop:
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                return any(s in text for s in params.stop)
-            return False
-        return is_stop
-
-    def _start_beams(self, req: _Request, logits_row: torch.Tensor, outs: list) -> None:
-        seq = req.seq
-        self.scheduler.running.remove(seq)
-        self._on_token(req, time.perf_counter())
-        max_len = min(req.params.max_new_tokens, self.max_positions - seq.num_prompt_tokens)
-        req.beams = BeamGroup(seq, self.block_manager, self.eos_token_id, self._beam_is_stop(req.params),
-                              max_len, broadcast_stop=self.config.beam_stop_first_row)
-        self._beam_consume(req, logits_row.expand(req.params.num_beams, -1), outs)
-
-    def _beam_step(self, req: _Request, outs: list) -> None:
-        rows = req.beams.rows
-        try:
-            logits = self.runner.run([(s, 1) for s in rows])
-        except Exception as e:  # noqa: BLE001
-            self._fail(req, RuntimeError(f"model step failed: {type(e).__name__}: {e}"))
-            return
-        for s in req.beams.sequences:
-            s.num_computed_tokens = s.num_tokens
-            self.block_manager.publish(s)
-        self._beam_consume(req, logits, outs)
-
-    def _beam_consume(self, req: _Request, logits: torch.Tensor, outs: list) -> None:
-        g = req.beams
-        try:
-            copies = g.step(logits)
-            self.runner.copy_blocks(copies)
-        except RuntimeError as e:  # out of KV blocks while forking beams
-            self._fail(req, RuntimeError(f"beam search ran out of KV blocks: {e}"))
-            return
-        for s in g.sequences:
-            self._by_seq[s.seq_id] = req
-        if g.done:
-            req.token_ids = g.best()
-            text = self.tokenizer.decode(req.token_ids, skip_special_tokens=True)
-            cut = [i for i in (text.find(s) for s in req.params.stop) if i >= 0]
-            text = text[:min(cut)] if cut else text
-            ended = g.is_stop(req.token_ids) or (req.token_ids[-1:] == [self.eos_token_id]
-                                                 and not req.params.ignore_eos)
-            req.finish_reason = "stop" if ended or len(req.token_ids) < g.max_len else "length"
-            req.beams = None
-            req.final_text = text
-            for sid in [k for k, v in self._by_seq.items() if v is req]:
-                del self._by_seq[sid]
-            outs.append(self._output(req, text))
-            self._requests.pop(req.request_id, None)
-
     # --- outputs ----------------------------------------------------------------------------
-    def _output(self, req: _Request, delta: str) -> RequestOutput:
+    def _output(self, req: Request, delta: str) -> RequestOutput:
         seq, t = req.seq, req.timings
         now = time.perf_counter()
         finished = req.finish_reason is not None

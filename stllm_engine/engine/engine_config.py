@@ -1,0 +1,46 @@
+"""EngineConfig: the engine's sizes and policies (plain dataclass, checked on construction)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RELEASE_MAX_LENGTH = 2000  # Chat.answer: prompt + max_new_tokens beyond this cuts the prompt's left
+
+
+@dataclass
+class EngineConfig:
+    """block_size: KV positions per block; num_kv_blocks or kv_cache_memory (bytes) sizes the
+    pool; max_length: prompt + new tokens cap (the release's 2000, bounded by the model's
+    positions); truncate_prompt: cut longer prompts from the left like the release (else error);
+    beam_stop_first_row: stop ids/strings end beams as the release's criterion does (judged on the
+    best candidate, applied to all), else per candidate."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int = 256 << 20
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    vision_cache_bytes: int = 256 << 20
+    enable_prefix_caching: bool = True
+    max_length: int = RELEASE_MAX_LENGTH
+    truncate_prompt: bool = True
+    beam_stop_first_row: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"EngineConfig.{name} must be a positive int, got {v!r}")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks <= 0):
+            raise ValueError(f"EngineConfig.num_kv_blocks must be a positive int, got {self.num_kv_blocks!r}")
+        if self.num_kv_blocks is None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0):
+            raise ValueError(f"EngineConfig.kv_cache_memory must be a positive number of bytes, "
+                             f"got {self.kv_cache_memory!r}")
+        if not isinstance(self.vision_cache_bytes, int) or self.vision_cache_bytes < 0:
+            raise ValueError(f"EngineConfig.vision_cache_bytes must be >= 0, got {self.vision_cache_bytes!r}")
+
+
+def kv_bytes_per_block(model, block_size: int) -> int:
+    c = model.config.llm
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
