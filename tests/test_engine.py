@@ -208,6 +208,30 @@ def test_prefix_and_vision_cache_hits(eva_all, video):
     assert_clean(eng)
 
 
+def test_vision_cache_hit_skips_decoding(eva_all, tmp_path, monkeypatch):
+    """A repeat request for the same file and sampling finds its features without decoding; new
+    content at the same path, or another frame count, decodes again."""
+    import stllm_engine.engine.video_prep as vp
+
+    f, _ = eva_all
+    eng = make_engine(f)
+    path = write_video(tmp_path / "v.mp4", num_frames=12, size=(64, 48), seed=5)
+    decodes = []
+    real = vp._frames_of
+    monkeypatch.setattr(vp, "_frames_of", lambda *a, **k: decodes.append(a[2]) or real(*a, **k))
+    p = SamplingParams(max_new_tokens=3)
+    first, second = (run(eng, [(path, q, p, {})])[0] for q in ("one?", "two?"))
+    assert decodes == [8] and second.timings.vision_cache_hit and not first.timings.vision_cache_hit
+    assert eng.stats()["vision_cache"]["decodes_skipped"] == 1
+    (other_n,) = run(eng, [(path, "one?", p, {"num_frames": 4})])
+    assert decodes == [8, 4] and not other_n.timings.vision_cache_hit
+    write_video(path, num_frames=12, size=(64, 48), seed=6)  # same path, new content
+    (fresh,) = run(eng, [(path, "one?", p, {})])
+    assert decodes == [8, 4, 8] and not fresh.timings.vision_cache_hit
+    assert eng.stats()["vision_cache"]["decodes_skipped"] == 1
+    assert_clean(eng)
+
+
 def test_timings_are_filled(eva_all, video):
     f, _ = eva_all
     (o,) = run(make_engine(f), [(video, Q, SamplingParams(max_new_tokens=5), {})])

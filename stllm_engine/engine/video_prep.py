@@ -6,6 +6,9 @@ question + projector (``model.encode_video``; ``video_tokens="frames"``: every f
 inference-time dynamic masking
 (keep_ratio: drop a share of video tokens, kept ones keep their order, packed with
 ``ops.pack_by_mask``). Also builds the prefix-cache identity (``key``) of those tokens.
+A video file seen before with the same sampling request is looked up before decoding (its content
+hash is memoised per path/size/mtime and the cache remembers the chosen frame indices): on a hit
+neither the decoder nor the ViT runs.
 """
 from __future__ import annotations
 
@@ -56,6 +59,29 @@ def keep_mask(num_tokens: int, keep_ratio: float, mode: str = "even", seed: int 
     return mask
 
 
+def _cached_file_features(model, cache: VisionCache | None, video, num_frames: int, sampling: str, bound):
+    """(plan request, chash, indices, features) for a video *file* whose features are cached
+    under a remembered sampling plan; (plan request, chash, None, None) when not (or not a file)."""
+    import os
+
+    from stllm_engine.video import content_hash, resolve_source
+
+    if cache is None or not isinstance(video, (str, os.PathLike)):
+        return None, None, None, None
+    src = resolve_source(video)
+    if src.kind != "file":
+        return None, None, None, None
+    chash = content_hash(src)
+    request = (chash, num_frames, sampling, None if bound is None else tuple(float(b) for b in bound))
+    indices = cache.plan(request)
+    if indices is None:
+        return request, chash, None, None
+    key = vision_key(chash, indices, variant_name(model.config), model.dtype)
+    if key not in cache:
+        return request, chash, None, None
+    return request, chash, list(indices), cache.get(key)
+
+
 def _frames_of(model, video, num_frames: int, sampling: str, bound=None):
     """(frames [T,3,S,S], indices, content hash) from any accepted video input."""
     from stllm_engine.video import VideoFrames, load_video
@@ -96,14 +122,21 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
     if keep_ratio != 1.0:
         keep_mask(1, keep_ratio, keep_mode)  # validate before the expensive part
     t0 = time.perf_counter()
-    frames, indices, chash = _frames_of(model, video, n, sampling, bound)
+    plan_request, chash, indices, embeds = _cached_file_features(model, cache, video, n, sampling, bound)
+    if embeds is not None:
+        cache.decodes_skipped += 1
+    else:
+        frames, indices, chash = _frames_of(model, video, n, sampling, bound)
+        if plan_request is not None:
+            cache.put_plan(plan_request, indices)
     if cfg.vision.btadapter and len(indices) > cfg.vision.btadapter_max_frames:
         raise ValueError(f"the BT-Adapter handles at most {cfg.vision.btadapter_max_frames} frames, "
                          f"got {len(indices)}")
     t1 = time.perf_counter()
     variant = variant_name(cfg)
     key = vision_key(chash, indices, variant, model.dtype)
-    embeds = cache.get(key) if cache is not None else None
+    if embeds is None and cache is not None:
+        embeds = cache.get(key)
     hit = embeds is not None
     if embeds is None:
         embeds = model.encode_vision(frames)

@@ -3,6 +3,11 @@
 Key: (video content hash, frame indices, model variant, dtype). The question does not enter the
 key: the instruction-aware Q-Former runs after this cache. An entry larger than the whole budget is
 not stored.
+
+Beside the features it remembers sampling plans: (content hash, sampling request) -> the frame
+indices a decode chose. A repeat request for the same file then finds its features without
+opening the video at all (no probe, no decode): the second question on a video skips frame
+decoding and the ViT, as the Q-Former is all that depends on the question.
 """
 from __future__ import annotations
 
@@ -26,6 +31,23 @@ class VisionCache:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.decodes_skipped = 0
+        self._plans: OrderedDict[Hashable, tuple[int, ...]] = OrderedDict()
+
+    PLAN_ENTRIES = 4096
+
+    def plan(self, request: Hashable) -> tuple[int, ...] | None:
+        """Frame indices a previous decode chose for ``request`` (content hash + sampling), or None."""
+        indices = self._plans.get(request)
+        if indices is not None:
+            self._plans.move_to_end(request)
+        return indices
+
+    def put_plan(self, request: Hashable, indices) -> None:
+        self._plans[request] = tuple(int(i) for i in indices)
+        self._plans.move_to_end(request)
+        while len(self._plans) > self.PLAN_ENTRIES:
+            self._plans.popitem(last=False)
 
     @staticmethod
     def nbytes(t: torch.Tensor) -> int:
@@ -64,8 +86,10 @@ class VisionCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._plans.clear()
         self.bytes = 0
 
     def stats(self) -> dict:
         return dict(hits=self.hits, misses=self.misses, bytes=self.bytes, entries=len(self._entries),
-                    evictions=self.evictions, capacity_bytes=self.capacity_bytes)
+                    evictions=self.evictions, capacity_bytes=self.capacity_bytes,
+                    decodes_skipped=self.decodes_skipped)
