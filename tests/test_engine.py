@@ -63,6 +63,7 @@ def assert_clean(engine):
     s = engine.block_manager.stats()
     assert s["used_blocks"] == 0
     assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert len(engine.frame_loader) == 0 and not engine.has_unfinished_requests()
 
 
 def release_params(ref, **kw):
@@ -275,6 +276,56 @@ def test_bad_requests_fail_alone(folders, video, tmp_path):
     assert eng.abort("dup")
     eng.step()
     assert_clean(eng)
+
+
+def test_new_video_decodes_in_the_background(eva_all, video, tmp_path, monkeypatch):
+    """add_request returns while a new video decodes; running requests keep producing tokens in
+    the meantime; the new one joins once its frames are ready, with the same result as alone; a
+    request aborted while decoding never runs."""
+    import threading
+
+    import stllm_engine.engine.llm_engine as le
+
+    f, _ = eva_all
+    gate, real = threading.Event(), le.decode_video
+
+    def gated(*a, **k):
+        assert gate.wait(30), "test gate never opened"
+        return real(*a, **k)
+
+    p = SamplingParams(max_new_tokens=6)
+    new_video = write_video(tmp_path / "new.mp4", num_frames=10, size=(64, 48), seed=8)
+    (alone,) = run(make_engine(f), [(new_video, Q, p, {})])
+    eng = make_engine(f)
+    first = eng.add_request(video, Q, p)
+    while not eng.scheduler.has_work():
+        eng.step()  # the first request's decode finishes and it is admitted
+    monkeypatch.setattr(le, "decode_video", gated)
+    late = eng.add_request(new_video, Q, p)
+    doomed = eng.add_request(write_video(tmp_path / "d.mp4", num_frames=10, size=(64, 48), seed=9), Q, p)
+    assert len(eng.frame_loader) == 2 and eng.abort(doomed) and len(eng.frame_loader) == 1
+    outs: dict[str, list] = {}
+    for _ in range(4):
+        for o in eng.step():
+            outs.setdefault(o.request_id, []).append(o)
+    assert len(outs[first]) >= 3 and late not in outs  # the running request did not wait
+    assert outs[doomed][-1].finish_reason == "abort"
+    gate.set()
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            outs.setdefault(o.request_id, []).append(o)
+    assert outs[late][-1].token_ids == alone.token_ids and outs[late][-1].timings.frame_decode > 0
+    assert outs[first][-1].finished and len(outs[doomed]) == 1
+    assert_clean(eng)
+
+
+def test_synchronous_frame_decoding_gives_the_same_outputs(eva_all, video):
+    f, _ = eva_all
+    reqs = [(video, q, SamplingParams(max_new_tokens=5), {}) for q in ("a?", "b?")]
+    sync, threaded = make_engine(f, frame_workers=0), make_engine(f)
+    assert [o.token_ids for o in run(sync, reqs)] == [o.token_ids for o in run(threaded, reqs)]
+    with pytest.raises(ValueError, match="frame_workers"):
+        EngineConfig(frame_workers=-1)
 
 
 def test_sampling_failure_is_isolated(eva_all):

@@ -14,7 +14,8 @@ class EngineConfig:
     pool; max_length: prompt + new tokens cap (the release's 2000, bounded by the model's
     positions); truncate_prompt: cut longer prompts from the left like the release (else error);
     beam_stop_first_row: stop ids/strings end beams as the release's criterion does (judged on the
-    best candidate, applied to all), else per candidate."""
+    best candidate, applied to all), else per candidate; frame_workers: threads decoding new
+    videos in the background while the model steps (0: decode inside ``add_request``)."""
 
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -26,6 +27,7 @@ class EngineConfig:
     max_length: int = RELEASE_MAX_LENGTH
     truncate_prompt: bool = True
     beam_stop_first_row: bool = True
+    frame_workers: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_length"):
@@ -37,6 +39,8 @@ class EngineConfig:
         if self.num_kv_blocks is None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0):
             raise ValueError(f"EngineConfig.kv_cache_memory must be a positive number of bytes, "
                              f"got {self.kv_cache_memory!r}")
+        if isinstance(self.frame_workers, bool) or not isinstance(self.frame_workers, int) or self.frame_workers < 0:
+            raise ValueError(f"EngineConfig.frame_workers must be an int >= 0, got {self.frame_workers!r}")
         if not isinstance(self.vision_cache_bytes, int) or self.vision_cache_bytes < 0:
             raise ValueError(f"EngineConfig.vision_cache_bytes must be >= 0, got {self.vision_cache_bytes!r}")
 

@@ -20,11 +20,13 @@ import torch
 from stllm_engine.engine.beam_requests import BeamRequests
 from stllm_engine.engine.block_manager import BlockManager
 from stllm_engine.engine.engine_config import EngineConfig, kv_bytes_per_block  # noqa: F401 (re-exported)
+from stllm_engine.engine.frame_loader import FrameLoader
 from stllm_engine.engine.request import Request, truncate_left  # noqa: F401 (re-exported)
 from stllm_engine.engine.sampler import Sampler, StopChecker
 from stllm_engine.engine.scheduler import Scheduler
 from stllm_engine.engine.sequence import Sequence
-from stllm_engine.engine.video_prep import PreparedVideo, prepare_video
+from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, decode_video, needs_decoding,
+                                            plan_hit, prepare_video)
 from stllm_engine.engine.vision_cache import VisionCache
 from stllm_engine.outputs import RequestOutput
 from stllm_engine.prompts import MVBENCH_SYSTEM, chat_prompt, mvbench_prompt_segments, mvbench_question
@@ -57,6 +59,7 @@ class LLMEngine(BeamRequests):
         self.vision_cache = VisionCache(cfg.vision_cache_bytes)
         self.max_positions = model.config.llm.max_position_embeddings
         self.max_length = min(cfg.max_length, self.max_positions)
+        self.frame_loader = FrameLoader(cfg.frame_workers)
         self._requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self._pending: list[RequestOutput] = []
@@ -89,9 +92,9 @@ class LLMEngine(BeamRequests):
         """Queue one question about one video; returns its request id (errors end up in its output)."""
         def build(req: Request) -> None:
             _check_question(question)
-            pv = self._prepare_timed(req, video, question, num_frames=num_frames, keep_ratio=keep_ratio,
-                                     keep_mode=keep_mode, keep_seed=keep_seed, sampling=sampling)
-            self._admit(req, pv.tokens, pv.key, self.prompt_ids(question, system))
+            self._prepare_then(req, video, question, lambda pv: self._admit(
+                req, pv.tokens, pv.key, self.prompt_ids(question, system)), num_frames=num_frames,
+                keep_ratio=keep_ratio, keep_mode=keep_mode, keep_seed=keep_seed, sampling=sampling)
         return self._queue(request_id, params, build)
 
     def add_mvbench_request(self, video, question: str, candidates, params: SamplingParams | None = None, *,
@@ -106,10 +109,9 @@ class LLMEngine(BeamRequests):
             if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
                 raise TypeError(f"candidates must be a list of str, got {candidates!r}")
             q = mvbench_question(question, list(candidates))
-            pv = self._prepare_timed(req, video, q, num_frames=num_frames, sampling="mvbench", bound=bound,
-                                     video_tokens=video_tokens)
             ids, video_start = self.mvbench_prompt_ids(q, MVBENCH_SYSTEM if system is None else system)
-            self._admit(req, pv.tokens, pv.key, ids, video_start)
+            self._prepare_then(req, video, q, lambda pv: self._admit(req, pv.tokens, pv.key, ids, video_start),
+                               num_frames=num_frames, sampling="mvbench", bound=bound, video_tokens=video_tokens)
         return self._queue(request_id, params, build)
 
     def _queue(self, request_id: str | None, params, build) -> str:
@@ -133,6 +135,27 @@ class LLMEngine(BeamRequests):
         t.frame_decode, t.vision, t.qformer = pv.frame_decode_s, pv.vision_s, pv.qformer_s
         t.vision_cache_hit = pv.cache_hit
         return pv
+
+    def _prepare_then(self, req: Request, video, question: str, admit, **kw) -> None:
+        """Prepare the video tokens and ``admit(pv)``: now when nothing needs decoding (frames
+        given, features cached, no frame workers), else after a background decode
+        (``frame_loader.py``), collected by a later ``step``."""
+        n, sampling, bound = kw.get("num_frames"), kw.get("sampling", "uniform"), kw.get("bound")
+        if not self.frame_loader.enabled or not needs_decoding(video):
+            admit(self._prepare_timed(req, video, question, **kw))
+            return
+        hit, plan_request = plan_hit(self.model, self.vision_cache, video, n, sampling, bound)
+        if hit:
+            admit(self._prepare_timed(req, video, question, **kw))
+            return
+        n = check_prepare_args(self.model, **kw)  # bad options fail now, not after a decode
+
+        def then(frames, seconds: float) -> None:
+            if plan_request is not None:
+                self.vision_cache.put_plan(plan_request, frames.indices)
+            admit(self._prepare_timed(req, frames, question, **kw))
+            req.timings.frame_decode = seconds
+        self.frame_loader.submit(req.request_id, lambda: decode_video(self.model, video, n, sampling, bound), then)
 
     def add_prepared(self, video_tokens: torch.Tensor | None, video_key: str, prompt_token_ids: list[int],
                      params: SamplingParams | None = None, *, request_id: str | None = None,
@@ -184,6 +207,7 @@ class LLMEngine(BeamRequests):
         if req is None:
             return False
         req.finish_reason = "abort"
+        self.frame_loader.cancel(request_id)
         self._release(req)
         self._pending.append(self._output(req, ""))
         self._requests.pop(request_id, None)
@@ -206,8 +230,25 @@ class LLMEngine(BeamRequests):
         return bool(self._requests or self._pending)
 
     # --- stepping ---------------------------------------------------------------------------
+    def _collect_frames(self) -> None:
+        """Admit the requests whose background decode finished (waits for one when nothing else
+        could run this step, instead of spinning)."""
+        idle = not self.scheduler.has_work() and not any(r.beams is not None for r in self._requests.values())
+        for rid, then, frames, seconds, err in self.frame_loader.collect(block=idle):
+            req = self._requests.get(rid)
+            if req is None:  # aborted while decoding
+                continue
+            try:
+                if err is not None:
+                    raise err
+                then(frames, seconds)
+            except Exception as e:  # noqa: BLE001 - this request only
+                self._fail(req, e)
+
     def step(self) -> list[RequestOutput]:
         """Run one model step; returns outputs of the requests that progressed or ended."""
+        if len(self.frame_loader):
+            self._collect_frames()
         outs, self._pending = self._pending, []
         touched: dict[str, str] = {}
         for req in [r for r in self._requests.values() if r.beams is not None]:

@@ -95,6 +95,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
 
+    def has_work(self) -> bool:
+        """Any sequence waiting or running."""
+        return bool(self.waiting or self.running)
+
     def schedule(self) -> ScheduledBatch:
         bm = self.block_manager
         batch = ScheduledBatch()

@@ -59,7 +59,8 @@ def keep_mask(num_tokens: int, keep_ratio: float, mode: str = "even", seed: int 
     return mask
 
 
-def _cached_file_features(model, cache: VisionCache | None, video, num_frames: int, sampling: str, bound):
+def _cached_file_features(model, cache: VisionCache | None, video, num_frames: int, sampling: str, bound,
+                          peek: bool = False):
     """(plan request, chash, indices, features) for a video *file* whose features are cached
     under a remembered sampling plan; (plan request, chash, None, None) when not (or not a file)."""
     import os
@@ -79,7 +80,7 @@ def _cached_file_features(model, cache: VisionCache | None, video, num_frames: i
     key = vision_key(chash, indices, variant_name(model.config), model.dtype)
     if key not in cache:
         return request, chash, None, None
-    return request, chash, list(indices), cache.get(key)
+    return request, chash, list(indices), cache.peek(key) if peek else cache.get(key)
 
 
 def _frames_of(model, video, num_frames: int, sampling: str, bound=None):
@@ -107,6 +108,44 @@ def frame_tokens(model, image_embeds: torch.Tensor, question: str) -> torch.Tens
     return out.reshape(-1, out.shape[-1])
 
 
+def check_prepare_args(model, *, num_frames: int | None = None, keep_ratio: float = 1.0,
+                       keep_mode: str = "even", video_tokens: str = "own", **_) -> int:
+    """Validate :func:`prepare_video`'s options before anything expensive; -> the frame count."""
+    if video_tokens not in VIDEO_TOKENS:
+        raise ValueError(f"video_tokens must be one of {VIDEO_TOKENS}, got {video_tokens!r}")
+    n = model.config.num_frames if num_frames is None else num_frames
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_frames must be a positive int, got {n!r}")
+    if keep_ratio != 1.0:
+        keep_mask(1, keep_ratio, keep_mode)
+    return n
+
+
+def needs_decoding(video) -> bool:
+    """True for sources ``load_video`` must decode (files, bytes, folders, uint8 arrays); False for
+    already preprocessed frames (``VideoFrames``, float tensors)."""
+    from stllm_engine.video import VideoFrames
+
+    return not isinstance(video, VideoFrames) and not (isinstance(video, torch.Tensor) and video.is_floating_point())
+
+
+def plan_hit(model, cache: VisionCache | None, video, num_frames: int | None, sampling: str = "uniform",
+             bound=None) -> tuple[bool, tuple | None]:
+    """(features of ``video`` are cached under a remembered sampling plan, the plan request to
+    record after a decode or None); never decodes."""
+    n = model.config.num_frames if num_frames is None else num_frames
+    request, _, _, embeds = _cached_file_features(model, cache, video, n, sampling, bound, peek=True)
+    return embeds is not None, request
+
+
+def decode_video(model, video, num_frames: int | None, sampling: str = "uniform", bound=None):
+    """``load_video`` at the model's frame size and frame count (the part that may run in a worker)."""
+    from stllm_engine.video import load_video
+
+    n = model.config.num_frames if num_frames is None else num_frames
+    return load_video(video, num_frames=n, sampling=sampling, bound=bound, size=model.config.vision.image_size)
+
+
 def prepare_video(model, cache: VisionCache | None, video, question: str, *, num_frames: int | None = None,
                   keep_ratio: float = 1.0, keep_mode: str = "even", keep_seed: int = 0,
                   sampling: str = "uniform", bound=None, video_tokens: str = "own") -> PreparedVideo:
@@ -114,13 +153,8 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
 
     ``bound``: (start, end) seconds for MVBench sampling (ignored for given frame tensors)."""
     cfg = model.config
-    if video_tokens not in VIDEO_TOKENS:
-        raise ValueError(f"video_tokens must be one of {VIDEO_TOKENS}, got {video_tokens!r}")
-    n = cfg.num_frames if num_frames is None else num_frames
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_frames must be a positive int, got {n!r}")
-    if keep_ratio != 1.0:
-        keep_mask(1, keep_ratio, keep_mode)  # validate before the expensive part
+    n = check_prepare_args(model, num_frames=num_frames, keep_ratio=keep_ratio, keep_mode=keep_mode,
+                           video_tokens=video_tokens)
     t0 = time.perf_counter()
     plan_request, chash, indices, embeds = _cached_file_features(model, cache, video, n, sampling, bound)
     if embeds is not None:

@@ -62,6 +62,10 @@ class VisionCache:
         self.hits += 1
         return t
 
+    def peek(self, key: Hashable) -> torch.Tensor | None:
+        """Like get, without counting a hit/miss or refreshing the entry."""
+        return self._entries.get(key)
+
     def put(self, key: Hashable, value: torch.Tensor) -> bool:
         """Store (most recent); evicts least recently used entries to fit. False if too large."""
         size = self.nbytes(value)
