@@ -278,6 +278,23 @@ def test_bad_requests_fail_alone(folders, video, tmp_path):
     assert_clean(eng)
 
 
+def test_beams_preempt_others_instead_of_failing(eva_all, video):
+    """A beam request in a pool too small for it and a greedy request together: beam steps
+    preempt the greedy one (recomputed later) and both give their alone results."""
+    f, _ = eva_all
+    beam, greedy = SamplingParams(max_new_tokens=8, num_beams=3), SamplingParams(max_new_tokens=8)
+    reqs = [(video, Q, beam, {}), (video, "which shape?", greedy, {})]
+    alone = [run(make_engine(f), [r])[0] for r in reqs]
+    P = max(o.num_prompt_tokens for o in alone)
+    blocks = 2 * -(-P // 8) + 2  # both prompts fit; the beams' forks and the greedy growth do not
+    eng = make_engine(f, num_kv_blocks=blocks, enable_prefix_caching=False)
+    together = run(eng, reqs)
+    assert [o.error for o in together] == [None, None]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert eng.scheduler.num_preemptions > 0
+    assert_clean(eng)
+
+
 def test_new_video_decodes_in_the_background(eva_all, video, tmp_path, monkeypatch):
     """add_request returns while a new video decodes; running requests keep producing tokens in
     the meantime; the new one joins once its frames are ready, with the same result as alone; a

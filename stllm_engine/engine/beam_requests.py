@@ -3,7 +3,9 @@ tokenizer and output helpers).
 
 A beam request prefills through the scheduler like any other; its first sampled row starts a
 :class:`BeamGroup` (the sequence leaves the scheduler), and every later step runs all its beams in
-one runner call before the scheduled batch. Forks share KV blocks copy-on-write.
+one runner call before the scheduled batch. Forks share KV blocks copy-on-write. When the pool is
+short of the blocks a beam step may need (one per beam), the newest scheduled sequences are
+preempted (recomputed later); only when nothing is left to preempt does the beam request fail.
 """
 from __future__ import annotations
 
@@ -52,6 +54,11 @@ class BeamRequests:
 
     def _beam_consume(self, req: Request, logits: torch.Tensor, outs: list) -> None:
         g = req.beams
+        # a step can need one new (or copied-on-write) block per beam: make room by preempting
+        # the newest running sequences (recomputed later) rather than failing the beam request
+        while self.block_manager.num_free_blocks < req.params.num_beams:
+            if self.scheduler.preempt_newest() is None:
+                break
         try:
             copies = g.step(logits)
             self.runner.copy_blocks(copies)

@@ -95,6 +95,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
 
+    def preempt_newest(self) -> Sequence | None:
+        """Preempt (free, back to the front of the queue) the newest running sequence; for
+        callers outside ``schedule`` that need blocks, e.g. beams forking. None if none runs."""
+        if not self.running:
+            return None
+        seq = self.running.pop()
+        self._preempt(seq, ScheduledBatch())
+        return seq
+
     def has_work(self) -> bool:
         """Any sequence waiting or running."""
         return bool(self.waiting or self.running)
