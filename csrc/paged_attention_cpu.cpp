@@ -114,6 +114,7 @@ void run_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
     std::vector<float> qf(max_rows * d), acc(max_rows * d), m(max_rows), l(max_rows), s(max_rows * bs);
     std::vector<float> kf(is_float ? 0 : bs * d), vf(is_float ? 0 : bs * d);
     std::vector<int64_t> limit(max_rows);
+    std::vector<float> ctx_scores;  // [R, ctx] of the two-pass decode kernel, grown on demand
     for (int64_t w = next.fetch_add(1); w < num_work; w = next.fetch_add(1)) {
       const WorkItem& it = work[w];
       const int64_t ctx = cl[it.b], qlen = q_len[it.b];
@@ -127,10 +128,24 @@ void run_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
           limit[r] = ctx - qlen + it.q0 + i + 1;
         }
       }
+      const int64_t visible = std::max<int64_t>(0, ctx - qlen + it.q0 + it.nq);  // largest limit in the tile
+      if constexpr (is_float || std::is_same<scalar_t, at::BFloat16>::value) {
+        if (it.nq == 1) {  // one position (decode): every row sees the same keys -> two-pass kernel
+          if (static_cast<int64_t>(ctx_scores.size()) < R * visible) ctx_scores.resize(R * visible);
+          if (visible > 0)
+            attend_context(R, static_cast<int>(d), qf.data(), visible, bt + it.b * g.max_blocks, bs, kc, vc,
+                           !is_float, tok_stride, it.h * d, ctx_scores.data(), acc.data());
+          const int64_t row = q_row0[it.b] + it.q0;
+          for (int64_t gq = 0; gq < G; ++gq) {
+            scalar_t* dst = op + (row * g.Hq + it.h * G + gq) * d;
+            for (int64_t x = 0; x < d; ++x) dst[x] = visible > 0 ? static_cast<scalar_t>(acc[gq * d + x]) : scalar_t(0);
+          }
+          continue;
+        }
+      }
       std::fill(acc.begin(), acc.begin() + R * d, 0.f);
       std::fill(m.begin(), m.begin() + R, -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.begin() + R, 0.f);
-      const int64_t visible = std::max<int64_t>(0, ctx - qlen + it.q0 + it.nq);  // largest limit in the tile
       const int64_t nblk = (visible + bs - 1) / bs;
       for (int64_t j = 0; j < nblk; ++j) {
         const int64_t blk = bt[it.b * g.max_blocks + j];
