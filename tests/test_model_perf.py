@@ -221,3 +221,32 @@ def test_paged_prefill_gather_path_errors():
         ops.paged_prefill_attention(q, k_cache, v_cache, bad, cu, lens)
     with pytest.raises(ValueError, match="needs 11 blocks"):
         ops.paged_prefill_attention(q, k_cache, v_cache, table, cu, torch.tensor([88], dtype=torch.int32))
+
+
+@needs_onednn
+@pytest.mark.parametrize("vit", ["eva", "btadapter"])
+def test_vision_fc1_gelu_fusion_is_exact(tmp_path, vit):
+    """float32: the fused fc1 + bias + GELU GEMM gives the same vision features (bit-identical
+    for the ViT blocks here; the BT-Adapter's GEMM shapes block differently: ~2e-7 relative);
+    bf16 models keep the plain modules."""
+    from stllm_engine.model.packed_linear import PackedLinearGELU, pack_vision_mlps
+    from stllm_engine.weights import load_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / vit, vit=vit, video_input="all")
+    ck = load_checkpoint(folder)
+    frames = torch.randn(3, 3, 56, 56)
+    plain = STLLMModel.from_checkpoint(ck, "cpu", torch.float32)
+    want = plain.encode_vision(frames)
+    fused = STLLMModel.from_checkpoint(ck, "cpu", torch.float32)
+    n = pack_vision_mlps(fused)
+    assert n == sum(1 for m in fused.visual_encoder.modules() if isinstance(m, PackedLinearGELU)) > 0
+    assert pack_vision_mlps(fused) == 0  # idempotent
+    got = fused.encode_vision(frames)
+    if vit == "eva":
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert pack_vision_mlps(STLLMModel.from_checkpoint(ck, "cpu", torch.bfloat16)) == 0
+    x = torch.randn(5, fused.config.vision.width, requires_grad=True)
+    mlp = next(m for m in fused.visual_encoder.modules() if isinstance(m, PackedLinearGELU))
+    mlp(x).sum().backward()  # autograd falls back to torch
+    assert x.grad is not None

@@ -38,9 +38,11 @@ class EVAMlp(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.gelu_fused = False  # fc1 is a PackedLinearGELU (packed_linear.pack_vision_mlps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(h if self.gelu_fused else F.gelu(h))
 
 
 class EVABlock(nn.Module):
