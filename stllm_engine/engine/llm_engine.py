@@ -32,6 +32,15 @@ from stllm_engine.outputs import RequestOutput
 from stllm_engine.prompts import MVBENCH_SYSTEM, chat_prompt, mvbench_prompt_segments, mvbench_question
 from stllm_engine.sampling_params import SamplingParams
 
+def _import_video_stack() -> None:
+    import stllm_engine.video  # noqa: F401
+
+    try:
+        import decord  # noqa: F401
+    except ImportError:  # PyAV fallback, imported when used
+        pass
+
+
 def _check_question(question) -> None:
     if not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}")
@@ -60,6 +69,7 @@ class LLMEngine(BeamRequests):
         self.max_positions = model.config.llm.max_position_embeddings
         self.max_length = min(cfg.max_length, self.max_positions)
         self.frame_loader = FrameLoader(cfg.frame_workers)
+        _import_video_stack()  # decord & co. load now, not inside the first request's TTFT
         self._requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self._pending: list[RequestOutput] = []
