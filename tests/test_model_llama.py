@@ -71,6 +71,28 @@ def test_packed_prefill_matches_hf(hidden, heads, kv, dtype):
             assert err <= 2 * (ref - ref32).abs().max().item() + 1e-3 * scale, f"sequence {b}: {err}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [[19], [0, 7, 19], [7, 0], []])
+def test_out_rows_trims_the_last_layer(dtype, rows):
+    """``out_rows`` returns those rows (in that order) of the full pass, the last layer's o_proj
+    and MLP running for them only; none at all gives [0, H]."""
+    ours, _ = _pair(64, 4, 2, dtype)
+    lens = [1, 7, 12]
+    embeds = torch.randn(sum(lens), 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    cu = torch.tensor([0, 1, 8, 20], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    set_context(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12, max_seqlen_k=12)
+    try:
+        with torch.no_grad():
+            full = ours(embeds, positions)
+            some = ours(embeds, positions, out_rows=torch.tensor(rows, dtype=torch.int64))
+    finally:
+        reset_context()
+    assert some.shape == (len(rows), 64) and some.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(some, full[rows], **tol)
+
+
 @pytest.mark.parametrize("head_dim", [16, 88, 128])
 def test_rotary_matches_hf(head_dim):
     cfg = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, rope_theta=10000.0)
