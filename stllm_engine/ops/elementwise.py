@@ -3,8 +3,9 @@ place on the fused qkv rows, and SwiGLU on the fused gate_up rows.
 
 CPU float32/bfloat16 tensors outside autograd go to one C++ pass each (``csrc/rms_norm_cpu.cpp``,
 ``rotary_cpu.cpp``, ``activation_cpu.cpp``: 2-10x fewer memory passes than torch's op-by-op
-versions); everything else (CUDA, float16, autograd, ``torch.compile`` tracing) runs the torch
-twins below, which define the results: the C++ ops round every intermediate to the tensor dtype
+versions); CUDA tensors to the Triton kernels of ``kernels/elementwise.py`` (one launch per op
+instead of 4-8); everything else (CPU float16, autograd, ``torch.compile`` tracing) runs the
+torch twins below, which define the results: the C++ ops round every intermediate to the tensor dtype
 where the twins do, so bfloat16 results are equal up to reduction order (RMSNorm) and float32
 within a few ulp.
 """
@@ -13,15 +14,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import cpp
+from ._backend import cpp, on_cuda, triton_kernels
 
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _plain(tensors) -> bool:
+    """Outside autograd and tracing: the fused kernels may run."""
+    return not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+
+
 def _use_cpp(*tensors: torch.Tensor) -> bool:
     t = tensors[0]
-    return (t.device.type == "cpu" and t.dtype in _CPP_DTYPES and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)))
+    return not on_cuda(t) and t.device.type == "cpu" and t.dtype in _CPP_DTYPES and _plain(tensors)
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    return on_cuda(tensors[0]) and _plain(tensors)
 
 
 # --- torch twins (the definition) ---------------------------------------------------------------
@@ -46,6 +56,8 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 # --- ops ------------------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [N, H] -> RMSNorm(x) * weight [N, H] (statistics in float32)."""
+    if _use_triton(x, weight) and x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype:
+        return triton_kernels("elementwise").rms_norm(x, weight, eps)
     if _use_cpp(x, weight) and x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype:
         out = torch.empty(x.shape, dtype=x.dtype)
         cpp().rms_norm(x, weight.contiguous(), out, float(eps))
@@ -56,7 +68,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(residual + x) * weight, residual + x). ``residual`` must be a contiguous [N, H]
-    tensor the caller owns: the CPU path updates it in place and returns it as the new residual."""
+    tensor the caller owns: the fused paths update it in place and return it as the new residual."""
+    if (_use_triton(x, residual, weight) and x.dim() == 2 and x.stride(-1) == 1 and residual.is_contiguous()
+            and residual.shape == x.shape and residual.dtype == x.dtype == weight.dtype):
+        return triton_kernels("elementwise").rms_norm(x, weight, eps, residual=residual), residual
     if (_use_cpp(x, residual, weight) and x.dim() == 2 and x.stride(-1) == 1 and residual.is_contiguous()
             and residual.shape == x.shape and residual.dtype == x.dtype == weight.dtype):
         out = torch.empty(x.shape, dtype=x.dtype)
@@ -70,6 +85,8 @@ def rotary_qk_(qkv: torch.Tensor, num_heads: int, head_dim: int, cos: torch.Tens
                sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``num_heads`` heads (q then k of a fused qkv projection) of each row of
     qkv [N, >= num_heads * head_dim] in place by cos/sin [N, head_dim]; returns qkv."""
+    if _use_triton(qkv) and qkv.dim() == 2 and qkv.stride(-1) == 1 and cos.dtype == qkv.dtype:
+        return triton_kernels("elementwise").rotary_(qkv, num_heads, head_dim, cos, sin)
     if _use_cpp(qkv) and qkv.dim() == 2 and qkv.stride(-1) == 1 and cos.dtype == qkv.dtype:
         cpp().rotary_embedding_(qkv, num_heads, head_dim, cos.contiguous(), sin.contiguous())
         return qkv
@@ -83,6 +100,8 @@ def rotary_qk_(qkv: torch.Tensor, num_heads: int, head_dim: int, cos: torch.Tens
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [N, 2I] = [gate | up] -> silu(gate) * up [N, I]."""
+    if _use_triton(x) and x.dim() == 2 and x.stride(-1) == 1:
+        return triton_kernels("elementwise").silu_and_mul(x)
     if _use_cpp(x) and x.dim() == 2 and x.stride(-1) == 1:
         out = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype)
         cpp().silu_and_mul(x, out)
