@@ -156,3 +156,38 @@ def test_video_input_switch(ckpt, video_input, tokens):
 def test_train_config_errors(bad):
     with pytest.raises(ValueError):
         TrainConfig(data="d", init="i", out="o", **bad)
+
+
+def test_frame_recon_auxiliary_loss(ckpt, data, tmp_path):
+    """--recon: loss = lm + w * recon; the head trains, resumes from trainer_state, and never
+    reaches the official folder; with it off the step is unchanged."""
+    from stllm_engine.training.losses import FrameReconHead, frame_recon_loss
+
+    t = Trainer(_cfg(ckpt, data, tmp_path / "run", masking=NO_MASK, recon=2.0, recon_grid=4))
+    assert isinstance(t.recon_head, FrameReconHead)
+    batch = [t.dataset[i] for i in (0, 1)]
+    with torch.no_grad():
+        on = forward_step(t.model, batch, None, False, None, t.recon_head, 2.0)
+        off = forward_step(t.model, batch, None, False)
+        tokens = t.model.frame_tokens(batch[0].frames, batch[0].qformer_text)
+        manual = frame_recon_loss(t.recon_head(tokens), batch[0].frames)
+    assert off.recon is None and on.recon > 0 and on.lm == pytest.approx(off.lm, rel=1e-6)
+    assert float(on.loss) == pytest.approx(on.lm + 2.0 * on.recon, rel=1e-5)
+    assert tokens.shape[:2] == (t.model.config.num_frames, t.model.config.qformer.num_query_tokens)
+    assert manual > 0
+    head_before = t.recon_head.head.weight.detach().clone()
+    out = t.train_step([0, 1])
+    assert out.recon is not None and not torch.equal(t.recon_head.head.weight, head_before)
+    folder = t.save(tmp_path / "run" / "checkpoint-000001")
+    assert set(load_checkpoint(folder, mvm_decoder=True, progress=False).state_dict) == \
+        set(t.model.official_state_dict())  # no recon keys in the official folder
+    resumed = Trainer(_cfg(ckpt, data, tmp_path / "run", masking=NO_MASK, recon=2.0, recon_grid=4))
+    assert resumed.step == 1
+    assert torch.equal(resumed.recon_head.head.weight, t.recon_head.head.weight)
+
+
+def test_train_config_recon_errors():
+    with pytest.raises(ValueError):
+        TrainConfig(data="d", init="i", out="o", recon=-1.0)
+    with pytest.raises(ValueError):
+        TrainConfig(data="d", init="i", out="o", recon_grid=0)

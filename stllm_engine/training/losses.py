@@ -26,6 +26,29 @@ class MVMDecoder(nn.Module):
         return self.norm(self.head(x))
 
 
+class FrameReconHead(nn.Module):
+    """Auxiliary (training only, never saved in the official folder): one frame's video tokens
+    ``[Q, H]`` (flattened) -> that frame at ``grid x grid`` resolution ``[3, grid, grid]``, linear.
+    Its loss makes the per-frame tokens keep *where* things are (a linear read-out of a low-res
+    image), which the LM loss alone did not teach the Q-Former (see default_model.md)."""
+
+    def __init__(self, tokens_per_frame: int, hidden: int, grid: int = 8) -> None:
+        super().__init__()
+        self.grid = grid
+        self.head = nn.Linear(tokens_per_frame * hidden, 3 * grid * grid)
+
+    def forward(self, frame_tokens: torch.Tensor) -> torch.Tensor:
+        """``[..., Q, H]`` -> ``[..., 3, grid, grid]``."""
+        out = self.head(frame_tokens.flatten(-2))
+        return out.unflatten(-1, (3, self.grid, self.grid))
+
+
+def frame_recon_loss(pred: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """MSE between ``pred`` ``[T, 3, g, g]`` and ``frames`` ``[T, 3, S, S]`` average-pooled to g x g."""
+    target = F.adaptive_avg_pool2d(frames.float(), pred.shape[-1])
+    return F.mse_loss(pred.float(), target)
+
+
 def mvm_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``mean(2 - 2 cos(pred, target))`` over the last dim; ``pred``/``target`` [..., H] (float32)."""
     if pred.shape != target.shape:

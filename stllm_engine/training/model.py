@@ -39,12 +39,17 @@ class TrainableSTLLM(nn.Module):
     def video_tokens(self, frames: torch.Tensor, qformer_text: str) -> torch.Tensor:
         """Frames [T, 3, S, S] + Q-Former text -> video tokens [L, H] (same math as
         ``ReferenceSTLLM.encode_video``, but differentiable)."""
+        return self.reference.projector(self.frame_tokens(frames, qformer_text))
+
+    def frame_tokens(self, frames: torch.Tensor, qformer_text: str) -> torch.Tensor:
+        """Frames [T, 3, S, S] + Q-Former text -> per-frame tokens [T, Q, H] before the projector
+        (``ReferenceSTLLM.frame_tokens``, differentiable)."""
         r = self.reference
         frames = frames.to(device=r.device, dtype=r.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(r.vision)):
             feats = r.vision(frames)
         ids, mask = r.qformer_inputs(qformer_text)
-        return r.projector(r.llama_proj(r.qformer(feats, ids, mask)))
+        return r.llama_proj(r.qformer(feats, ids, mask))
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         t = torch.as_tensor(ids, dtype=torch.long, device=self.reference.device)

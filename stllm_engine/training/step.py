@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from stllm_engine.training.data import Example
-from stllm_engine.training.losses import IGNORE_INDEX, gather_positions, lm_loss, mvm_loss
+from stllm_engine.training.losses import (IGNORE_INDEX, frame_recon_loss, gather_positions, lm_loss,
+                                          mvm_loss)
 from stllm_engine.training.masking import apply_dynamic_mask
 from stllm_engine.training.model import TrainableSTLLM
 
@@ -24,6 +25,7 @@ class StepOutput:
     mvm: float | None  # None when masking or MVM is off
     mask_rate: float  # 0 when masking is off
     video_tokens: int  # per sample, after masking
+    recon: float | None = None  # auxiliary frame-reconstruction loss (None when off)
 
 
 @dataclass
@@ -63,11 +65,22 @@ def _last_hidden(model: TrainableSTLLM, a: Assembled) -> torch.Tensor:
 
 
 def forward_step(model: TrainableSTLLM, batch: list[Example], mask_rate: float | None,
-                 use_mvm: bool, generator: torch.Generator | None = None) -> StepOutput:
-    """Losses of one batch; ``mask_rate`` None = no masking (then no MVM either)."""
+                 use_mvm: bool, generator: torch.Generator | None = None,
+                 recon_head: torch.nn.Module | None = None, recon_weight: float = 0.0) -> StepOutput:
+    """Losses of one batch; ``mask_rate`` None = no masking (then no MVM either). With
+    ``recon_head`` and ``recon_weight`` > 0, ``recon_weight`` x the frame-reconstruction loss
+    (:class:`~stllm_engine.training.losses.FrameReconHead` on each frame's tokens) is added."""
     if not batch:
         raise ValueError("empty batch")
-    video = torch.stack([model.video_tokens(ex.frames, ex.qformer_text) for ex in batch])
+    recon_value, loss_recon = None, None
+    if recon_head is not None and recon_weight > 0:
+        per_frame = [model.frame_tokens(ex.frames, ex.qformer_text) for ex in batch]
+        video = torch.stack([model.reference.projector(f) for f in per_frame])
+        loss_recon = torch.stack([frame_recon_loss(recon_head(f), ex.frames.to(f.device))
+                                  for f, ex in zip(per_frame, batch)]).mean()
+        recon_value = float(loss_recon.detach())
+    else:
+        video = torch.stack([model.video_tokens(ex.frames, ex.qformer_text) for ex in batch])
     b, lv, _ = video.shape
     masked = apply_dynamic_mask(video, mask_rate, generator) if mask_rate is not None else None
     a = assemble(model, batch, masked.tokens if masked is not None else video)
@@ -85,6 +98,8 @@ def forward_step(model: TrainableSTLLM, batch: list[Example], mask_rate: float |
         loss_mvm = mvm_loss(pred, target)
         loss = loss_lm + loss_mvm
         mvm_value = float(loss_mvm.detach())
+    if loss_recon is not None:
+        loss = loss + recon_weight * loss_recon
     return StepOutput(loss, float(loss_lm.detach()), mvm_value,
                       mask_rate if masked is not None else 0.0,
-                      masked.tokens.shape[1] if masked is not None else lv)
+                      masked.tokens.shape[1] if masked is not None else lv, recon_value)

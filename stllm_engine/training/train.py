@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--device", default="cpu")
     p.add_argument("--chat", action="store_true",
                    help="also train chat-format examples (answers in words, the CLI's path)")
+    p.add_argument("--recon", type=float, default=0.0,
+                   help="weight of the auxiliary frame-reconstruction loss (0 = off; training only)")
+    p.add_argument("--recon-grid", type=int, default=8)
     a = p.parse_args(argv)
     return TrainConfig(
         data=a.data, init=a.init, out=a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
@@ -47,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         masking=MaskingConfig(enabled=not a.no_mask, mean=a.mask_mean, std=a.mask_std),
         mvm=not a.no_mvm, train=tuple(a.train.split(",")), save_every=a.save_every,
         log_every=a.log_every, tasks=tuple(a.tasks) if a.tasks else None, limit=a.limit,
-        device=a.device, chat=a.chat)
+        device=a.device, chat=a.chat, recon=a.recon, recon_grid=a.recon_grid)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from stllm_engine.training.data import BatchSampler, QADataset
+from stllm_engine.training.losses import FrameReconHead
 from stllm_engine.training.masking import MaskingConfig, sample_mask_rate
 from stllm_engine.training.model import PARTS, TrainableSTLLM, load_trainable, save_checkpoint
 from stllm_engine.training.step import StepOutput, forward_step
@@ -52,6 +53,8 @@ class TrainConfig:
     limit: int | None = None  # training items per task
     device: str = "cpu"
     chat: bool = False  # also train chat-format examples (datasets/chat.py sentences)
+    recon: float = 0.0  # weight of the auxiliary frame-reconstruction loss (0 = off)
+    recon_grid: int = 8  # its target: each frame average-pooled to recon_grid x recon_grid
 
     def __post_init__(self) -> None:
         if isinstance(self.masking, dict):
@@ -61,6 +64,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
         if self.warmup_steps < 0 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("need warmup_steps >= 0, lr > 0 and 0 <= min_lr_ratio <= 1")
+        if self.recon < 0 or not isinstance(self.recon_grid, int) or self.recon_grid <= 0:
+            raise ValueError(f"need recon >= 0 and recon_grid a positive int, got {self.recon}, "
+                             f"{self.recon_grid}")
         if self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if self.video_input not in (None, "all", "mean", "residual"):
@@ -91,6 +97,14 @@ class Trainer:
         self.n_trainable = self.model.set_trainable(cfg.train)
         self.model.train()
         c = self.model.config
+        # training-only head (not part of the official folder; its weights live in trainer_state)
+        self.recon_head = None
+        if cfg.recon > 0:
+            gen_state = torch.get_rng_state()
+            torch.manual_seed(cfg.seed + 7)
+            tokens = c.qformer.num_query_tokens
+            self.recon_head = FrameReconHead(tokens, c.llm.hidden_size, cfg.recon_grid).to(cfg.device)
+            torch.set_rng_state(gen_state)
         self.dataset = dataset or QADataset(cfg.data, self.model.reference.llama_tokenizer,
                                             self.model.reference.prompt_bos_id,
                                             c.llm.eos_token_id, c.num_frames, c.vision.image_size,
@@ -111,6 +125,9 @@ class Trainer:
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "embed" in name or "query_tokens" in name else decay).append(p)
+        if self.recon_head is not None:
+            decay.append(self.recon_head.head.weight)
+            no_decay.append(self.recon_head.head.bias)
         return [{"params": decay, "weight_decay": self.cfg.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
@@ -121,12 +138,14 @@ class Trainer:
         batch = [self.dataset[i] for i in (indices if indices is not None else self.sampler.next())]
         rate = sample_mask_rate(self.rng, cfg.masking) if cfg.masking.enabled else None
         self.optimizer.zero_grad(set_to_none=True)
-        out = forward_step(self.model, batch, rate, cfg.mvm, self.mask_gen)
+        out = forward_step(self.model, batch, rate, cfg.mvm, self.mask_gen, self.recon_head, cfg.recon)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"non-finite loss {float(out.loss)} at step {self.step}")
         out.loss.backward()
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.recon_head is not None:
+            params += list(self.recon_head.parameters())
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -149,10 +168,13 @@ class Trainer:
                 post = {"lm": f"{out.lm:.3f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
                 if out.mvm is not None:
                     post["mvm"] = f"{out.mvm:.3f}"
+                if out.recon is not None:
+                    post["recon"] = f"{out.recon:.4f}"
                 bar.set_postfix(post)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     log.write(json.dumps({"step": self.step, "loss": float(out.loss.detach()), "lm": out.lm,
-                                          "mvm": out.mvm, "mask_rate": out.mask_rate,
+                                          "mvm": out.mvm, "recon": out.recon,
+                                          "mask_rate": out.mask_rate,
                                           "video_tokens": out.video_tokens, "grad_norm": self.grad_norm,
                                           "lr": self.scheduler.get_last_lr()[0],
                                           "seconds": round(time.time() - t0, 2)}) + "\n")
@@ -170,7 +192,8 @@ class Trainer:
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                  "rng": self.rng.bit_generator.state, "mask_gen": self.mask_gen.get_state(),
-                 "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
+                 "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg),
+                 "recon_head": self.recon_head.state_dict() if self.recon_head is not None else None}
         torch.save(state, folder / STATE_FILE)
         for old in sorted(self.out.glob("checkpoint-*"))[:-self.cfg.keep_checkpoints]:
             if old.is_dir() and old != folder:
@@ -186,6 +209,8 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         self.mask_gen.set_state(state["mask_gen"])
         torch.set_rng_state(state["torch_rng"])
+        if self.recon_head is not None and state.get("recon_head") is not None:
+            self.recon_head.load_state_dict(state["recon_head"])
         self.step = int(state["step"])
 
 
