@@ -25,8 +25,8 @@ from stllm_engine.engine.request import Request, truncate_left  # noqa: F401 (re
 from stllm_engine.engine.sampler import Sampler, StopChecker
 from stllm_engine.engine.scheduler import Scheduler
 from stllm_engine.engine.sequence import Sequence
-from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, decode_video, needs_decoding,
-                                            plan_hit, prepare_video)
+from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, decode_video, finish_frames,
+                                            needs_decoding, plan_hit, prepare_video)
 from stllm_engine.engine.vision_cache import VisionCache
 from stllm_engine.outputs import RequestOutput
 from stllm_engine.prompts import MVBENCH_SYSTEM, chat_prompt, mvbench_prompt_segments, mvbench_question
@@ -148,10 +148,11 @@ class LLMEngine(BeamRequests):
 
     def _prepare_then(self, req: Request, video, question: str, admit, **kw) -> None:
         """Prepare the video tokens and ``admit(pv)``: now when nothing needs decoding (frames
-        given, features cached, no frame workers), else after a background decode
-        (``frame_loader.py``), collected by a later ``step``."""
+        given, features cached, no frame workers) or the engine is idle (nothing to overlap the
+        decode with: decoding inline gave a ~7% lower TTFT than handing it to a thread), else
+        after a background decode (``frame_loader.py``), collected by a later ``step``."""
         n, sampling, bound = kw.get("num_frames"), kw.get("sampling", "uniform"), kw.get("bound")
-        if not self.frame_loader.enabled or not needs_decoding(video):
+        if not self.frame_loader.enabled or not needs_decoding(video) or self._idle():
             admit(self._prepare_timed(req, video, question, **kw))
             return
         hit, plan_request = plan_hit(self.model, self.vision_cache, video, n, sampling, bound)
@@ -160,7 +161,10 @@ class LLMEngine(BeamRequests):
             return
         n = check_prepare_args(self.model, **kw)  # bad options fail now, not after a decode
 
-        def then(frames, seconds: float) -> None:
+        def then(decoded, seconds: float) -> None:
+            t = time.perf_counter()
+            frames = finish_frames(self.model, decoded)
+            seconds += time.perf_counter() - t
             if plan_request is not None:
                 self.vision_cache.put_plan(plan_request, frames.indices)
             admit(self._prepare_timed(req, frames, question, **kw))
@@ -240,6 +244,10 @@ class LLMEngine(BeamRequests):
         return bool(self._requests or self._pending)
 
     # --- stepping ---------------------------------------------------------------------------
+    def _idle(self) -> bool:
+        return (not self.scheduler.has_work() and not len(self.frame_loader)
+                and not any(r.beams is not None for r in self._requests.values()))
+
     def _collect_frames(self) -> None:
         """Admit the requests whose background decode finished (waits for one when nothing else
         could run this step, instead of spinning)."""

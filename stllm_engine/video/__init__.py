@@ -5,7 +5,7 @@ a folder of frames, raw bytes, or a uint8 array/tensor ``[T, H, W, 3]``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,7 +46,7 @@ class VideoFrames:
 def load_video(source, num_frames: int = 16, sampling: str = "uniform",
                bound: tuple[float, float] | None = None, fps1: bool = False, size: int = 224,
                decode_size=None, *, fps: float | None = None, backend: str = "auto",
-               device: torch.device | str | None = None) -> VideoFrames:
+               device: torch.device | str | None = None, preprocess: bool = True) -> VideoFrames:
     """Load, sample, decode and preprocess one video.
 
     sampling ``"uniform"``: the chat rule (:func:`uniform_indices`, ``min(total, num_frames)``
@@ -57,7 +57,9 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
     average rate; arrays need ``fps`` when a bound or fps1 is used.
     ``decode_size``: decode at reduced resolution (int: shorter side; or (W, H)) - e.g. 224 makes
     the preprocessing resize a no-op. ``backend``: ``"auto"`` (decord, PyAV fallback), ``"decord"``
-    or ``"pyav"``. ``device``: where preprocessing runs and ``frames`` lives.
+    or ``"pyav"``. ``device``: where preprocessing runs and ``frames`` lives. ``preprocess=False``
+    stops after decoding (``frames`` = uint8 [T, H, W, 3] numpy; :func:`preprocessed` finishes),
+    e.g. to decode on a worker thread and run torch's (multi-threaded) preprocessing elsewhere.
     Raises a :class:`VideoError` subclass naming the source and the problem.
     """
     if sampling not in SAMPLINGS:
@@ -88,13 +90,20 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
         return [i - first_idx for i in picked]
 
     frames, indices, total, src_fps, used = read_video(src, choose, decode_size, backend)
-    return VideoFrames(frames=preprocess_frames(frames, size, device=device), indices=indices,
-                       fps=fps if fps is not None else src_fps, num_total_frames=total,
-                       content_hash=digest, source=src.name, backend=used)
+    out = VideoFrames(frames=frames, indices=indices, fps=fps if fps is not None else src_fps,
+                      num_total_frames=total, content_hash=digest, source=src.name, backend=used)
+    return out if not preprocess else preprocessed(out, size, device)
+
+
+def preprocessed(video: VideoFrames, size: int = 224, device: torch.device | str | None = None) -> VideoFrames:
+    """``video`` with its uint8 frames (from ``load_video(..., preprocess=False)``) preprocessed."""
+    if isinstance(video.frames, torch.Tensor) and video.frames.is_floating_point():
+        return video
+    return replace(video, frames=preprocess_frames(video.frames, size, device=device))
 
 
 __all__ = [
-    "load_video", "VideoFrames", "decode_frames", "probe", "uniform_indices", "mvbench_indices",
+    "load_video", "preprocessed", "VideoFrames", "decode_frames", "probe", "uniform_indices", "mvbench_indices",
     "preprocess_frames", "resolve_source", "content_hash", "Source", "CLIP_MEAN", "CLIP_STD",
     "PIL_TOLERANCE", "VideoError", "VideoNotFoundError", "NotAVideoError", "EmptyVideoError",
     "CorruptVideoError", "VideoBoundError",
