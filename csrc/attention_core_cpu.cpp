@@ -11,6 +11,74 @@
 
 namespace stllm {
 
+namespace {
+
+STLLM_INLINE float load_f(const float* p, int64_t i) { return p[i]; }
+STLLM_INLINE float load_f(const uint16_t* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// sr[t] = q . k_t for n keys `stride` elements apart (float32 or bf16 bits)
+template <typename T>
+STLLM_INLINE void row_scores(int d, const float* __restrict qr, const T* k, int64_t stride, int n,
+                             float* __restrict sr) {
+  int t = 0;
+  for (; t + 4 <= n; t += 4) {  // four independent dot products share the q loads
+    const T* __restrict k0 = k + t * stride;
+    const T* __restrict k1 = k0 + stride;
+    const T* __restrict k2 = k1 + stride;
+    const T* __restrict k3 = k2 + stride;
+    float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+    for (int i = 0; i < d; ++i) {
+      const float qi = qr[i];
+      d0 += qi * load_f(k0, i);
+      d1 += qi * load_f(k1, i);
+      d2 += qi * load_f(k2, i);
+      d3 += qi * load_f(k3, i);
+    }
+    sr[t] = d0;
+    sr[t + 1] = d1;
+    sr[t + 2] = d2;
+    sr[t + 3] = d3;
+  }
+  for (; t < n; ++t) {
+    const T* __restrict kt = k + t * stride;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int i = 0; i < d; ++i) dot += qr[i] * load_f(kt, i);
+    sr[t] = dot;
+  }
+}
+
+// o += sum_t pr[t] * v_t over n values `stride` elements apart
+template <typename T>
+STLLM_INLINE void row_values(int d, const float* __restrict pr, const T* v, int64_t stride, int n,
+                             float* __restrict o) {
+  int t = 0;
+  for (; t + 4 <= n; t += 4) {  // one read-modify-write of o per four value rows
+    const float p0 = pr[t], p1 = pr[t + 1], p2 = pr[t + 2], p3 = pr[t + 3];
+    const T* __restrict v0 = v + t * stride;
+    const T* __restrict v1 = v0 + stride;
+    const T* __restrict v2 = v1 + stride;
+    const T* __restrict v3 = v2 + stride;
+#pragma omp simd
+    for (int i = 0; i < d; ++i)
+      o[i] += p0 * load_f(v0, i) + p1 * load_f(v1, i) + p2 * load_f(v2, i) + p3 * load_f(v3, i);
+  }
+  for (; t < n; ++t) {
+    const float pt = pr[t];
+    const T* __restrict vt = v + t * stride;
+#pragma omp simd
+    for (int i = 0; i < d; ++i) o[i] += pt * load_f(vt, i);
+  }
+}
+
+}  // namespace
+
 STLLM_CLONES
 void attend_block(int R, int d, const float* q, const int64_t* limit, int64_t t0, int n,
                   const float* k, const float* v, int64_t kv_stride, float* s, float* acc,
@@ -18,35 +86,8 @@ void attend_block(int R, int d, const float* q, const int64_t* limit, int64_t t0
   for (int r = 0; r < R; ++r) {
     const int nv = static_cast<int>(std::min<int64_t>(n, limit[r] - t0));
     if (nv <= 0) continue;
-    const float* __restrict qr = q + static_cast<int64_t>(r) * d;
     float* __restrict sr = s + static_cast<int64_t>(r) * n;
-    int t = 0;
-    for (; t + 4 <= nv; t += 4) {  // four independent dot products share the q loads
-      const float* __restrict k0 = k + t * kv_stride;
-      const float* __restrict k1 = k0 + kv_stride;
-      const float* __restrict k2 = k1 + kv_stride;
-      const float* __restrict k3 = k2 + kv_stride;
-      float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-      for (int i = 0; i < d; ++i) {
-        const float qi = qr[i];
-        d0 += qi * k0[i];
-        d1 += qi * k1[i];
-        d2 += qi * k2[i];
-        d3 += qi * k3[i];
-      }
-      sr[t] = d0;
-      sr[t + 1] = d1;
-      sr[t + 2] = d2;
-      sr[t + 3] = d3;
-    }
-    for (; t < nv; ++t) {
-      const float* __restrict kt = k + t * kv_stride;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int i = 0; i < d; ++i) dot += qr[i] * kt[i];
-      sr[t] = dot;
-    }
+    row_scores(d, q + static_cast<int64_t>(r) * d, k, kv_stride, nv, sr);
     float mx = m[r];
     for (int j = 0; j < nv; ++j) mx = std::max(mx, sr[j]);
     const float alpha = std::exp(m[r] - mx);  // 0 on the first block (m = -inf)
@@ -62,98 +103,11 @@ void attend_block(int R, int d, const float* q, const int64_t* limit, int64_t t0
 #pragma omp simd
       for (int i = 0; i < d; ++i) ar[i] *= alpha;
     }
-    t = 0;
-    for (; t + 4 <= nv; t += 4) {  // one read-modify-write of acc per four value rows
-      const float p0 = sr[t], p1 = sr[t + 1], p2 = sr[t + 2], p3 = sr[t + 3];
-      const float* __restrict v0 = v + t * kv_stride;
-      const float* __restrict v1 = v0 + kv_stride;
-      const float* __restrict v2 = v1 + kv_stride;
-      const float* __restrict v3 = v2 + kv_stride;
-#pragma omp simd
-      for (int i = 0; i < d; ++i) ar[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
-    }
-    for (; t < nv; ++t) {
-      const float p = sr[t];
-      const float* __restrict vt = v + t * kv_stride;
-#pragma omp simd
-      for (int i = 0; i < d; ++i) ar[i] += p * vt[i];
-    }
+    row_values(d, sr, v, kv_stride, nv, ar);
   }
 }
 
 namespace {
-
-STLLM_INLINE float load_f(const float* p, int64_t i) { return p[i]; }
-STLLM_INLINE float load_f(const uint16_t* p, int64_t i) {
-  const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// scores s[r * ctx + t] = q_r . k_t for the n keys t0.. of one block (rows `stride` apart)
-template <typename T>
-STLLM_INLINE void block_scores(int R, int d, const float* q, const T* k, int64_t stride, int n, int64_t t0,
-                               int64_t ctx, float* s) {
-  for (int r = 0; r < R; ++r) {
-    const float* __restrict qr = q + static_cast<int64_t>(r) * d;
-    float* __restrict sr = s + r * ctx + t0;
-    int t = 0;
-    for (; t + 4 <= n; t += 4) {
-      const T* __restrict k0 = k + t * stride;
-      const T* __restrict k1 = k0 + stride;
-      const T* __restrict k2 = k1 + stride;
-      const T* __restrict k3 = k2 + stride;
-      float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-      for (int i = 0; i < d; ++i) {
-        const float qi = qr[i];
-        d0 += qi * load_f(k0, i);
-        d1 += qi * load_f(k1, i);
-        d2 += qi * load_f(k2, i);
-        d3 += qi * load_f(k3, i);
-      }
-      sr[t] = d0;
-      sr[t + 1] = d1;
-      sr[t + 2] = d2;
-      sr[t + 3] = d3;
-    }
-    for (; t < n; ++t) {
-      const T* __restrict kt = k + t * stride;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int i = 0; i < d; ++i) dot += qr[i] * load_f(kt, i);
-      sr[t] = dot;
-    }
-  }
-}
-
-// out_r += sum_t p[r * ctx + t0 + t] * v_t over the n values of one block
-template <typename T>
-STLLM_INLINE void block_values(int R, int d, const float* p, const T* v, int64_t stride, int n, int64_t t0,
-                               int64_t ctx, float* out) {
-  for (int r = 0; r < R; ++r) {
-    const float* __restrict pr = p + r * ctx + t0;
-    float* __restrict o = out + static_cast<int64_t>(r) * d;
-    int t = 0;
-    for (; t + 4 <= n; t += 4) {
-      const float p0 = pr[t], p1 = pr[t + 1], p2 = pr[t + 2], p3 = pr[t + 3];
-      const T* __restrict v0 = v + t * stride;
-      const T* __restrict v1 = v0 + stride;
-      const T* __restrict v2 = v1 + stride;
-      const T* __restrict v3 = v2 + stride;
-#pragma omp simd
-      for (int i = 0; i < d; ++i)
-        o[i] += p0 * load_f(v0, i) + p1 * load_f(v1, i) + p2 * load_f(v2, i) + p3 * load_f(v3, i);
-    }
-    for (; t < n; ++t) {
-      const float pt = pr[t];
-      const T* __restrict vt = v + t * stride;
-#pragma omp simd
-      for (int i = 0; i < d; ++i) o[i] += pt * load_f(vt, i);
-    }
-  }
-}
 
 template <typename T>
 STLLM_INLINE void attend_context_t(int R, int d, const float* q, int64_t ctx, const int32_t* blocks, int64_t bs,
@@ -167,7 +121,8 @@ STLLM_INLINE void attend_context_t(int R, int d, const float* q, int64_t ctx, co
     if (j + 1 < nblk)  // rows of one head are tok_stride apart: the hardware prefetcher misses them
       prefetch_rows(k + static_cast<int64_t>(blocks[j + 1]) * bs * tok_stride + head_off,
                     tok_stride * sizeof(T), static_cast<int>(std::min<int64_t>(bs, ctx - t0 - bs)), d * sizeof(T));
-    block_scores(R, d, q, k + base, tok_stride, n, t0, ctx, s);
+    for (int r = 0; r < R; ++r)
+      row_scores(d, q + static_cast<int64_t>(r) * d, k + base, tok_stride, n, s + r * ctx + t0);
   }
   for (int r = 0; r < R; ++r) {  // softmax numerators in place; out starts at zero
     float* __restrict sr = s + r * ctx;
@@ -191,7 +146,8 @@ STLLM_INLINE void attend_context_t(int R, int d, const float* q, int64_t ctx, co
     if (j + 1 < nblk)
       prefetch_rows(v + static_cast<int64_t>(blocks[j + 1]) * bs * tok_stride + head_off,
                     tok_stride * sizeof(T), static_cast<int>(std::min<int64_t>(bs, ctx - t0 - bs)), d * sizeof(T));
-    block_values(R, d, s, v + base, tok_stride, n, t0, ctx, out);
+    for (int r = 0; r < R; ++r)
+      row_values(d, s + r * ctx + t0, v + base, tok_stride, n, out + static_cast<int64_t>(r) * d);
   }
 }
 
