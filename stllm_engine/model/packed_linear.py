@@ -55,19 +55,23 @@ class PackedLinear(nn.Module):
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dtype != self.weight.dtype
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            return F.linear(x, self.weight, self.bias)
-        lead = x.shape[:-1]
+    def _plain_inference(self, x: torch.Tensor) -> bool:
+        """CPU input of the weight's dtype outside autograd: the packed weight may be used."""
+        return (x.device.type == "cpu" and x.dtype == self.weight.dtype
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+
+    def _packed(self, x: torch.Tensor, attr: str, algorithm: str) -> torch.Tensor:
+        """oneDNN GEMM with the packed weight (+ bias, + post-op ``attr``) over x's rows."""
         x2 = x.reshape(-1, self.in_features)
-        rows = x2.shape[0]
-        if rows > MAX_PACKED_ROWS or rows == 0 or (rows == 1 and x.dtype == torch.float32):  # fp32 GEMV: MKL is as fast
+        out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.packed, self.bias, attr, [], algorithm)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (not self._plain_inference(x) or rows > MAX_PACKED_ROWS or rows == 0
+                or (rows == 1 and x.dtype == torch.float32)):  # fp32 GEMV: MKL is as fast
             return F.linear(x, self.weight, self.bias)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
-        return out.view(*lead, self.out_features)
+        return self._packed(x, "none", "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
@@ -91,32 +95,18 @@ def pack_linears(model) -> int:
     return swapped + 1
 
 
-class PackedLinearGELU(nn.Module):
+class PackedLinearGELU(PackedLinear):
     """``gelu(linear(x))`` (exact erf GELU) with bias + GELU fused into a oneDNN GEMM on CPU
-    float32 inference; plain torch otherwise. Same ``weight``/``bias`` objects and names as the
-    ``nn.Linear`` it replaces."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
-        with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+    float32 inference (any row count); plain torch otherwise. Same ``weight``/``bias`` objects
+    and names as the ``nn.Linear`` it replaces."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        if not self._plain_inference(x) or x.dtype != torch.float32 or x.numel() == 0:
             return F.gelu(F.linear(x, self.weight, self.bias))
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] == 0:
-            return F.gelu(F.linear(x, self.weight, self.bias))
-        out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.packed, self.bias, "gelu", [], "none")
-        return out.view(*lead, self.out_features)
+        return self._packed(x, "gelu", "none")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn+gelu"
+        return super().extra_repr() + "+gelu"
 
 
 def pack_vision_mlps(model) -> int:
