@@ -1,12 +1,12 @@
 """Background frame decoding, so a new video's decode never stalls the running requests' steps.
 
-``LLMEngine.add_request`` hands the decode (container demux, codec, sampling, resize/normalise:
-``load_video``) of a video not in the vision cache to a small thread pool (decord and PyAV release
-the GIL while decoding); each ``step`` first collects the finished decodes and runs their ViT and
-Q-Former on the engine thread (model compute stays serialised with the model steps), then admits
-them. Results come back in submission order among the finished ones; a failed decode fails only
-its request. ``workers=0`` decodes inline instead (the caller then gets the old synchronous
-behaviour).
+While other requests run, ``LLMEngine.add_request`` hands the decode (container demux, codec,
+frame sampling: ``load_video(..., preprocess=False)``) of a video not in the vision cache to a
+small thread pool (decord and PyAV release the GIL while decoding); each ``step`` first collects
+the finished decodes and runs their preprocessing, ViT and Q-Former on the engine thread (torch
+compute stays serialised with the model steps), then admits them. Results come back in
+submission order among the finished ones; a failed decode fails only its request. ``workers=0``
+decodes inline instead (the old synchronous behaviour).
 """
 from __future__ import annotations
 

@@ -151,15 +151,15 @@ class LLMEngine(BeamRequests):
         given, features cached, no frame workers) or the engine is idle (nothing to overlap the
         decode with: decoding inline gave a ~7% lower TTFT than handing it to a thread), else
         after a background decode (``frame_loader.py``), collected by a later ``step``."""
-        n, sampling, bound = kw.get("num_frames"), kw.get("sampling", "uniform"), kw.get("bound")
         if not self.frame_loader.enabled or not needs_decoding(video) or self._idle():
             admit(self._prepare_timed(req, video, question, **kw))
             return
+        n = check_prepare_args(self.model, **kw)  # bad options fail now, not after a decode
+        sampling, bound = kw.get("sampling", "uniform"), kw.get("bound")
         hit, plan_request = plan_hit(self.model, self.vision_cache, video, n, sampling, bound)
         if hit:
             admit(self._prepare_timed(req, video, question, **kw))
             return
-        n = check_prepare_args(self.model, **kw)  # bad options fail now, not after a decode
 
         def then(decoded, seconds: float) -> None:
             t = time.perf_counter()
@@ -244,15 +244,17 @@ class LLMEngine(BeamRequests):
         return bool(self._requests or self._pending)
 
     # --- stepping ---------------------------------------------------------------------------
+    def _model_busy(self) -> bool:
+        """A model step has work: scheduled sequences or running beam groups."""
+        return self.scheduler.has_work() or any(r.beams is not None for r in self._requests.values())
+
     def _idle(self) -> bool:
-        return (not self.scheduler.has_work() and not len(self.frame_loader)
-                and not any(r.beams is not None for r in self._requests.values()))
+        return not self._model_busy() and not len(self.frame_loader)
 
     def _collect_frames(self) -> None:
         """Admit the requests whose background decode finished (waits for one when nothing else
         could run this step, instead of spinning)."""
-        idle = not self.scheduler.has_work() and not any(r.beams is not None for r in self._requests.values())
-        for rid, then, frames, seconds, err in self.frame_loader.collect(block=idle):
+        for rid, then, frames, seconds, err in self.frame_loader.collect(block=not self._model_busy()):
             req = self._requests.get(rid)
             if req is None:  # aborted while decoding
                 continue

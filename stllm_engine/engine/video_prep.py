@@ -129,25 +129,24 @@ def needs_decoding(video) -> bool:
     return not isinstance(video, VideoFrames) and not (isinstance(video, torch.Tensor) and video.is_floating_point())
 
 
-def plan_hit(model, cache: VisionCache | None, video, num_frames: int | None, sampling: str = "uniform",
+def plan_hit(model, cache: VisionCache | None, video, num_frames: int, sampling: str = "uniform",
              bound=None) -> tuple[bool, tuple | None]:
     """(features of ``video`` are cached under a remembered sampling plan, the plan request to
-    record after a decode or None); never decodes."""
-    n = model.config.num_frames if num_frames is None else num_frames
-    request, _, _, embeds = _cached_file_features(model, cache, video, n, sampling, bound, peek=True)
+    record after a decode or None); never decodes. ``num_frames`` as resolved by
+    :func:`check_prepare_args`."""
+    request, _, _, embeds = _cached_file_features(model, cache, video, num_frames, sampling, bound, peek=True)
     return embeds is not None, request
 
 
-def decode_video(model, video, num_frames: int | None, sampling: str = "uniform", bound=None):
-    """Decode (no torch preprocessing: ``frames`` stay uint8) at the model's frame count - the part
-    that runs on a frame worker thread; :func:`finish_frames` preprocesses on the engine thread.
-    Torch ops on a second thread would start a second OpenMP team whose idle spinning slowed the
-    engine thread's model passes (bench-cpu TTFT 0.215 -> 0.232 s)."""
+def decode_video(model, video, num_frames: int, sampling: str = "uniform", bound=None):
+    """Decode ``num_frames`` (resolved by :func:`check_prepare_args`) without torch preprocessing
+    (``frames`` stay uint8): the part that runs on a frame worker thread, so no second OpenMP team
+    of torch ops runs beside the engine thread's model passes; :func:`finish_frames`
+    preprocesses on the engine thread."""
     from stllm_engine.video import load_video
 
-    n = model.config.num_frames if num_frames is None else num_frames
-    return load_video(video, num_frames=n, sampling=sampling, bound=bound, size=model.config.vision.image_size,
-                      preprocess=False)
+    return load_video(video, num_frames=num_frames, sampling=sampling, bound=bound,
+                      size=model.config.vision.image_size, preprocess=False)
 
 
 def finish_frames(model, frames):
