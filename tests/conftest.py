@@ -1,5 +1,8 @@
 """Test-session set-up shared by every test file.
 
+Also the module-scoped ``folders`` fixture: tiny checkpoints of any variant, written once per test
+module and size set.
+
 Triton chooses between compiled and interpreted kernels when ``triton`` (and each ``@triton.jit``
 function, ``triton.language``'s own included) is first imported, so the interpreter switch must be
 set before any test module or library imports it. Without a GPU the kernels can only run
@@ -9,3 +12,22 @@ import os
 
 if os.environ.get("STLLM_TEST_TRITON_COMPILED") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """``folders(vit, video_input, **size_overrides)`` -> a tiny checkpoint folder in the official
+    layout (``write_tiny_checkpoint``), written once per module and arguments."""
+    from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+
+    cache = {}
+
+    def get(vit, vi, **kw):
+        key = (vit, vi, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = write_tiny_checkpoint(tmp_path_factory.mktemp(f"{vit}_{vi}"), vit=vit,
+                                               video_input=vi, **kw)
+        return cache[key]
+    return get

@@ -8,7 +8,6 @@ from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
 from stllm_engine.model.stllm import STLLMModel
 from stllm_engine.reference.model import ReferenceSTLLM
 from stllm_engine.sampling_params import SamplingParams
-from stllm_engine.testing.checkpoints import write_tiny_checkpoint
 from stllm_engine.testing.videos import write_video
 from stllm_engine.tokenizers import load_llama_tokenizer
 from stllm_engine.video import load_video
@@ -22,18 +21,6 @@ Q = "what is moving in the video?"
 @pytest.fixture(scope="module")
 def video(tmp_path_factory):
     return write_video(tmp_path_factory.mktemp("vid") / "clip.mp4", num_frames=20, size=(96, 72))
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    cache = {}
-
-    def get(vit, vi, **kw):
-        key = (vit, vi, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = write_tiny_checkpoint(tmp_path_factory.mktemp(f"{vit}_{vi}"), vit=vit, video_input=vi, **kw)
-        return cache[key]
-    return get
 
 
 def make_engine(folder, **cfg):

@@ -22,7 +22,6 @@ from stllm_engine.model import STLLMModel
 from stllm_engine.prompts import mvbench_prompt_segments, mvbench_question
 from stllm_engine.reference.model import ReferenceSTLLM
 from stllm_engine.sampling_params import SamplingParams
-from stllm_engine.testing.checkpoints import write_tiny_checkpoint
 from stllm_engine.testing.videos import write_video
 from stllm_engine.weights import load_checkpoint
 
@@ -32,19 +31,6 @@ BS = 8
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    cache = {}
-
-    def get(vit, vi, **kw):
-        key = (vit, vi, tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = write_tiny_checkpoint(tmp_path_factory.mktemp(f"{vit}_{vi}"), vit=vit,
-                                               video_input=vi, **kw)
-        return cache[key]
-    return get
-
-
 _REFS: dict = {}
 
 
