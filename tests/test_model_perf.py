@@ -225,28 +225,83 @@ def test_paged_prefill_gather_path_errors():
 
 @needs_onednn
 @pytest.mark.parametrize("vit", ["eva", "btadapter"])
-def test_vision_fc1_gelu_fusion_is_exact(tmp_path, vit):
-    """float32: the fused fc1 + bias + GELU GEMM gives the same vision features (bit-identical
-    for the ViT blocks here; the BT-Adapter's GEMM shapes block differently: ~2e-7 relative);
-    bf16 models keep the plain modules."""
-    from stllm_engine.model.packed_linear import PackedLinearGELU, pack_vision_mlps
+def test_vision_packing_keeps_features(tmp_path, vit, monkeypatch):
+    """pack_vision: every vision linear packed, fc1 + bias + GELU one GEMM, the blocks' residual
+    adds GEMM post-ops. float32: the same features (bit-identical for the ViT blocks when every
+    GEMM takes the packed path; ~2e-7 relative otherwise); bfloat16: within bf16 rounding (the
+    fused ops round once where torch rounds twice)."""
+    from stllm_engine.model.packed_linear import PackedLinearGELU, pack_vision
     from stllm_engine.weights import load_checkpoint
 
+    monkeypatch.setenv("STLLM_CPU_PACKED_PREFILL", "1")
     folder = write_tiny_checkpoint(tmp_path / vit, vit=vit, video_input="all")
     ck = load_checkpoint(folder)
     frames = torch.randn(3, 3, 56, 56)
-    plain = STLLMModel.from_checkpoint(ck, "cpu", torch.float32)
-    want = plain.encode_vision(frames)
-    fused = STLLMModel.from_checkpoint(ck, "cpu", torch.float32)
-    n = pack_vision_mlps(fused)
-    assert n == sum(1 for m in fused.visual_encoder.modules() if isinstance(m, PackedLinearGELU)) > 0
-    assert pack_vision_mlps(fused) == 0  # idempotent
-    got = fused.encode_vision(frames)
-    if vit == "eva":
-        assert torch.equal(got, want)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert pack_vision_mlps(STLLMModel.from_checkpoint(ck, "cpu", torch.bfloat16)) == 0
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = STLLMModel.from_checkpoint(ck, "cpu", dtype)
+        want = plain.encode_vision(frames)
+        fused = STLLMModel.from_checkpoint(ck, "cpu", dtype)
+        n = pack_vision(fused)
+        linears = [m for m in fused.visual_encoder.modules() if isinstance(m, PackedLinear)]
+        assert n == len(linears) > 0 and not any(type(m) is nn.Linear for m in fused.visual_encoder.modules())
+        assert sum(isinstance(m, PackedLinearGELU) for m in linears) == sum(
+            1 for m in fused.visual_encoder.modules() if type(m).__name__ == "EVAMlp")
+        assert pack_vision(fused) == 0  # idempotent
+        got = fused.encode_vision(frames)
+        assert got.dtype == dtype and got.shape == want.shape
+        if dtype == torch.float32:
+            if vit == "eva":
+                assert torch.equal(got, want)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(got.float(), want.float(), rtol=4e-2, atol=4e-2)
     x = torch.randn(5, fused.config.vision.width, requires_grad=True)
     mlp = next(m for m in fused.visual_encoder.modules() if isinstance(m, PackedLinearGELU))
-    mlp(x).sum().backward()  # autograd falls back to torch
+    mlp(x.bfloat16()).float().sum().backward()  # autograd falls back to torch
     assert x.grad is not None
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 33, 300])
+@pytest.mark.parametrize("prefill_packed", [False, True])
+def test_linear_add_matches_torch(dtype, rows, prefill_packed):
+    from stllm_engine.model.packed_linear import linear_add
+
+    torch.manual_seed(rows)
+    lin = nn.Linear(88, 40).to(dtype)
+    packed = PackedLinear(lin)
+    packed.prefill_packed = prefill_packed
+    x, r = torch.randn(rows, 88, dtype=dtype), torch.randn(rows, 40, dtype=dtype)
+    with torch.no_grad():
+        want = (r.float() + F.linear(x.float(), lin.weight.float(), lin.bias.float()))
+        got = linear_add(packed, x, r)
+        plain = linear_add(lin, x, r)  # not packed: torch
+    assert got.shape == r.shape and got.dtype == dtype
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want, atol=atol * 88 ** 0.5, rtol=rtol)
+    torch.testing.assert_close(plain, r + lin(x))
+    torch.testing.assert_close(linear_add(packed, x[:0], r[:0]), r[:0])  # no rows
+
+
+@needs_onednn
+@pytest.mark.parametrize("mode", ["auto", "0", "1"])
+def test_calibrate_prefill_modes(monkeypatch, mode):
+    """``prefill_packed`` is set per weight shape (auto: timed, the same choice for one shape);
+    either path gives F.linear's result above MAX_PACKED_ROWS; a bad setting is rejected."""
+    from stllm_engine.model.packed_linear import MAX_PACKED_ROWS, calibrate_prefill
+
+    monkeypatch.setenv("STLLM_CPU_PACKED_PREFILL", mode)
+    torch.manual_seed(0)
+    lins = [PackedLinear(nn.Linear(k, n)) for k, n in ((64, 96), (64, 96), (96, 64))]
+    choice = calibrate_prefill(lins, rows=64, repeats=1)
+    assert set(choice) == {(64, 96, torch.float32), (96, 64, torch.float32)}
+    assert lins[0].prefill_packed == lins[1].prefill_packed == choice[(64, 96, torch.float32)]
+    if mode != "auto":
+        assert all(lin.prefill_packed == (mode == "1") for lin in lins)
+    x = torch.randn(MAX_PACKED_ROWS + 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(lins[0](x), F.linear(x, lins[0].weight, lins[0].bias), atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("STLLM_CPU_PACKED_PREFILL", "sometimes")
+    with pytest.raises(ValueError, match="STLLM_CPU_PACKED_PREFILL"):
+        calibrate_prefill(lins)

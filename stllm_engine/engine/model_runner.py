@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from stllm_engine.model.context import AttentionContext, reset_context, set_context
-from stllm_engine.model.packed_linear import pack_linears, pack_vision_mlps
+from stllm_engine.model.packed_linear import pack_linears, pack_vision
 from stllm_engine.model.threads import ThreadPolicy, cpu_threads
 
 
@@ -49,7 +49,7 @@ class ModelRunner:
         self.block_size = model.block_size
         self.num_blocks = model.kv_cache.shape[2]
         self.num_packed = pack_linears(model)  # CPU: LLM weights pre-packed for oneDNN (inference)
-        self.num_fused_gelu = pack_vision_mlps(model)  # CPU float32: ViT fc1 + bias + GELU in one GEMM
+        self.num_packed_vision = pack_vision(model)  # CPU: vision GEMMs packed, fc1 + GELU fused
 
     def copy_blocks(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write, e.g. beam search forks)."""

@@ -3,10 +3,16 @@
 ``F.linear`` on the CPU re-packs (reorders) the weight inside every call for small row counts
 (MKL/oneDNN GEMMs block the weight before multiplying). A decode step reads every weight once,
 so that per-call packing roughly doubles the memory traffic of batched decode steps (measured on
-the bench-cpu LLM at 1 thread: 8 rows 103 -> 62 ms fp32, bf16 30 -> 22 ms). Only decode-sized
-inputs (<= ``MAX_PACKED_ROWS`` rows, fp32 from 2 rows) take the packed path: a single fp32 row and
-prefill-sized GEMMs were as fast or faster through ``F.linear`` (bench-cpu prefill, 2 threads:
-572 vs 519 ms fp32, 173 vs 166 ms bf16).
+the bench-cpu LLM at 1 thread: 8 rows 103 -> 62 ms fp32, bf16 30 -> 22 ms). Decode-sized inputs
+(<= ``MAX_PACKED_ROWS`` rows, fp32 from 2 rows) take the packed path; a single fp32 row is as
+fast through MKL's GEMV.
+The weight is packed for ``PACK_ROWS_HINT`` (32) rows: oneDNN picks its blocked layout from that
+hint, and the 32-row layout was as fast as the 1-row one for a single row while faster for batched
+rows (fp32, 8 rows, [1024 -> 5632], 2 threads: 1.03 -> 0.73 ms) and for prefill-sized inputs
+(bf16, 593 rows: 3.47 ms through ``F.linear`` -> 2.69 ms packed). Which path is faster above
+``MAX_PACKED_ROWS`` depends on the shape (the square [1024 -> 1024] projection was faster through
+``F.linear``: 0.78 vs 1.06 ms), so :func:`calibrate_prefill` times both once per weight shape at
+load and sets ``prefill_packed`` on each module (``STLLM_CPU_PACKED_PREFILL=0/1`` forces it).
 :class:`PackedLinear` packs the weight at load time (``torch.ops.mkldnn._reorder_linear_weight``)
 and multiplies with ``torch.ops.mkldnn._linear_pointwise``, keeping the plain ``weight`` (shared,
 not copied) for everything else: other devices, autograd, state dicts.
@@ -15,23 +21,29 @@ not copied) for everything else: other devices, autograd, state dicts.
 off the CPU, without oneDNN, or with ``STLLM_CPU_PACKED=0``. Packing keeps a second copy of those
 weights in memory.
 
-:class:`PackedLinearGELU` (``pack_vision_mlps``) fuses the vision MLP's ``fc1`` bias and exact
-GELU into the oneDNN GEMM (a post-op on the float32 accumulator) for float32 weights, where the
-result equals ``F.gelu(F.linear(x, w, b))`` to float32 rounding (bit-identical at the ViT's
-shapes measured; other GEMM blockings differ by ~1e-7 relative) and skips the separate bias copy
-and GELU pass: [4112, 256] x [256, 1117] + GELU 30.1 -> 17.7 ms (bench-cpu ViT, 16 frames,
-1 thread). In bfloat16 the fused post-op rounds once instead of twice, so it is not used there.
+:func:`pack_vision` packs the vision tower's linears the same way. :class:`PackedLinearGELU`
+fuses the MLP's ``fc1`` bias and exact GELU into the oneDNN GEMM (a post-op on the float32
+accumulator): in float32 the result equals ``F.gelu(F.linear(x, w, b))`` to float32 rounding
+(bit-identical at the ViT's shapes measured; other GEMM blockings differ by ~1e-7 relative) and
+skips the separate bias copy and GELU pass: [4112, 256] x [256, 1117] + GELU 30.1 -> 17.7 ms
+(bench-cpu ViT, 16 frames, 1 thread). :func:`linear_add` folds a block's residual add into the
+``proj``/``fc2`` GEMM the same way. In bfloat16 both round once where torch rounds twice (more
+accurate, not bit-equal to the reference): bench-cpu ViT, bf16, 2 threads, 57.5 -> 52.7 ms.
 """
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 ENV = "STLLM_CPU_PACKED"
-MAX_PACKED_ROWS = 32  # above this (prefill) plain F.linear's MKL/oneDNN GEMM was as fast or faster
+PREFILL_ENV = "STLLM_CPU_PACKED_PREFILL"  # "auto" (default: calibrate), "1" always, "0" never
+MAX_PACKED_ROWS = 32  # decode-sized inputs always take the packed GEMM; above: ``prefill_packed``
+PACK_ROWS_HINT = 32  # oneDNN's blocked layout is chosen for this many rows
+CALIBRATION_ROWS = 512  # a typical prefill (16 frames: 512 video tokens + the prompt)
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -53,7 +65,8 @@ class PackedLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS_HINT)
+        self.prefill_packed = False  # above MAX_PACKED_ROWS rows too (see calibrate_prefill)
 
     def _plain_inference(self, x: torch.Tensor) -> bool:
         """CPU input of the weight's dtype outside autograd: the packed weight may be used."""
@@ -66,10 +79,15 @@ class PackedLinear(nn.Module):
         out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.packed, self.bias, attr, [], algorithm)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def use_packed(self, x: torch.Tensor) -> bool:
+        """Whether this input takes the packed GEMM (else ``F.linear``)."""
         rows = x.numel() // self.in_features
-        if (not self._plain_inference(x) or rows > MAX_PACKED_ROWS or rows == 0
-                or (rows == 1 and x.dtype == torch.float32)):  # fp32 GEMV: MKL is as fast
+        return (self._plain_inference(x) and rows > 0
+                and (rows <= MAX_PACKED_ROWS or self.prefill_packed)
+                and not (rows == 1 and x.dtype == torch.float32))  # fp32 GEMV: MKL is as fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_packed(x):
             return F.linear(x, self.weight, self.bias)
         return self._packed(x, "none", "")
 
@@ -92,16 +110,54 @@ def pack_linears(model) -> int:
                 setattr(parent, name, PackedLinear(lin))
                 swapped += 1
     model.lm_head = PackedLinear(model.lm_head)
+    calibrate_prefill([lin for lin in model.llm.modules() if isinstance(lin, PackedLinear)])
     return swapped + 1
+
+
+def _prefill_mode() -> str:
+    mode = os.environ.get(PREFILL_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"{PREFILL_ENV} must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+@torch.no_grad()
+def calibrate_prefill(linears: list[PackedLinear], rows: int = CALIBRATION_ROWS,
+                      repeats: int = 3) -> dict[tuple, bool]:
+    """Set ``prefill_packed`` on each module: whether prefill-sized inputs (more than
+    ``MAX_PACKED_ROWS`` rows) use the packed GEMM. ``auto`` times both paths on ``rows`` random
+    rows once per (in, out, dtype), best of ``repeats`` interleaved runs after a warm-up; returns
+    {shape: choice}. Both paths compute the same product (they differ by GEMM rounding only)."""
+    mode = _prefill_mode()
+    choice: dict[tuple, bool] = {}
+    for lin in linears:
+        key = (lin.in_features, lin.out_features, lin.weight.dtype)
+        if key not in choice:
+            if mode != "auto":
+                choice[key] = mode == "1"
+            else:
+                x = torch.randn(rows, lin.in_features).to(lin.weight.dtype)
+                paths = (lambda: F.linear(x, lin.weight, lin.bias),
+                         lambda: lin._packed(x, "none", ""))
+                best = [float("inf")] * 2
+                for r in range(repeats + 1):
+                    for i, fn in enumerate(paths):
+                        t = time.perf_counter()
+                        fn()
+                        if r:  # the first round warms up oneDNN's primitive cache
+                            best[i] = min(best[i], time.perf_counter() - t)
+                choice[key] = best[1] < best[0]
+        lin.prefill_packed = choice[key]
+    return choice
 
 
 class PackedLinearGELU(PackedLinear):
     """``gelu(linear(x))`` (exact erf GELU) with bias + GELU fused into a oneDNN GEMM on CPU
-    float32 inference (any row count); plain torch otherwise. Same ``weight``/``bias`` objects
-    and names as the ``nn.Linear`` it replaces."""
+    inference (any row count); plain torch otherwise. Same ``weight``/``bias`` objects and names
+    as the ``nn.Linear`` it replaces."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._plain_inference(x) or x.dtype != torch.float32 or x.numel() == 0:
+        if not self._plain_inference(x) or x.numel() == 0:
             return F.gelu(F.linear(x, self.weight, self.bias))
         return self._packed(x, "gelu", "none")
 
@@ -109,16 +165,36 @@ class PackedLinearGELU(PackedLinear):
         return super().extra_repr() + "+gelu"
 
 
-def pack_vision_mlps(model) -> int:
-    """Swap every vision-side MLP ``fc1`` (ViT blocks, BT-Adapter) of an STLLMModel for
-    :class:`PackedLinearGELU` where it is exact (CPU float32, oneDNN); returns how many."""
+def linear_add(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + lin(x)`` (a new tensor). On the packed CPU path the add is a oneDNN post-op of
+    the GEMM: no separate pass over the output, and one rounding instead of two in bfloat16."""
+    if (isinstance(lin, PackedLinear) and lin.use_packed(x) and residual.dtype == x.dtype
+            and residual.shape == (*x.shape[:-1], lin.out_features)):
+        x2 = x.reshape(-1, lin.in_features).contiguous()
+        r2 = residual.reshape(-1, lin.out_features).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise.binary(x2, r2, lin.packed, lin.bias, "add")
+        return out.view(residual.shape)
+    return residual + lin(x)
+
+
+def pack_vision(model) -> int:
+    """Swap every ``nn.Linear`` of an STLLMModel's vision tower (ViT blocks, BT-Adapter) for a
+    :class:`PackedLinear`, each MLP ``fc1`` for a :class:`PackedLinearGELU`, where packing applies,
+    and calibrate their prefill path (every vision GEMM is prefill-sized: frames x tokens rows);
+    returns how many were swapped (0: nothing to do, e.g. CUDA, fp16, or already packed)."""
     from stllm_engine.model.vision import EVAMlp
 
-    swapped = 0
-    for mod in model.visual_encoder.modules():
-        if isinstance(mod, EVAMlp) and type(mod.fc1) is nn.Linear and mod.fc1.weight.dtype == torch.float32 \
-                and packing_available(mod.fc1.weight):
-            mod.fc1 = PackedLinearGELU(mod.fc1)
-            mod.gelu_fused = True
-            swapped += 1
-    return swapped
+    swapped = []
+    for mod in list(model.visual_encoder.modules()):
+        for name, child in list(mod.named_children()):
+            if type(child) is not nn.Linear or not packing_available(child.weight):
+                continue
+            if isinstance(mod, EVAMlp) and name == "fc1":
+                new = PackedLinearGELU(child)
+                mod.gelu_fused = True
+            else:
+                new = PackedLinear(child)
+            setattr(mod, name, new)
+            swapped.append(new)
+    calibrate_prefill([lin for lin in swapped if type(lin) is PackedLinear])
+    return len(swapped)

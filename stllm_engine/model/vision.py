@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from stllm_engine.config import VisionConfig
 from stllm_engine import ops
+from stllm_engine.model.packed_linear import linear_add
 
 
 class EVAAttention(nn.Module):
@@ -25,24 +26,32 @@ class EVAAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=True)  # bias = cat(q_bias, zeros, v_bias)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """x [N, W] packed; cu_seqlens int32 [S+1] -> [N, W]."""
+    def heads(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """x [N, W] packed; cu_seqlens int32 [S+1] -> the heads' outputs [N, W] before ``proj``."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         o = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                  causal=False, scale=self.head_dim ** -0.5)
-        return self.proj(o.reshape(n, -1))
+        return o.reshape(n, -1)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """x [N, W] packed; cu_seqlens int32 [S+1] -> [N, W]."""
+        return self.proj(self.heads(x, cu_seqlens, max_seqlen))
 
 
 class EVAMlp(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
-        self.gelu_fused = False  # fc1 is a PackedLinearGELU (packed_linear.pack_vision_mlps)
+        self.gelu_fused = False  # fc1 is a PackedLinearGELU (packed_linear.pack_vision)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """gelu(fc1(x)): the input of ``fc2``."""
+        h = self.fc1(x)
+        return h if self.gelu_fused else F.gelu(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        return self.fc2(h if self.gelu_fused else F.gelu(h))
+        return self.fc2(self.hidden(x))
 
 
 class EVABlock(nn.Module):
@@ -56,8 +65,8 @@ class EVABlock(nn.Module):
         self.mlp = EVAMlp(width, mlp_dim)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen)
-        return x + self.mlp(self.norm2(x))
+        x = linear_add(self.attn.proj, self.attn.heads(self.norm1(x), cu_seqlens, max_seqlen), x)
+        return linear_add(self.mlp.fc2, self.mlp.hidden(self.norm2(x)), x)
 
 
 class EVAVisionTransformer(nn.Module):
