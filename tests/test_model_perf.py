@@ -305,3 +305,43 @@ def test_calibrate_prefill_modes(monkeypatch, mode):
     monkeypatch.setenv("STLLM_CPU_PACKED_PREFILL", "sometimes")
     with pytest.raises(ValueError, match="STLLM_CPU_PACKED_PREFILL"):
         calibrate_prefill(lins)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [32, 33, 40, 64, 65, 97])
+def test_prefill_row_bucketing_matches_unpadded(ckpt, dtype, n, monkeypatch):
+    """CPU prefill passes pad their rows to a multiple of ROW_BUCKET: same hidden states, same
+    last-row states through ``out_rows``, and the same KV cache (padding rows write nothing)."""
+    from stllm_engine.model import llama
+    from stllm_engine.model.context import AttentionContext, reset_context, set_context
+
+    model = STLLMModel.from_checkpoint(ckpt, "cpu", dtype)
+    model.allocate_kv_cache(64, 4)
+    torch.manual_seed(n)
+    x = torch.randn(n, model.config.llm.hidden_size).to(dtype)
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    slots = torch.arange(n) + 4  # leave block 0 untouched
+
+    def run(bucket: int, out_rows=None):
+        monkeypatch.setattr(llama, "ROW_BUCKET", bucket)
+        model.kv_cache.zero_()
+        set_context(AttentionContext(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
+                                     max_seqlen_k=n, slot_mapping=slots,
+                                     context_lens=torch.tensor([n], dtype=torch.int32)))
+        try:
+            with torch.no_grad():
+                return model(x, torch.arange(n), out_rows=out_rows), model.kv_cache.clone()
+        finally:
+            reset_context()
+
+    assert llama.bucketed_rows(n, torch.device("cpu")) == (n if n <= 32 else -(-n // 32) * 32)
+    want, want_kv = run(1)
+    got, got_kv = run(32)
+    assert got.shape == want.shape == x.shape
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    torch.testing.assert_close(got_kv.float(), want_kv.float(), **tol)
+    assert got_kv[:, :, 0].abs().sum() == 0  # nothing written outside the real rows' slots
+    rows = torch.tensor([n - 1, 0])
+    last, _ = run(32, rows)
+    torch.testing.assert_close(last.float(), want[rows].float(), **tol)

@@ -7,6 +7,11 @@ The element-wise parts are the fused ops of :mod:`stllm_engine.ops.elementwise`:
 is folded into the RMSNorm after it, rotary runs in place on the qkv rows, SwiGLU on gate_up.
 ``out_rows`` (the rows whose logits a step samples) trims the last layer: every row still writes
 its K/V, but o_proj, the MLP and the final norm run only for those rows.
+On the CPU a prefill pass runs its row-wise work (GEMMs, norms, MLP) on the packed rows padded
+with zero rows up to a multiple of ``ROW_BUCKET``: oneDNN sets up its GEMMs per row count, and the
+first pass at a new row count cost ~50 ms more at bench-cpu (122 -> 170 ms, every new prompt
+length); padded, a new length only pays that when it starts a new bucket. Padding rows never
+reach the cache or the attention (which see the real rows only) and are dropped from the output.
 Attention reads the per-step :class:`~stllm_engine.model.context.AttentionContext`:
 
 * prefill without prefix: ``ops.varlen_attention`` (causal) over the new tokens;
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from stllm_engine.config import LLMConfig
 from stllm_engine import ops
@@ -49,6 +55,17 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: 
 
 apply_rotary = ew.rotate_ref  # x [N, heads, d] rotated by cos/sin [N, d] (rotate-half convention)
 
+ROW_BUCKET = 32  # CPU prefill passes pad their rows to a multiple of this (see the module docstring)
+MIN_BUCKETED_ROWS = 33  # decode-sized passes (<= 32 rows) run unpadded: oneDNN's small-M path
+
+
+def bucketed_rows(n: int, device: torch.device) -> int:
+    """Rows a pass of n tokens runs its row-wise ops on: n, or on the CPU for prefill-sized n
+    the next multiple of ROW_BUCKET."""
+    if device.type != "cpu" or n < MIN_BUCKETED_ROWS:
+        return n
+    return -(-n // ROW_BUCKET) * ROW_BUCKET
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LLMConfig):
@@ -62,11 +79,17 @@ class LlamaAttention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                out_rows: torch.Tensor | None = None) -> torch.Tensor:
+                out_rows: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
         """x [N, H] -> [N, H], or [len(out_rows), H] for those rows only (all rows' K/V are
-        still written and attend; only the output projection is trimmed)."""
-        n = x.shape[0]
-        qkv = ew.rotary_qk_(self.qkv_proj(x), self.num_heads + self.num_kv_heads, self.head_dim, cos, sin)
+        still written and attend; only the output projection is trimmed). ``rows``: only the
+        first ``rows`` rows are tokens (cos/sin have that many), the rest is row padding: it goes
+        through the projections only and comes out as zero rows before ``o_proj``."""
+        padded = x.shape[0]
+        n = padded if rows is None else rows
+        qkv = self.qkv_proj(x)
+        if n < padded:
+            qkv = qkv[:n]
+        qkv = ew.rotary_qk_(qkv, self.num_heads + self.num_kv_heads, self.head_dim, cos, sin)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
@@ -87,7 +110,11 @@ class LlamaAttention(nn.Module):
             o = ops.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                            ctx.context_lens, scale=self.scale)
         o = o.reshape(n, self.q_size)
-        return self.o_proj(o if out_rows is None else o.index_select(0, out_rows))
+        if out_rows is not None:
+            o = o.index_select(0, out_rows)
+        elif n < padded:
+            o = F.pad(o, (0, 0, 0, padded - n))
+        return self.o_proj(o)
 
 
 class LlamaMLP(nn.Module):
@@ -109,11 +136,11 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, normed: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                next_norm: RMSNorm, out_rows: torch.Tensor | None = None):
+                next_norm: RMSNorm, out_rows: torch.Tensor | None = None, rows: int | None = None):
         """(input_layernorm(x), x) -> (next_norm(x'), x') with x' this layer's output; the
         residual tensor is updated in place where the fused op allows. ``out_rows``: only those
-        rows of x' (see LlamaAttention)."""
-        a = self.self_attn(normed, cos, sin, out_rows)
+        rows of x'; ``rows``: real rows before the padding (see LlamaAttention)."""
+        a = self.self_attn(normed, cos, sin, out_rows, rows)
         if out_rows is not None:
             residual = residual.index_select(0, out_rows)
         normed, residual = ew.add_rms_norm(a, residual, self.post_attention_layernorm.weight,
@@ -139,12 +166,15 @@ class LlamaModel(nn.Module):
         if embeds.ndim != 2 or positions.shape != embeds.shape[:1]:
             raise ValueError(f"LLM expects packed embeds [N, H] and positions [N], got "
                              f"{tuple(embeds.shape)} and {tuple(positions.shape)}")
+        n = embeds.shape[0]
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
-        residual = embeds.contiguous().clone()  # updated in place by the fused add + norm
+        padded = bucketed_rows(n, embeds.device)
+        # residual: a new tensor the fused add + norm update in place (zero rows as padding)
+        residual = F.pad(embeds, (0, 0, 0, padded - n)) if padded > n else embeds.contiguous().clone()
         normed = self.layers[0].input_layernorm(residual)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].input_layernorm if i < last else self.norm
             normed, residual = layer(normed, residual, cos, sin, next_norm,
-                                     out_rows if i == last else None)
-        return normed
+                                     out_rows if i == last else None, n)
+        return normed if out_rows is not None or padded == n else normed[:n]
