@@ -191,7 +191,6 @@ def pack_vision(model) -> int:
                 continue
             if isinstance(mod, EVAMlp) and name == "fc1":
                 new = PackedLinearGELU(child)
-                mod.gelu_fused = True
             else:
                 new = PackedLinear(child)
             setattr(mod, name, new)

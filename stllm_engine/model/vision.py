@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from stllm_engine.config import VisionConfig
 from stllm_engine import ops
-from stllm_engine.model.packed_linear import linear_add
+from stllm_engine.model.packed_linear import PackedLinearGELU, linear_add
 
 
 class EVAAttention(nn.Module):
@@ -43,12 +43,11 @@ class EVAMlp(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
-        self.gelu_fused = False  # fc1 is a PackedLinearGELU (packed_linear.pack_vision)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """gelu(fc1(x)): the input of ``fc2``."""
+        """gelu(fc1(x)): the input of ``fc2`` (a PackedLinearGELU fc1 applies the GELU itself)."""
         h = self.fc1(x)
-        return h if self.gelu_fused else F.gelu(h)
+        return h if isinstance(self.fc1, PackedLinearGELU) else F.gelu(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.hidden(x))
