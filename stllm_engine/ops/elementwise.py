@@ -25,13 +25,15 @@ def _plain(tensors) -> bool:
         torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
 
 
-def _use_cpp(*tensors: torch.Tensor) -> bool:
+def _backend(*tensors: torch.Tensor) -> str | None:
+    """Where a fused op runs: "triton" (CUDA), "cpp" (CPU float32/bfloat16) or None (the torch
+    twin: other dtypes, autograd, tracing). Layout conditions are the caller's."""
     t = tensors[0]
-    return not on_cuda(t) and t.device.type == "cpu" and t.dtype in _CPP_DTYPES and _plain(tensors)
-
-
-def _use_triton(*tensors: torch.Tensor) -> bool:
-    return on_cuda(tensors[0]) and _plain(tensors)
+    if not _plain(tensors):
+        return None
+    if on_cuda(t):
+        return "triton"
+    return "cpp" if t.device.type == "cpu" and t.dtype in _CPP_DTYPES else None
 
 
 # --- torch twins (the definition) ---------------------------------------------------------------
@@ -56,9 +58,11 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 # --- ops ------------------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [N, H] -> RMSNorm(x) * weight [N, H] (statistics in float32)."""
-    if _use_triton(x, weight) and x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype:
+    fits = x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype
+    backend = _backend(x, weight) if fits else None
+    if backend == "triton":
         return triton_kernels("elementwise").rms_norm(x, weight, eps)
-    if _use_cpp(x, weight) and x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype:
+    if backend == "cpp":
         out = torch.empty(x.shape, dtype=x.dtype)
         cpp().rms_norm(x, weight.contiguous(), out, float(eps))
         return out
@@ -69,11 +73,12 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(residual + x) * weight, residual + x). ``residual`` must be a contiguous [N, H]
     tensor the caller owns: the fused paths update it in place and return it as the new residual."""
-    if (_use_triton(x, residual, weight) and x.dim() == 2 and x.stride(-1) == 1 and residual.is_contiguous()
-            and residual.shape == x.shape and residual.dtype == x.dtype == weight.dtype):
+    fits = (x.dim() == 2 and x.stride(-1) == 1 and residual.is_contiguous() and residual.shape == x.shape
+            and residual.dtype == x.dtype == weight.dtype)
+    backend = _backend(x, residual, weight) if fits else None
+    if backend == "triton":
         return triton_kernels("elementwise").rms_norm(x, weight, eps, residual=residual), residual
-    if (_use_cpp(x, residual, weight) and x.dim() == 2 and x.stride(-1) == 1 and residual.is_contiguous()
-            and residual.shape == x.shape and residual.dtype == x.dtype == weight.dtype):
+    if backend == "cpp":
         out = torch.empty(x.shape, dtype=x.dtype)
         cpp().add_rms_norm_(x, residual, weight.contiguous(), out, float(eps))
         return out, residual
@@ -85,9 +90,11 @@ def rotary_qk_(qkv: torch.Tensor, num_heads: int, head_dim: int, cos: torch.Tens
                sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``num_heads`` heads (q then k of a fused qkv projection) of each row of
     qkv [N, >= num_heads * head_dim] in place by cos/sin [N, head_dim]; returns qkv."""
-    if _use_triton(qkv) and qkv.dim() == 2 and qkv.stride(-1) == 1 and cos.dtype == qkv.dtype:
+    fits = qkv.dim() == 2 and qkv.stride(-1) == 1 and cos.dtype == qkv.dtype
+    backend = _backend(qkv) if fits else None
+    if backend == "triton":
         return triton_kernels("elementwise").rotary_(qkv, num_heads, head_dim, cos, sin)
-    if _use_cpp(qkv) and qkv.dim() == 2 and qkv.stride(-1) == 1 and cos.dtype == qkv.dtype:
+    if backend == "cpp":
         cpp().rotary_embedding_(qkv, num_heads, head_dim, cos.contiguous(), sin.contiguous())
         return qkv
     n, w = qkv.shape[0], num_heads * head_dim
@@ -100,9 +107,10 @@ def rotary_qk_(qkv: torch.Tensor, num_heads: int, head_dim: int, cos: torch.Tens
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [N, 2I] = [gate | up] -> silu(gate) * up [N, I]."""
-    if _use_triton(x) and x.dim() == 2 and x.stride(-1) == 1:
+    backend = _backend(x) if x.dim() == 2 and x.stride(-1) == 1 else None
+    if backend == "triton":
         return triton_kernels("elementwise").silu_and_mul(x)
-    if _use_cpp(x) and x.dim() == 2 and x.stride(-1) == 1:
+    if backend == "cpp":
         out = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype)
         cpp().silu_and_mul(x, out)
         return out
