@@ -87,13 +87,14 @@ class Scheduler:
         self.block_manager.free(seq)
 
     # --- one step ---------------------------------------------------------------------------
-    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch | None = None) -> None:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
-        batch.preempted.append(seq)
+        if batch is not None:
+            batch.preempted.append(seq)
 
     def preempt_newest(self) -> Sequence | None:
         """Preempt (free, back to the front of the queue) the newest running sequence; for
@@ -101,7 +102,7 @@ class Scheduler:
         if not self.running:
             return None
         seq = self.running.pop()
-        self._preempt(seq, ScheduledBatch())
+        self._preempt(seq)
         return seq
 
     def has_work(self) -> bool:
