@@ -45,24 +45,23 @@ def target_text(item: MVBenchItem) -> str:
     return f"{item.answer_letter}) {item.answer}"
 
 
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 def prompt_ids(tokenizer, bos_id: int, eos_id: int, question: str, target: str,
                system: str = MVBENCH_SYSTEM) -> PromptIds:
     """Token ids of the three text parts (tokenized separately, as inference does)."""
     before, after = mvbench_prompt_segments(question, system)
-
-    def enc(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-    return PromptIds([bos_id] + enc(before), enc(after), enc(target) + [eos_id])
+    return PromptIds([bos_id] + _encode(tokenizer, before), _encode(tokenizer, after),
+                     _encode(tokenizer, target) + [eos_id])
 
 
 def chat_prompt_ids(tokenizer, bos_id: int, eos_id: int, question: str, target: str,
                     system: str = CHAT_SYSTEM) -> PromptIds:
     """Chat layout: nothing before the video; after it BOS + ``chat_prompt``; target + EOS."""
-    def enc(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-    return PromptIds([], [bos_id] + enc(chat_prompt(question, system)), enc(target) + [eos_id])
+    return PromptIds([], [bos_id] + _encode(tokenizer, chat_prompt(question, system)),
+                     _encode(tokenizer, target) + [eos_id])
 
 
 class QADataset:

@@ -72,15 +72,13 @@ def forward_step(model: TrainableSTLLM, batch: list[Example], mask_rate: float |
     (:class:`~stllm_engine.training.losses.FrameReconHead` on each frame's tokens) is added."""
     if not batch:
         raise ValueError("empty batch")
+    per_frame = [model.frame_tokens(ex.frames, ex.qformer_text) for ex in batch]
+    video = torch.stack([model.reference.projector(f) for f in per_frame])
     recon_value, loss_recon = None, None
     if recon_head is not None and recon_weight > 0:
-        per_frame = [model.frame_tokens(ex.frames, ex.qformer_text) for ex in batch]
-        video = torch.stack([model.reference.projector(f) for f in per_frame])
         loss_recon = torch.stack([frame_recon_loss(recon_head(f), ex.frames.to(f.device))
                                   for f, ex in zip(per_frame, batch)]).mean()
         recon_value = float(loss_recon.detach())
-    else:
-        video = torch.stack([model.video_tokens(ex.frames, ex.qformer_text) for ex in batch])
     b, lv, _ = video.shape
     masked = apply_dynamic_mask(video, mask_rate, generator) if mask_rate is not None else None
     a = assemble(model, batch, masked.tokens if masked is not None else video)
