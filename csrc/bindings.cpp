@@ -20,4 +20,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   stllm::register_rms_norm(m);
   stllm::register_rotary(m);
   stllm::register_activation(m);
+  stllm::register_llama_decode(m);
 }

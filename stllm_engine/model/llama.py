@@ -18,6 +18,10 @@ Attention reads the per-step :class:`~stllm_engine.model.context.AttentionContex
 * prefill with a prefix in the cache (chunked prefill, multi-turn): ``ops.paged_prefill_attention``;
 * decode: ``ops.paged_decode_attention``.
 
+CPU decode steps of up to 32 sequences (float32/bfloat16, outside autograd) run all layers in one
+compiled call instead (:mod:`stllm_engine.model.cpu_decode`): the same kernels in the same order,
+bit-identical, without the Python between them.
+
 New keys/values are written to the paged cache (``ops.write_kv_cache``) before attention.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 
 from stllm_engine.config import LLMConfig
 from stllm_engine import ops
+from stllm_engine.model import cpu_decode
 from stllm_engine.model.context import get_context
 from stllm_engine.ops import elementwise as ew
 
@@ -168,6 +173,9 @@ class LlamaModel(nn.Module):
                              f"{tuple(embeds.shape)} and {tuple(positions.shape)}")
         n = embeds.shape[0]
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        if cpu_decode.applies(self, embeds, get_context(), MIN_BUCKETED_ROWS - 1):
+            hidden = cpu_decode.run(self, embeds, cos, sin, get_context())
+            return hidden if out_rows is None else hidden.index_select(0, out_rows)
         padded = bucketed_rows(n, embeds.device)
         # residual: a new tensor the fused add + norm update in place (zero rows as padding)
         residual = F.pad(embeds, (0, 0, 0, padded - n)) if padded > n else embeds.contiguous().clone()

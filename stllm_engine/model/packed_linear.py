@@ -79,12 +79,15 @@ class PackedLinear(nn.Module):
         out = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.packed, self.bias, attr, [], algorithm)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def packed_for(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether ``rows`` rows of ``dtype`` (plain CPU inference) take the packed GEMM."""
+        return (dtype == self.weight.dtype and rows > 0
+                and (rows <= MAX_PACKED_ROWS or self.prefill_packed)
+                and not (rows == 1 and dtype == torch.float32))  # fp32 GEMV: MKL is as fast
+
     def use_packed(self, x: torch.Tensor) -> bool:
         """Whether this input takes the packed GEMM (else ``F.linear``)."""
-        rows = x.numel() // self.in_features
-        return (self._plain_inference(x) and rows > 0
-                and (rows <= MAX_PACKED_ROWS or self.prefill_packed)
-                and not (rows == 1 and x.dtype == torch.float32))  # fp32 GEMV: MKL is as fast
+        return self._plain_inference(x) and self.packed_for(x.numel() // self.in_features, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_packed(x):

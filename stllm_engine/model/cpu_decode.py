@@ -1,0 +1,94 @@
+"""CPU decode steps of the LLaMA decoder in one call to the compiled core.
+
+A decode step moves one token a sequence through every layer: ~15 small calls a layer whose
+arithmetic is tiny next to the weight reads, so on the CPU the Python between them (module calls,
+argument checks, dispatch) was ~2.5-4.5 ms of a ~20 ms bench-cpu bf16 step. ``llama_decode``
+(``csrc/llama_decode_cpu.cpp``) chains the same kernels in C++, in the same order, on the same
+weights (oneDNN-packed where :class:`PackedLinear` would use the packed copy), so its result is
+bit-identical to the Python loop of :class:`~stllm_engine.model.llama.LlamaModel`, which stays
+the definition (and the path for CUDA, float16, autograd and larger batches).
+``STLLM_CPU_COMPILED_DECODE=0`` turns it off (A/B measurements).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from stllm_engine.model.packed_linear import MAX_PACKED_ROWS, PackedLinear
+from stllm_engine.ops._backend import cpp
+
+ENV = "STLLM_CPU_COMPILED_DECODE"
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def enabled() -> bool:
+    raw = os.environ.get(ENV, "1").strip().lower()
+    if raw not in ("0", "1", "true", "false", "on", "off", "yes", "no"):
+        raise ValueError(f"{ENV} must be 0 or 1, got {raw!r}")
+    return raw in ("1", "true", "on", "yes")
+
+
+def applies(llm, embeds: torch.Tensor, ctx, max_rows: int) -> bool:
+    """Whether this pass is a CPU decode step the compiled loop runs: every row one sequence's new
+    token over a bound cache, float32/bfloat16 outside autograd, at most ``max_rows`` rows (the
+    rows the Python loop runs unpadded)."""
+    return (not ctx.is_prefill and ctx.slot_mapping is not None and embeds.device.type == "cpu"
+            and embeds.dtype in _DTYPES and 0 < embeds.shape[0] <= max_rows
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and enabled() and _plan(llm, embeds.shape[0], embeds.dtype) is not None)
+
+
+def _linears(layer) -> tuple[nn.Module, ...]:
+    return (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+
+
+def _plan(llm, rows: int, dtype: torch.dtype):
+    """(norms, linear weights, packed flags, k caches, v caches) for ``rows`` rows, or None when a
+    layer does not fit (no cache bound, biases, other dtypes). Built once per cache binding and
+    per packing choice (which depends on the row count only up to MAX_PACKED_ROWS + 1)."""
+    first = llm.layers[0].self_attn.k_cache
+    cache = llm.__dict__.setdefault("_cpu_decode_plans", {})
+    if cache.get("owner") is not first:
+        cache.clear()
+        cache["owner"] = first
+    key = (min(rows, MAX_PACKED_ROWS + 1), dtype)
+    if key not in cache:
+        cache[key] = _build(llm, rows, dtype)
+    return cache[key]
+
+
+def _build(llm, rows: int, dtype: torch.dtype):
+    norms, weights, flags, kcs, vcs = [], [], [], [], []
+    for layer in llm.layers:
+        attn = layer.self_attn
+        if attn.k_cache is None or attn.k_cache.dtype != dtype:
+            return None
+        norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        for lin in _linears(layer):
+            if lin.bias is not None or lin.weight.dtype != dtype:
+                return None
+            packed = isinstance(lin, PackedLinear) and lin.packed_for(rows, dtype)
+            weights.append(lin.packed if packed else lin.weight)
+            flags.append(packed)
+        kcs.append(attn.k_cache)
+        vcs.append(attn.v_cache)
+    norms.append(llm.norm.weight)
+    if any(w.dtype != dtype for w in norms) or len({layer.input_layernorm.eps for layer in llm.layers}
+                                                   | {layer.post_attention_layernorm.eps for layer in llm.layers}
+                                                   | {llm.norm.eps}) != 1:
+        return None
+    return [w.detach() for w in norms], [w.detach() for w in weights], flags, kcs, vcs
+
+
+def run(llm, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+    """Final-normed hidden states [B, H] of a decode step (see :func:`applies`)."""
+    norms, weights, flags, kcs, vcs = _plan(llm, embeds.shape[0], embeds.dtype)
+    attn = llm.layers[0].self_attn
+    return cpp().llama_decode(embeds, cos.contiguous(), sin.contiguous(), norms, weights, flags, kcs, vcs,
+                              ctx.slot_mapping.to(torch.int64).contiguous(),
+                              ctx.block_tables.to(torch.int32).contiguous(),
+                              ctx.context_lens.to(torch.int32).contiguous(),
+                              attn.num_heads, attn.num_kv_heads, attn.head_dim, float(llm.norm.eps),
+                              float(attn.scale))
