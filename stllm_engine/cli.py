@@ -168,7 +168,8 @@ def _check_answer_args(args) -> None:
 
 
 def answer_engine(args, folder: Path, video) -> dict:
-    from stllm_engine.server import MODEL_FAILURE, AnswerText, result_json
+    from stllm_engine.answer_text import AnswerText, result_json
+    from stllm_engine.outputs import MODEL_FAILURE
 
     llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
                       qformer_tokenizer=args.qformer_tokenizer)

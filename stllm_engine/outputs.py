@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+# Prefix of the error a request gets when a model step failed under it (not the request's fault:
+# the server answers 500, not 400).
+MODEL_FAILURE = "model step failed"
+
 
 @dataclass
 class RequestTimings:

@@ -11,129 +11,23 @@ Endpoints (one request per connection, ``Connection: close``):
 
 ``text`` is the release's answer text (what ``STLLM.answer`` returns); streamed pieces are stable
 prefixes of it (see :class:`AnswerText`). A bad request gets 400 with ``{"error": message}``
-naming the problem; requests run concurrently and the engine batches them.
+naming the problem (:mod:`stllm_engine.answer_request`); requests run concurrently and the engine
+batches them.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import threading
-from pathlib import Path
 
+from stllm_engine.answer_request import BadRequest, parse_answer_request
+from stllm_engine.answer_text import AnswerText, result_json
 from stllm_engine.api import STLLM
-from stllm_engine.prompts import clean_output_ids
 from stllm_engine.engine.async_engine import AsyncLLMEngine
-from stllm_engine.outputs import RequestOutput
-from stllm_engine.prompts import postprocess_answer
+from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
 
-REQUEST_OPTIONS = ("system", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling")
-ANSWER_KEYS = {"video", "video_b64", "question", "params", "stream", *REQUEST_OPTIONS}
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            413: "Payload Too Large", 500: "Internal Server Error"}
-MODEL_FAILURE = "model step failed"  # prefix of engine errors that are not the request's fault
-
-
-class BadRequest(ValueError):
-    """A request the server refuses; ``status`` is the HTTP status (400 unless said)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class AnswerText:
-    """The release answer text of a growing list of generated ids, as stable streamed pieces.
-
-    ``text(ids)`` = ``STLLM.postprocess`` of those ids; ``piece(ids)`` returns what extends the text
-    already sent, holding back what may still change: trailing byte-fallback tokens (the decoder
-    joins a run of byte tokens, so a later byte can turn earlier ones into U+FFFD), "#" of a coming
-    "###" and whitespace the final strip drops. If the text stops extending what was sent (the
-    model wrote "Assistant:", whose prefix the release drops), no more pieces come; the final text
-    (``text``) is always complete.
-    """
-
-    HOLD = " \t\r\n#\ufffd"
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.sent = ""
-        self._byte_token: dict[int, bool] = {}
-
-    def text(self, ids: list[int]) -> str:
-        ids = clean_output_ids(ids, self.tokenizer.eos_token_id)
-        return postprocess_answer(self.tokenizer.decode(ids, skip_special_tokens=False))
-
-    def _is_byte(self, i: int) -> bool:
-        if i not in self._byte_token:
-            tok = self.tokenizer.convert_ids_to_tokens(i)
-            self._byte_token[i] = isinstance(tok, str) and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
-        return self._byte_token[i]
-
-    def piece(self, ids: list[int], final: bool = False) -> str:
-        ids = list(ids)
-        if not final:
-            while ids and self._is_byte(ids[-1]):
-                ids.pop()
-        cur = self.text(ids)
-        if not final:
-            cur = cur.rstrip(self.HOLD)
-        if len(cur) <= len(self.sent) or not cur.startswith(self.sent):
-            return ""
-        out, self.sent = cur[len(self.sent):], cur
-        return out
-
-
-def result_json(llm: STLLM, out: RequestOutput) -> dict:
-    """The JSON body of a finished request."""
-    return {"text": AnswerText(llm.tokenizer).text(out.token_ids), "finish_reason": out.finish_reason,
-            "timings": out.timings.as_dict(),
-            "usage": {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": len(out.token_ids),
-                      "cached_prompt_tokens": out.num_cached_tokens}}
-
-
-def parse_answer_request(llm: STLLM, body: dict) -> tuple:
-    """Validate a /v1/answer body -> (video, question, SamplingParams, options, stream)."""
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    unknown = sorted(set(body) - ANSWER_KEYS)
-    if unknown:
-        raise BadRequest(f"unknown request fields {unknown}; expected some of {sorted(ANSWER_KEYS)}")
-    if ("video" in body) == ("video_b64" in body):
-        raise BadRequest("give exactly one of 'video' (a path) or 'video_b64' (base64 bytes)")
-    if "video" in body:
-        video = body["video"]
-        if not isinstance(video, str) or not video:
-            raise BadRequest("'video' must be a non-empty path string")
-        if not Path(video).exists():
-            raise BadRequest(f"video file not found: {video}")
-    else:
-        if not isinstance(body["video_b64"], str):
-            raise BadRequest("'video_b64' must be a base64 string")
-        try:
-            video = base64.b64decode(body["video_b64"], validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise BadRequest(f"'video_b64' is not valid base64: {e}") from None
-        if not video:
-            raise BadRequest("'video_b64' decodes to no bytes")
-    question = body.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise BadRequest("'question' must be a non-empty string")
-    raw = body.get("params", {})
-    if not isinstance(raw, dict):
-        raise BadRequest("'params' must be a JSON object of generation parameters")
-    try:
-        params = llm.params(**raw)
-    except (TypeError, ValueError) as e:
-        raise BadRequest(f"bad params: {e}") from None
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be true or false")
-    if stream and params.num_beams > 1:
-        raise BadRequest("'stream' does not support beam search (params.num_beams > 1)")
-    options = {k: body[k] for k in REQUEST_OPTIONS if k in body}
-    return video, question, params, options, stream
 
 
 class Server:

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from stllm_engine.api import STLLM
-from stllm_engine.server import AnswerText, ServerThread
+from stllm_engine.answer_text import AnswerText
+from stllm_engine.server import ServerThread
 from stllm_engine.testing.checkpoints import write_tiny_checkpoint
 from stllm_engine.testing.videos import write_corrupt_video, write_video
 

@@ -28,7 +28,7 @@ from stllm_engine.engine.sequence import Sequence
 from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, decode_video, finish_frames,
                                             needs_decoding, plan_hit, prepare_video)
 from stllm_engine.engine.vision_cache import VisionCache
-from stllm_engine.outputs import RequestOutput
+from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
 from stllm_engine.prompts import MVBENCH_SYSTEM, chat_prompt, mvbench_prompt_segments, mvbench_question
 from stllm_engine.sampling_params import SamplingParams
 
@@ -283,7 +283,7 @@ class LLMEngine(BeamRequests):
                 for seq, _ in batch.items:
                     req = self._by_seq.get(seq.seq_id)
                     if req is not None:
-                        self._fail(req, RuntimeError(f"model step failed: {type(e).__name__}: {e}"))
+                        self._fail(req, RuntimeError(f"{MODEL_FAILURE}: {type(e).__name__}: {e}"))
                 return outs + self._drain()
             dt = time.perf_counter() - t0
             for seq, n in batch.items:

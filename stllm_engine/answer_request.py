@@ -1,0 +1,62 @@
+"""The ``POST /v1/answer`` request body: its fields, their checks, and the error a bad one gets."""
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+
+from stllm_engine.api import STLLM
+
+REQUEST_OPTIONS = ("system", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling")
+ANSWER_KEYS = {"video", "video_b64", "question", "params", "stream", *REQUEST_OPTIONS}
+
+
+class BadRequest(ValueError):
+    """A request the server refuses; ``status`` is the HTTP status (400 unless said)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_answer_request(llm: STLLM, body: dict) -> tuple:
+    """Validate a /v1/answer body -> (video, question, SamplingParams, options, stream)."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    unknown = sorted(set(body) - ANSWER_KEYS)
+    if unknown:
+        raise BadRequest(f"unknown request fields {unknown}; expected some of {sorted(ANSWER_KEYS)}")
+    if ("video" in body) == ("video_b64" in body):
+        raise BadRequest("give exactly one of 'video' (a path) or 'video_b64' (base64 bytes)")
+    if "video" in body:
+        video = body["video"]
+        if not isinstance(video, str) or not video:
+            raise BadRequest("'video' must be a non-empty path string")
+        if not Path(video).exists():
+            raise BadRequest(f"video file not found: {video}")
+    else:
+        if not isinstance(body["video_b64"], str):
+            raise BadRequest("'video_b64' must be a base64 string")
+        try:
+            video = base64.b64decode(body["video_b64"], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise BadRequest(f"'video_b64' is not valid base64: {e}") from None
+        if not video:
+            raise BadRequest("'video_b64' decodes to no bytes")
+    question = body.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise BadRequest("'question' must be a non-empty string")
+    raw = body.get("params", {})
+    if not isinstance(raw, dict):
+        raise BadRequest("'params' must be a JSON object of generation parameters")
+    try:
+        params = llm.params(**raw)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"bad params: {e}") from None
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false")
+    if stream and params.num_beams > 1:
+        raise BadRequest("'stream' does not support beam search (params.num_beams > 1)")
+    options = {k: body[k] for k in REQUEST_OPTIONS if k in body}
+    return video, question, params, options, stream
