@@ -230,7 +230,7 @@ def test_vision_packing_keeps_features(tmp_path, vit, monkeypatch):
     adds GEMM post-ops. float32: the same features (bit-identical for the ViT blocks when every
     GEMM takes the packed path; ~2e-7 relative otherwise); bfloat16: within bf16 rounding (the
     fused ops round once where torch rounds twice)."""
-    from stllm_engine.model.packed_linear import PackedLinearGELU, pack_vision
+    from stllm_engine.model.packed_linear import PackedLinearGELU, PackedPatchEmbed, pack_vision
     from stllm_engine.weights import load_checkpoint
 
     monkeypatch.setenv("STLLM_CPU_PACKED_PREFILL", "1")
@@ -243,7 +243,10 @@ def test_vision_packing_keeps_features(tmp_path, vit, monkeypatch):
         fused = STLLMModel.from_checkpoint(ck, "cpu", dtype)
         n = pack_vision(fused)
         linears = [m for m in fused.visual_encoder.modules() if isinstance(m, PackedLinear)]
-        assert n == len(linears) > 0 and not any(type(m) is nn.Linear for m in fused.visual_encoder.modules())
+        embed_packed = isinstance(fused.visual_encoder.patch_embed.proj, PackedPatchEmbed)
+        assert embed_packed == (dtype == torch.bfloat16)  # float32 keeps the convolution
+        assert n == len(linears) + embed_packed and linears
+        assert not any(type(m) is nn.Linear for m in fused.visual_encoder.modules())
         assert sum(isinstance(m, PackedLinearGELU) for m in linears) == sum(
             1 for m in fused.visual_encoder.modules() if type(m).__name__ == "EVAMlp")
         assert pack_vision(fused) == 0  # idempotent
@@ -259,6 +262,35 @@ def test_vision_packing_keeps_features(tmp_path, vit, monkeypatch):
     mlp = next(m for m in fused.visual_encoder.modules() if isinstance(m, PackedLinearGELU))
     mlp(x.bfloat16()).float().sum().backward()  # autograd falls back to torch
     assert x.grad is not None
+
+
+@needs_onednn
+@pytest.mark.parametrize("frames,size,patch,width", [(1, 14, 14, 8), (3, 56, 14, 40), (2, 48, 16, 24),
+                                                      (16, 224, 14, 64)])
+def test_packed_patch_embed_matches_conv(frames, size, patch, width):
+    """bfloat16: the patch GEMM gives the convolution's tokens within one bf16 rounding (both
+    accumulate in float32); other dtypes, autograd and sizes that are not a multiple of the patch
+    run the convolution itself."""
+    from stllm_engine.model.packed_linear import PackedPatchEmbed
+
+    torch.manual_seed(size + width)
+    conv = nn.Conv2d(3, width, patch, patch)
+    x = torch.randn(frames, 3, size, size)
+    with torch.no_grad():
+        want = F.conv2d(x.bfloat16().float(), conv.weight.bfloat16().float(), conv.bias.bfloat16().float(),
+                        stride=patch).flatten(2).transpose(1, 2)
+        bf = PackedPatchEmbed(conv.bfloat16())
+        got = bf.tokens(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (frames, (size // patch) ** 2, width)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    with torch.no_grad():
+        fp = PackedPatchEmbed(nn.Conv2d(3, width, patch, patch))
+        assert torch.equal(fp.tokens(x), F.conv2d(x, fp.weight, fp.bias, stride=patch).flatten(2).transpose(1, 2))
+    out = bf.tokens(x[:1])  # grad enabled, weight requires grad: the convolution (autograd works)
+    out.float().sum().backward()
+    assert bf.weight.grad is not None
+    with pytest.raises(ValueError, match="kernel = stride"):
+        PackedPatchEmbed(nn.Conv2d(3, 4, 3, 1))
 
 
 @needs_onednn

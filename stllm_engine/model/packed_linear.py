@@ -180,9 +180,49 @@ def linear_add(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch
     return residual + lin(x)
 
 
+class PackedPatchEmbed(nn.Module):
+    """Drop-in for the ViT's patch-embedding ``nn.Conv2d`` (kernel = stride = patch; same
+    ``weight``/``bias`` objects): in bfloat16 CPU inference :meth:`tokens` runs it as one packed
+    oneDNN GEMM over the unfolded patches ([T * patches, 3 * p * p] x [3 * p * p, W]), which was
+    faster than oneDNN's convolution: 16 frames of 224 px, width 256, 2 threads: 5.8 -> 3.1 ms
+    (float32: 3.7 vs 3.9 ms, so float32 keeps the convolution). Both accumulate in float32 and
+    round once; they differ by summation order only."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        k = conv.kernel_size[0]
+        if conv.kernel_size != (k, k) or conv.stride != (k, k) or conv.padding != (0, 0) or conv.groups != 1:
+            raise ValueError(f"PackedPatchEmbed needs a kernel = stride conv without padding, got {conv}")
+        self.patch, self.in_channels, self.out_channels = k, conv.in_channels, conv.out_channels
+        self.weight, self.bias = conv.weight, conv.bias
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(
+                conv.weight.detach().reshape(conv.out_channels, -1), PACK_ROWS_HINT)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """The convolution itself: [T, C, S, S] -> [T, W, S/p, S/p]."""
+        return F.conv2d(frames, self.weight, self.bias, stride=self.patch)
+
+    def tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [T, C, S, S] (any float dtype) -> patch tokens [T, (S/p)^2, W] in the weight's dtype."""
+        t, c, h, w = frames.shape
+        p, dtype = self.patch, self.weight.dtype
+        if (frames.device.type != "cpu" or dtype != torch.bfloat16 or h % p or w % p
+                or (torch.is_grad_enabled() and (frames.requires_grad or self.weight.requires_grad))):
+            return self(frames.to(dtype)).flatten(2).transpose(1, 2)
+        gh, gw = h // p, w // p
+        x = frames.to(dtype).view(t, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(t * gh * gw, c * p * p)
+        out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return out.view(t, gh * gw, self.out_channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, patch={self.patch}, packed=onednn"
+
+
 def pack_vision(model) -> int:
     """Swap every ``nn.Linear`` of an STLLMModel's vision tower (ViT blocks, BT-Adapter) for a
     :class:`PackedLinear`, each MLP ``fc1`` for a :class:`PackedLinearGELU`, where packing applies,
+    and in bfloat16 the patch embedding for a :class:`PackedPatchEmbed`,
     and calibrate their prefill path (every vision GEMM is prefill-sized: frames x tokens rows);
     returns how many were swapped (0: nothing to do, e.g. CUDA, fp16, or already packed)."""
     from stllm_engine.model.vision import EVAMlp
@@ -198,5 +238,10 @@ def pack_vision(model) -> int:
                 new = PackedLinear(child)
             setattr(mod, name, new)
             swapped.append(new)
+    embed = model.visual_encoder.patch_embed
+    if type(embed.proj) is nn.Conv2d and embed.proj.weight.dtype == torch.bfloat16 \
+            and packing_available(embed.proj.weight):
+        embed.proj = PackedPatchEmbed(embed.proj)
+        swapped.append(embed.proj)
     calibrate_prefill([lin for lin in swapped if type(lin) is PackedLinear])
     return len(swapped)

@@ -93,8 +93,11 @@ class EVAVisionTransformer(nn.Module):
         if frames.ndim != 4 or frames.shape[1:] != (3, c.image_size, c.image_size):
             raise ValueError(f"vision tower expects frames [T, 3, {c.image_size}, {c.image_size}], "
                              f"got {tuple(frames.shape)}")
-        w = self.patch_embed.proj.weight
-        x = self.patch_embed.proj(frames.to(w.dtype)).flatten(2).transpose(1, 2)
+        proj = self.patch_embed.proj
+        if hasattr(proj, "tokens"):  # PackedPatchEmbed (CPU): the conv as one packed GEMM
+            x = proj.tokens(frames)
+        else:
+            x = proj(frames.to(proj.weight.dtype)).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.pos_embed
 
