@@ -140,3 +140,17 @@ def test_compiled_decode_names_bad_arguments():
     with pytest.raises(IndexError, match="out of range"):
         bad = ctx.block_tables.clone().fill_(99)
         cpp().llama_decode(x, cos, cos, norms, weights, flags, kcs, vcs, args[0], bad, *args[2:])
+
+
+def test_bad_environment_fails_at_load(monkeypatch, tmp_path):
+    from stllm_engine.engine.model_runner import ModelRunner
+    from stllm_engine.model import STLLMModel
+    from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+    from stllm_engine.weights import load_checkpoint
+
+    ck = load_checkpoint(write_tiny_checkpoint(tmp_path / "ck", vit="eva", video_input="all"))
+    model = STLLMModel.from_checkpoint(ck, "cpu", torch.float32)
+    model.allocate_kv_cache(8, 4)
+    monkeypatch.setenv(cpu_decode.ENV, "fast")
+    with pytest.raises(ValueError, match=cpu_decode.ENV):
+        ModelRunner(model)
