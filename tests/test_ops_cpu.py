@@ -252,7 +252,7 @@ def test_pack_ragged():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Hq,Hk", [(4, 4), (6, 2)])
 @pytest.mark.parametrize("lens_q,lens_k", [([5, 5, 5], [5, 5, 5]), ([1, 7, 16], [1, 7, 16]),
-                                           ([2, 3], [9, 3]), ([4, 1], [2, 6])])
+                                           ([2, 3], [9, 3]), ([4, 1], [2, 6]), ([40, 1], [300, 17])])
 def test_varlen_attention_matches_twin(dtype, causal, Hq, Hk, lens_q, lens_k):
     g = torch.Generator().manual_seed(7)
     d = 88
@@ -270,6 +270,22 @@ def test_varlen_attention_is_differentiable():
     q, k, v = (torch.randn(9, 2, 16, requires_grad=True) for _ in range(3))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     ops.varlen_attention(q, k, v, cu, cu, 5, 5, True).sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_varlen_attention_chunk_after_prefix_grads_match_inference():
+    """Queries after a prefix (Lq < Lk, causal): inference merges two flash calls by log-sum-exp,
+    autograd takes the masked call; both give the twin's values."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(6, 2, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(20, 2, 16, generator=g, requires_grad=True) for _ in range(2))
+    cq, ck = torch.tensor([0, 6], dtype=torch.int32), torch.tensor([0, 20], dtype=torch.int32)
+    want = ref.varlen_attention(q.detach(), k.detach(), v.detach(), cq, ck, 6, 20, True)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.varlen_attention(q, k, v, cq, ck, 6, 20, True), want, atol=1e-5, rtol=1e-5)
+    out = ops.varlen_attention(q, k, v, cq, ck, 6, 20, True)
+    torch.testing.assert_close(out.detach(), want, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
 
 

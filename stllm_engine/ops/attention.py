@@ -25,6 +25,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Hq != Hk:
         kh, vh = kh.repeat_interleave(Hq // Hk, dim=1), vh.repeat_interleave(Hq // Hk, dim=1)
+    if causal and Lq != Lk and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _prefix_causal(qh, kh, vh, Lk - Lq, scale).transpose(1, 2)
     mask = None
     if causal and Lq != Lk:  # bottom-right alignment: query i sees keys j <= i + Lk - Lq
         i = torch.arange(Lq)[:, None]
@@ -32,6 +34,21 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
                                          is_causal=causal and Lq == Lk, scale=scale)
     return out.transpose(1, 2)
+
+
+def _prefix_causal(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
+    """Bottom-right causal attention of qh [B, H, Lq, d] over kh/vh [B, H, prefix + Lq, d] (a chunk
+    after ``prefix`` cached positions): the prefix keys (all visible, no mask) and the chunk's own
+    keys (plain causal) run as two flash calls whose results merge by their log-sum-exp. One masked
+    call cost the whole Lq x Lk score matrix plus the mask: bench-cpu, 8k-token prompt in 2048-token
+    chunks, prefill 3.9 -> 2.9 s (one 8.7k-token pass: 2.8 s)."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    o1, lse1 = flash(qh, kh[:, :, :prefix], vh[:, :, :prefix], 0.0, False, scale=scale)
+    o2, lse2 = flash(qh, kh[:, :, prefix:], vh[:, :, prefix:], 0.0, True, scale=scale)
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = (lse1 - m).exp_().unsqueeze(-1), (lse2 - m).exp_().unsqueeze(-1)
+    out = o1.float().mul_(w1).add_(o2.float().mul_(w2)).div_(w1 + w2)
+    return out.to(qh.dtype)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
