@@ -2,7 +2,8 @@
 // projections, rotary embedding, KV-cache write, paged attention and SwiGLU MLP, chained in C++.
 // It runs exactly the kernels the Python layer loop (stllm_engine/model/llama.py) calls, in the
 // same order, so the result is bit-identical to it; what it removes is the Python between them
-// (~2.5 ms a step at bench-cpu: 8 layers x ~15 calls, each with its argument checks).
+// (8 layers x ~15 calls, each with its argument checks): a bench-cpu bf16 step (context 600,
+// forward + LM head) 18.3 -> 14.7 ms (benchmarks/decode_step.py).
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <string>

@@ -2,7 +2,8 @@
 
 A decode step moves one token a sequence through every layer: ~15 small calls a layer whose
 arithmetic is tiny next to the weight reads, so on the CPU the Python between them (module calls,
-argument checks, dispatch) was ~2.5-4.5 ms of a ~20 ms bench-cpu bf16 step. ``llama_decode``
+argument checks, dispatch) was ~3.5-4.5 ms of a bench-cpu bf16 step (forward + LM head, context
+600: 18.3 ms through the Python loop, 14.7 ms compiled; ``benchmarks/decode_step.py``). ``llama_decode``
 (``csrc/llama_decode_cpu.cpp``) chains the same kernels in C++, in the same order, on the same
 weights (oneDNN-packed where :class:`PackedLinear` would use the packed copy), so its result is
 bit-identical to the Python loop of :class:`~stllm_engine.model.llama.LlamaModel`, which stays
