@@ -56,6 +56,18 @@ def write_result(benchmark: str, device: str, rows: list[dict], out: Path | None
     return out
 
 
+def report_cpu(benchmark: str, rows: list[dict], config_keys: list[str], dtype: str,
+               out: Path | None = None) -> Path:
+    """Print ``rows`` as a table and write them to ``out`` or
+    ``benchmarks/results/<benchmark>-cpu-<n>core[-<dtype>].json`` (bfloat16 unsuffixed)."""
+    print(format_table(rows, config_keys))
+    device = device_name("cpu")
+    suffix = "" if dtype == "bfloat16" else f"-{dtype}"
+    path = write_result(benchmark, device, rows, out or RESULTS / f"{benchmark}-{device}{suffix}.json")
+    print(f"wrote {path}")
+    return path
+
+
 def format_table(rows: list[dict], config_keys: list[str] | None = None) -> str:
     """The rows as a fixed-width text table (metric, chosen config keys, values, ratio)."""
     keys = config_keys if config_keys is not None else sorted({k for r in rows for k in r["config"]})

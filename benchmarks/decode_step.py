@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
-from common import RESULTS, device_name, format_table, row, write_result  # noqa: E402
+from common import report_cpu, row  # noqa: E402
 
 CONTEXTS = (600, 2000)
 BATCHES = (1, 8)
@@ -132,11 +132,7 @@ def main() -> None:
             lines.append(f"  context {ctx:5d} batch {batch}: " + "  ".join(f"{k} {v:6.2f} ms" for k, v in med.items()))
     print(f"bench-cpu {args.dtype}, {torch.get_num_threads()} threads, decode step (forward + LM head), medians")
     print("\n".join(lines))
-    print(format_table(rows, ["dtype", "context", "batch"]))
-    suffix = "" if args.dtype == "bfloat16" else f"-{args.dtype}"
-    out = write_result("decode-step", device_name("cpu"), rows,
-                       args.out or RESULTS / f"decode-step-{device_name('cpu')}{suffix}.json")
-    print(f"wrote {out}")
+    report_cpu("decode-step", rows, ["dtype", "context", "batch"], args.dtype, args.out)
 
 
 if __name__ == "__main__":

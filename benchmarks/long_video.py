@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
-from common import RESULTS, device_name, format_table, row, write_result  # noqa: E402
+from common import report_cpu, row  # noqa: E402
 
 MAX_POSITIONS = 40960
 CLIP_FRAMES = 1024
@@ -105,11 +105,7 @@ def main() -> None:
                      f"q-former {t.qformer:.2f} prefill {t.prefill:.2f})  reference {b:7.3f} s  -> {b / e:.2f}x")
     print(f"bench-cpu {args.dtype}, {torch.get_num_threads()} threads, TTFT against video length (medians)")
     print("\n".join(lines))
-    print(format_table(rows, ["dtype", "frames", "video_tokens"]))
-    suffix = "" if args.dtype == "bfloat16" else f"-{args.dtype}"
-    out = write_result("long-video", device_name("cpu"), rows,
-                       args.out or RESULTS / f"long-video-{device_name('cpu')}{suffix}.json")
-    print(f"wrote {out}")
+    report_cpu("long-video", rows, ["dtype", "frames", "video_tokens"], args.dtype, args.out)
 
 
 if __name__ == "__main__":

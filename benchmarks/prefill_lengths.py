@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
-from common import RESULTS, device_name, format_table, row, write_result  # noqa: E402
+from common import report_cpu, row  # noqa: E402
 
 
 @torch.no_grad()
@@ -102,11 +102,7 @@ def main() -> None:
     print(f"bench-cpu {args.dtype}, {torch.get_num_threads()} threads, median ms over {args.lengths} lengths")
     for k, (a, b) in med.items():
         print(f"  {k:28s} first {a:7.1f}   second {b:7.1f}")
-    print(format_table(rows, ["dtype"]))
-    suffix = "" if args.dtype == "bfloat16" else f"-{args.dtype}"
-    out = write_result("prefill-lengths", device_name("cpu"), rows,
-                       args.out or RESULTS / f"prefill-lengths-{device_name('cpu')}{suffix}.json")
-    print(f"wrote {out}")
+    report_cpu("prefill-lengths", rows, ["dtype"], args.dtype, args.out)
 
 
 if __name__ == "__main__":
