@@ -1,6 +1,6 @@
 """The compiled CPU decode step (csrc/llama_decode_cpu.cpp via stllm_engine.model.cpu_decode)
 against the Python layer loop it replaces: bit-identical hidden states and KV caches over dtypes,
-batch sizes, GQA, head dim 88, ragged contexts and packed/plain weights; where it applies; errors."""
+batch sizes, GQA, head dim 88, ragged contexts and packed/plain weights; when it is planned; errors."""
 from __future__ import annotations
 
 import pytest
@@ -84,13 +84,13 @@ def test_compiled_decode_is_bit_identical_to_python_loop(dtype, batch, Hq, Hk, d
     kv = _bind_caches(m, num_blocks, dtype, seed=1)
     before = kv.clone()
     with torch.no_grad():
-        assert cpu_decode.applies(m, x, ctx, 32)
+        assert cpu_decode.plan_for(m, x, ctx, 32) is not None
     got = _run(m, x, ctx)
     got_kv = kv.clone()
     kv.copy_(before)
     monkeypatch.setenv(cpu_decode.ENV, "0")
     with torch.no_grad():
-        assert not cpu_decode.applies(m, x, ctx, 32)
+        assert cpu_decode.plan_for(m, x, ctx, 32) is None
     want = _run(m, x, ctx)
     assert got.dtype == want.dtype == dtype and got.shape == want.shape == x.shape
     assert torch.equal(got, want), (got - want).abs().max()
@@ -103,22 +103,22 @@ def test_compiled_decode_is_bit_identical_to_python_loop(dtype, batch, Hq, Hk, d
 
 
 @torch.no_grad()
-def test_applies_only_to_cpu_decode_steps(monkeypatch):
+def test_plan_only_for_cpu_decode_steps(monkeypatch):
     m = _model(4, 2, 16, torch.float32, packed=False)
     x = torch.randn(3, 64)
     ctx = _decode_ctx([3, 5, 2], 12, seed=0)
-    assert not cpu_decode.applies(m, x, ctx, 32)  # no cache bound yet
+    assert cpu_decode.plan_for(m, x, ctx, 32) is None  # no cache bound yet
     _bind_caches(m, 12, torch.float32, seed=0)
-    assert cpu_decode.applies(m, x, ctx, 32)
-    assert not cpu_decode.applies(m, x, ctx, 2)  # more rows than the unpadded decode passes
-    assert not cpu_decode.applies(m, x.half(), ctx, 32)
+    assert cpu_decode.plan_for(m, x, ctx, 32) is not None
+    assert cpu_decode.plan_for(m, x, ctx, 2) is None  # more rows than the unpadded decode passes
+    assert cpu_decode.plan_for(m, x.half(), ctx, 32) is None
     prefill = AttentionContext(is_prefill=True, slot_mapping=ctx.slot_mapping)
-    assert not cpu_decode.applies(m, x, prefill, 32)
+    assert cpu_decode.plan_for(m, x, prefill, 32) is None
     with torch.enable_grad():
-        assert not cpu_decode.applies(m, x, ctx, 32)
+        assert cpu_decode.plan_for(m, x, ctx, 32) is None
     m.layers[1].mlp.down_proj.bias = torch.nn.Parameter(torch.zeros(64))
     m.layers[0].self_attn.k_cache = m.layers[0].self_attn.k_cache.clone()  # new binding: plans rebuilt
-    assert not cpu_decode.applies(m, x, ctx, 32)
+    assert cpu_decode.plan_for(m, x, ctx, 32) is None
     monkeypatch.setenv(cpu_decode.ENV, "maybe")
     with pytest.raises(ValueError, match=cpu_decode.ENV):
         cpu_decode.enabled()
@@ -128,7 +128,7 @@ def test_compiled_decode_names_bad_arguments():
     m = _model(4, 2, 16, torch.float32, packed=False)
     _bind_caches(m, 8, torch.float32, seed=0)
     ctx = _decode_ctx([3], 8, seed=0)
-    norms, weights, flags, kcs, vcs = cpu_decode._plan(m, 1, torch.float32)
+    norms, weights, flags, kcs, vcs = cpu_decode._cached_plan(m, 1, torch.float32)[:5]
     x, cos = torch.randn(1, 64), torch.ones(1, 16)
     args = (ctx.slot_mapping, ctx.block_tables, ctx.context_lens, 4, 2, 16, 1e-6, 0.25)
     with pytest.raises(RuntimeError, match="norm weights"):

@@ -13,6 +13,7 @@ the definition (and the path for CUDA, float16, autograd and larger batches).
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -31,24 +32,40 @@ def enabled() -> bool:
     return raw in ("1", "true", "on", "yes")
 
 
-def applies(llm, embeds: torch.Tensor, ctx, max_rows: int) -> bool:
-    """Whether this pass is a CPU decode step the compiled loop runs: every row one sequence's new
-    token over a bound cache, float32/bfloat16 outside autograd, at most ``max_rows`` rows (the
-    rows the Python loop runs unpadded)."""
-    return (not ctx.is_prefill and ctx.slot_mapping is not None and embeds.device.type == "cpu"
-            and embeds.dtype in _DTYPES and 0 < embeds.shape[0] <= max_rows
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and enabled() and _plan(llm, embeds.shape[0], embeds.dtype) is not None)
+class DecodePlan(NamedTuple):
+    """Everything ``llama_decode`` takes besides the step's inputs, gathered from the layers."""
+
+    norms: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    packed: list[bool]
+    k_caches: list[torch.Tensor]
+    v_caches: list[torch.Tensor]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float
+
+
+def plan_for(llm, embeds: torch.Tensor, ctx, max_rows: int) -> DecodePlan | None:
+    """The plan when this pass is a CPU decode step the compiled loop runs (every row one
+    sequence's new token over a bound cache, float32/bfloat16 outside autograd, at most
+    ``max_rows`` rows: the rows the Python loop runs unpadded), else None."""
+    if (ctx.is_prefill or ctx.slot_mapping is None or embeds.device.type != "cpu"
+            or embeds.dtype not in _DTYPES or not 0 < embeds.shape[0] <= max_rows
+            or torch.is_grad_enabled() or torch.compiler.is_compiling() or not enabled()):
+        return None
+    return _cached_plan(llm, embeds.shape[0], embeds.dtype)
 
 
 def _linears(layer) -> tuple[nn.Module, ...]:
     return (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
 
 
-def _plan(llm, rows: int, dtype: torch.dtype):
-    """(norms, linear weights, packed flags, k caches, v caches) for ``rows`` rows, or None when a
-    layer does not fit (no cache bound, biases, other dtypes). Built once per cache binding and
-    per packing choice (which depends on the row count only up to MAX_PACKED_ROWS + 1)."""
+def _cached_plan(llm, rows: int, dtype: torch.dtype) -> DecodePlan | None:
+    """The plan for ``rows`` rows, or None when a layer does not fit (no cache bound, biases,
+    other dtypes). Built once per cache binding and per packing choice (which depends on the row
+    count only up to MAX_PACKED_ROWS + 1)."""
     first = llm.layers[0].self_attn.k_cache
     cache = llm.__dict__.setdefault("_cpu_decode_plans", {})
     if cache.get("owner") is not first:
@@ -60,7 +77,7 @@ def _plan(llm, rows: int, dtype: torch.dtype):
     return cache[key]
 
 
-def _build(llm, rows: int, dtype: torch.dtype):
+def _build(llm, rows: int, dtype: torch.dtype) -> DecodePlan | None:
     norms, weights, flags, kcs, vcs = [], [], [], [], []
     for layer in llm.layers:
         attn = layer.self_attn
@@ -80,16 +97,15 @@ def _build(llm, rows: int, dtype: torch.dtype):
                                                    | {layer.post_attention_layernorm.eps for layer in llm.layers}
                                                    | {llm.norm.eps}) != 1:
         return None
-    return [w.detach() for w in norms], [w.detach() for w in weights], flags, kcs, vcs
-
-
-def run(llm, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
-    """Final-normed hidden states [B, H] of a decode step (see :func:`applies`)."""
-    norms, weights, flags, kcs, vcs = _plan(llm, embeds.shape[0], embeds.dtype)
     attn = llm.layers[0].self_attn
-    return cpp().llama_decode(embeds, cos.contiguous(), sin.contiguous(), norms, weights, flags, kcs, vcs,
-                              ctx.slot_mapping.to(torch.int64).contiguous(),
+    return DecodePlan([w.detach() for w in norms], [w.detach() for w in weights], flags, kcs, vcs,
+                      attn.num_heads, attn.num_kv_heads, attn.head_dim, float(llm.norm.eps), float(attn.scale))
+
+
+def run(plan: DecodePlan, embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+    """Final-normed hidden states [B, H] of a decode step (``plan`` from :func:`plan_for`)."""
+    return cpp().llama_decode(embeds, cos.contiguous(), sin.contiguous(), plan.norms, plan.weights, plan.packed,
+                              plan.k_caches, plan.v_caches, ctx.slot_mapping.to(torch.int64).contiguous(),
                               ctx.block_tables.to(torch.int32).contiguous(),
                               ctx.context_lens.to(torch.int32).contiguous(),
-                              attn.num_heads, attn.num_kv_heads, attn.head_dim, float(llm.norm.eps),
-                              float(attn.scale))
+                              plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.eps, plan.scale)

@@ -173,8 +173,10 @@ class LlamaModel(nn.Module):
                              f"{tuple(embeds.shape)} and {tuple(positions.shape)}")
         n = embeds.shape[0]
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
-        if cpu_decode.applies(self, embeds, get_context(), MIN_BUCKETED_ROWS - 1):
-            hidden = cpu_decode.run(self, embeds, cos, sin, get_context())
+        ctx = get_context()
+        plan = cpu_decode.plan_for(self, embeds, ctx, MIN_BUCKETED_ROWS - 1)
+        if plan is not None:
+            hidden = cpu_decode.run(plan, embeds, cos, sin, ctx)
             return hidden if out_rows is None else hidden.index_select(0, out_rows)
         padded = bucketed_rows(n, embeds.device)
         # residual: a new tensor the fused add + norm update in place (zero rows as padding)
