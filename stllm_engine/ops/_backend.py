@@ -34,6 +34,12 @@ def triton_kernels(module: str) -> ModuleType:
     return importlib.import_module(f"stllm_engine.kernels.{module}")
 
 
+def plain(*tensors: torch.Tensor) -> bool:
+    """Outside autograd and tracing: a fused kernel (or one without a derivative) may run."""
+    return not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+
+
 def check(cond: bool, msg: str) -> None:
     """Raise ValueError(msg) when cond is false (argument validation, as the Triton launchers)."""
     if not cond:

@@ -16,7 +16,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from ._backend import check, check_cpu, cpp, on_cuda, triton_kernels
+from ._backend import check, check_cpu, cpp, on_cuda, plain, triton_kernels
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
@@ -25,7 +25,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Hq != Hk:
         kh, vh = kh.repeat_interleave(Hq // Hk, dim=1), vh.repeat_interleave(Hq // Hk, dim=1)
-    if causal and Lq != Lk and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if causal and Lq != Lk and plain(q, k, v):
         return _prefix_causal(qh, kh, vh, Lk - Lq, scale).transpose(1, 2)
     mask = None
     if causal and Lq != Lk:  # bottom-right alignment: query i sees keys j <= i + Lk - Lq

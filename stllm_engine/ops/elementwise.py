@@ -14,22 +14,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import cpp, on_cuda, triton_kernels
+from ._backend import cpp, on_cuda, plain, triton_kernels
 
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _plain(tensors) -> bool:
-    """Outside autograd and tracing: the fused kernels may run."""
-    return not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
 
 
 def _backend(*tensors: torch.Tensor) -> str | None:
     """Where a fused op runs: "triton" (CUDA), "cpp" (CPU float32/bfloat16) or None (the torch
     twin: other dtypes, autograd, tracing). Layout conditions are the caller's."""
     t = tensors[0]
-    if not _plain(tensors):
+    if not plain(*tensors):
         return None
     if on_cuda(t):
         return "triton"
