@@ -55,6 +55,11 @@ def packing_available(weight: torch.Tensor) -> bool:
             and os.environ.get(ENV, "1").strip() not in ("0", "false", "no", "off"))
 
 
+def _cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A CPU input outside autograd (no gradient to x or weight): oneDNN's packed path may run."""
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
 class PackedLinear(nn.Module):
     """Drop-in for an ``nn.Linear`` (same ``weight``/``bias`` objects) with a oneDNN-packed copy
     of the weight used for CPU inference of the same dtype."""
@@ -70,8 +75,7 @@ class PackedLinear(nn.Module):
 
     def _plain_inference(self, x: torch.Tensor) -> bool:
         """CPU input of the weight's dtype outside autograd: the packed weight may be used."""
-        return (x.device.type == "cpu" and x.dtype == self.weight.dtype
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+        return x.dtype == self.weight.dtype and _cpu_inference(x, self.weight)
 
     def _packed(self, x: torch.Tensor, attr: str, algorithm: str) -> torch.Tensor:
         """oneDNN GEMM with the packed weight (+ bias, + post-op ``attr``) over x's rows."""
@@ -207,8 +211,7 @@ class PackedPatchEmbed(nn.Module):
         """frames [T, C, S, S] (any float dtype) -> patch tokens [T, (S/p)^2, W] in the weight's dtype."""
         t, c, h, w = frames.shape
         p, dtype = self.patch, self.weight.dtype
-        if (frames.device.type != "cpu" or dtype != torch.bfloat16 or h % p or w % p
-                or (torch.is_grad_enabled() and (frames.requires_grad or self.weight.requires_grad))):
+        if dtype != torch.bfloat16 or h % p or w % p or not _cpu_inference(frames, self.weight):
             return self(frames.to(dtype)).flatten(2).transpose(1, 2)
         gh, gw = h // p, w // p
         x = frames.to(dtype).view(t, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(t * gh * gw, c * p * p)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from stllm_engine.config import VisionConfig
 from stllm_engine import ops
-from stllm_engine.model.packed_linear import PackedLinearGELU, linear_add
+from stllm_engine.model.packed_linear import PackedLinearGELU, PackedPatchEmbed, linear_add
 
 
 class EVAAttention(nn.Module):
@@ -94,7 +94,7 @@ class EVAVisionTransformer(nn.Module):
             raise ValueError(f"vision tower expects frames [T, 3, {c.image_size}, {c.image_size}], "
                              f"got {tuple(frames.shape)}")
         proj = self.patch_embed.proj
-        if hasattr(proj, "tokens"):  # PackedPatchEmbed (CPU): the conv as one packed GEMM
+        if isinstance(proj, PackedPatchEmbed):  # (CPU) the conv as one packed GEMM
             x = proj.tokens(frames)
         else:
             x = proj(frames.to(proj.weight.dtype)).flatten(2).transpose(1, 2)
