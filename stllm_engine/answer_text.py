@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stllm_engine.api import STLLM
 from stllm_engine.outputs import RequestOutput
-from stllm_engine.prompts import clean_output_ids, postprocess_answer
+from stllm_engine.prompts import decode_output, postprocess_answer
 
 
 class AnswerText:
@@ -26,8 +26,7 @@ class AnswerText:
         self._byte_token: dict[int, bool] = {}
 
     def text(self, ids: list[int]) -> str:
-        ids = clean_output_ids(ids, self.tokenizer.eos_token_id)
-        return postprocess_answer(self.tokenizer.decode(ids, skip_special_tokens=False))
+        return postprocess_answer(decode_output(self.tokenizer, ids, self.tokenizer.eos_token_id))
 
     def _is_byte(self, i: int) -> bool:
         if i not in self._byte_token:

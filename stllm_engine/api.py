@@ -22,7 +22,7 @@ import torch
 
 from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
 from stllm_engine.outputs import RequestOutput
-from stllm_engine.prompts import (MVBENCH_SYSTEM, SEP, chat_prompt, clean_output_ids, mvbench_postprocess,
+from stllm_engine.prompts import (MVBENCH_SYSTEM, SEP, chat_prompt, decode_output, mvbench_postprocess,
                                   postprocess_answer)
 from stllm_engine.sampling_params import SamplingParams
 
@@ -114,8 +114,7 @@ class STLLM:
         """Release answer text of a finished output (raises if the request failed)."""
         if out.error is not None:
             raise RuntimeError(f"request {out.request_id} failed: {out.error}")
-        ids = clean_output_ids(out.token_ids, self.tokenizer.eos_token_id)
-        return postprocess_answer(self.tokenizer.decode(ids, skip_special_tokens=False))
+        return postprocess_answer(decode_output(self.tokenizer, out.token_ids, self.tokenizer.eos_token_id))
 
     # --- one request ------------------------------------------------------------------------
     def _run_until_done(self, rids: list[str]) -> dict[str, RequestOutput]:
@@ -193,8 +192,7 @@ class STLLM:
         """MVBench prediction of a finished output: ``"(" +`` first line (raises if it failed)."""
         if out.error is not None:
             raise RuntimeError(f"request {out.request_id} failed: {out.error}")
-        ids = clean_output_ids(out.token_ids, self.tokenizer.eos_token_id)
-        return mvbench_postprocess(self.tokenizer.decode(ids, skip_special_tokens=False))
+        return mvbench_postprocess(decode_output(self.tokenizer, out.token_ids, self.tokenizer.eos_token_id))
 
     def mvbench_generate(self, items: list, params: SamplingParams | None = None) -> list[RequestOutput]:
         """Many MVBench questions at once (continuous batching). Each item is ``(video, question,

@@ -122,3 +122,9 @@ def clean_output_ids(ids: list[int], eos_token_id: int | None) -> list[int]:
     if eos_token_id is not None and eos_token_id in ids:
         ids = ids[:ids.index(eos_token_id)]
     return ids
+
+
+def decode_output(tokenizer, ids: list[int], eos_token_id: int | None) -> str:
+    """Generated ids -> the decoded text the release post-processes (:func:`clean_output_ids`,
+    then decode keeping special-token text)."""
+    return tokenizer.decode(clean_output_ids(ids, eos_token_id), skip_special_tokens=False)

@@ -59,16 +59,14 @@ class ReferenceAnswerer:
     def mvbench_answer(self, frames: torch.Tensor, question: str, candidates: list[str]) -> str:
         if self.video_tokens == "release":
             return self.model.mvbench_answer(frames, question, candidates)
-        from stllm_engine.prompts import mvbench_postprocess, mvbench_question
-        from stllm_engine.prompts import clean_output_ids
+        from stllm_engine.prompts import decode_output, mvbench_postprocess, mvbench_question
 
         m = self.model
         q = mvbench_question(question, candidates)
         embeds = m.mvbench_inputs_embeds(m.encode_video(frames, q), q)  # the checkpoint's projector
         gen = m.generate_from_embeds(embeds, num_beams=1, max_new_tokens=100, min_length=1,
                                      repetition_penalty=1.0, do_sample=False)
-        ids = clean_output_ids(gen.token_ids, m.config.llm.eos_token_id)
-        return mvbench_postprocess(m.llama_tokenizer.decode(ids, skip_special_tokens=False))
+        return mvbench_postprocess(decode_output(m.llama_tokenizer, gen.token_ids, m.config.llm.eos_token_id))
 
 
 class EngineAnswerer:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, StoppingCriteriaList
 
-from ..prompts import (MVBENCH_SYSTEM, chat_prompt, mvbench_postprocess, mvbench_prompt_segments,
+from ..prompts import (MVBENCH_SYSTEM, chat_prompt, decode_output, mvbench_postprocess, mvbench_prompt_segments,
                        mvbench_question, postprocess_answer)
-from .generation import StopOnSequences, clean_output_ids, stop_sequences
+from .generation import StopOnSequences, stop_sequences
 
 RELEASE_MAX_LENGTH = 2000
 
@@ -142,8 +142,7 @@ def generate_ids(self, video, question: str, num_beams: int = 1, max_new_tokens:
 
 def decode_answer(self, token_ids: list[int]) -> str:
     """Release post-processing of generated ids -> answer text."""
-    ids = clean_output_ids(token_ids, self.config.llm.eos_token_id)
-    return postprocess_answer(self.llama_tokenizer.decode(ids, skip_special_tokens=False))
+    return postprocess_answer(decode_output(self.llama_tokenizer, token_ids, self.config.llm.eos_token_id))
 
 
 def answer(self, video, question: str, num_beams: int = 1, max_new_tokens: int = 300, min_length: int = 1,
@@ -167,5 +166,4 @@ def mvbench_answer(self, video, question: str, candidates, num_frames: int | Non
     embeds = mvbench_inputs_embeds(self, tokens, q, system)
     gen = generate_from_embeds(self, embeds, num_beams=1, max_new_tokens=100, min_length=1,
                                repetition_penalty=1.0, do_sample=False)
-    ids = clean_output_ids(gen.token_ids, self.config.llm.eos_token_id)
-    return mvbench_postprocess(self.llama_tokenizer.decode(ids, skip_special_tokens=False))
+    return mvbench_postprocess(decode_output(self.llama_tokenizer, gen.token_ids, self.config.llm.eos_token_id))
