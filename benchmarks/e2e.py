@@ -188,6 +188,24 @@ def stages(out) -> str:
     return f"frames {t.frame_decode:.2f} vision {t.vision:.2f} q-former {t.qformer:.2f} prefill {t.prefill:.2f}"
 
 
+@torch.no_grad()
+def prefill_logits(m, x: torch.Tensor) -> torch.Tensor:
+    """One LLM prefill pass of the engine's model over x [n, H] as a single sequence in cache slots
+    0..n-1 (no scheduler): the last position's logits."""
+    from stllm_engine.model.context import AttentionContext, reset_context, set_context
+
+    n = x.shape[0]
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    set_context(AttentionContext(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
+                                 max_seqlen_k=n, slot_mapping=torch.arange(n),
+                                 context_lens=torch.tensor([n], dtype=torch.int32),
+                                 block_tables=torch.arange(-(-n // m.block_size), dtype=torch.int32)[None]))
+    try:
+        return m.compute_logits(m(x, torch.arange(n), out_rows=torch.tensor([n - 1])))
+    finally:
+        reset_context()
+
+
 def kv_memory(config, dtype: torch.dtype, seqs: int, tokens: int) -> int:
     c = config.llm
     per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8

@@ -44,7 +44,6 @@ def main() -> None:
     from stllm_engine.api import STLLM
     from stllm_engine.default_model import cache_dir
     from stllm_engine.model import llama
-    from stllm_engine.model.context import AttentionContext, reset_context, set_context
     from stllm_engine.reference import ReferenceSTLLM
 
     folder = e2e.checkpoint_for("bench-cpu", cache_dir() / "bench")
@@ -54,16 +53,9 @@ def main() -> None:
 
     def engine_prefill(n: int) -> float:
         x = torch.randn(n, hidden).to(dtype)
-        cu = torch.tensor([0, n], dtype=torch.int32)
-        set_context(AttentionContext(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
-                                     max_seqlen_k=n, slot_mapping=torch.arange(n),
-                                     context_lens=torch.tensor([n], dtype=torch.int32)))
-        try:
-            t = time.perf_counter()
-            m.compute_logits(m(x, torch.arange(n), out_rows=torch.tensor([n - 1])))
-            return time.perf_counter() - t
-        finally:
-            reset_context()
+        t = time.perf_counter()
+        e2e.prefill_logits(m, x)
+        return time.perf_counter() - t
 
     def reference_prefill(n: int) -> float:
         x = torch.randn(1, n, hidden).to(dtype)

@@ -54,7 +54,6 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     from stllm_engine.api import STLLM
     from stllm_engine.default_model import cache_dir
-    from stllm_engine.model.context import AttentionContext, reset_context, set_context
     from stllm_engine.reference import ReferenceSTLLM
     from stllm_engine.video import load_video
 
@@ -67,17 +66,7 @@ def main() -> None:
     ids = llm.engine.prompt_ids(q)
 
     def engine_prefill(tokens):
-        x = torch.cat([tokens, m.embed_tokens(torch.tensor(ids))]).to(m.dtype)
-        n = x.shape[0]
-        cu = torch.tensor([0, n], dtype=torch.int32)
-        set_context(AttentionContext(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
-                                     max_seqlen_k=n, slot_mapping=torch.arange(n),
-                                     context_lens=torch.tensor([n], dtype=torch.int32),
-                                     block_tables=torch.arange(-(-n // m.block_size), dtype=torch.int32)[None]))
-        try:
-            return m.compute_logits(m(x, torch.arange(n), out_rows=torch.tensor([n - 1])))
-        finally:
-            reset_context()
+        return e2e.prefill_logits(m, torch.cat([tokens, m.embed_tokens(torch.tensor(ids))]).to(m.dtype))
 
     T = defaultdict(list)
     for i, v in enumerate(videos[:1 + args.repeats]):  # round 0 warms up and is dropped
