@@ -265,6 +265,43 @@ def test_vision_packing_keeps_features(tmp_path, vit, monkeypatch):
 
 
 @needs_onednn
+@pytest.mark.parametrize("video_input", ["all", "mean"])
+def test_qformer_packing_keeps_video_tokens(tmp_path, video_input, monkeypatch):
+    """pack_qformer: every Q-Former and projector linear packed, each FFN's fc1 + GELU one GEMM,
+    the residual adds GEMM post-ops. float32: the same video tokens to float32 rounding; bfloat16:
+    within bf16 rounding. Autograd still runs through torch."""
+    from stllm_engine.model.packed_linear import PackedLinearGELU, pack_qformer
+    from stllm_engine.model.qformer import _FFN
+    from stllm_engine.weights import load_checkpoint
+
+    monkeypatch.setenv("STLLM_CPU_PACKED_PREFILL", "1")
+    folder = write_tiny_checkpoint(tmp_path / video_input, vit="eva", video_input=video_input)
+    ck = load_checkpoint(folder)
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = STLLMModel.from_checkpoint(ck, "cpu", dtype)
+        ids = torch.arange(2, 9) % plain.config.qformer.vocab_size
+        embeds = plain.encode_vision(torch.randn(3, 3, 56, 56))
+        want = plain.encode_video(embeds, ids)
+        fused = STLLMModel.from_checkpoint(ck, "cpu", dtype)
+        n = pack_qformer(fused)
+        mods = list(fused.qformer.modules()) + list(fused.projector.modules())
+        assert n == sum(isinstance(m, PackedLinear) for m in mods) > 0
+        assert not any(type(m) is nn.Linear for m in mods)
+        assert sum(isinstance(m, PackedLinearGELU) for m in mods) == sum(isinstance(m, _FFN) for m in mods)
+        assert pack_qformer(fused) == 0  # idempotent
+        got = fused.encode_video(embeds, ids)
+        assert got.dtype == dtype and got.shape == want.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(got.float(), want.float(), rtol=4e-2, atol=4e-2)
+    ffn = next(m for m in fused.qformer.modules() if isinstance(m, _FFN))
+    x = torch.randn(4, fused.config.qformer.hidden_size, requires_grad=True)
+    ffn(x.bfloat16()).float().sum().backward()  # autograd falls back to torch
+    assert x.grad is not None
+
+
+@needs_onednn
 @pytest.mark.parametrize("frames,size,patch,width", [(1, 14, 14, 8), (3, 56, 14, 40), (2, 48, 16, 24),
                                                       (16, 224, 14, 64)])
 def test_packed_patch_embed_matches_conv(frames, size, patch, width):

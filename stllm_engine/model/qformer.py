@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stllm_engine.config import QFormerConfig
+from stllm_engine.model.packed_linear import PackedLinearGELU, linear_add
 
 
 class _Attention(nn.Module):
@@ -42,7 +43,7 @@ class _Attention(nn.Module):
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         o = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
         o = o.transpose(1, 2).reshape(x.shape)
-        return self.norm(self.out(o) + x)
+        return self.norm(linear_add(self.out, o, x))
 
 
 class _FFN(nn.Module):
@@ -51,8 +52,13 @@ class _FFN(nn.Module):
         self.fc1, self.fc2 = nn.Linear(hidden, inner), nn.Linear(inner, hidden)
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """gelu(fc1(x)) (a PackedLinearGELU fc1 applies the GELU itself)."""
+        h = self.fc1(x)
+        return h if isinstance(self.fc1, PackedLinearGELU) else F.gelu(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.fc2(F.gelu(self.fc1(x))) + x)
+        return self.norm(linear_add(self.fc2, self.hidden(x), x))
 
 
 class QFormerLayer(nn.Module):
@@ -67,15 +73,16 @@ class QFormerLayer(nn.Module):
     def forward(self, x: torch.Tensor, image: torch.Tensor, num_query: int, last: bool,
                 frames: int) -> torch.Tensor:
         x = self.self_attn(x)
-        if x.shape[0] != frames:  # first layer ran once for all frames
-            x = x.expand(frames, -1, -1)
         q, t = x[:, :num_query], x[:, num_query:]
+        if q.shape[0] != frames:  # the first layer's self-attention ran once for all frames
+            q = q.expand(frames, -1, -1)
         if self.cross_attn is not None:
             q = self.cross_attn(q, image)
         q = self.ffn_query(q)
         if last:  # the text states of the last layer are not used
             return q
-        return torch.cat([q, self.ffn_text(t)], dim=1)
+        t = self.ffn_text(t)  # text positions see no image in the first layer: once for all frames there too
+        return torch.cat([q, t.expand(frames, -1, -1)], dim=1)
 
 
 class QFormer(nn.Module):
