@@ -46,7 +46,8 @@ class VideoFrames:
 def load_video(source, num_frames: int = 16, sampling: str = "uniform",
                bound: tuple[float, float] | None = None, fps1: bool = False, size: int = 224,
                decode_size=None, *, fps: float | None = None, backend: str = "auto",
-               device: torch.device | str | None = None, preprocess: bool = True) -> VideoFrames:
+               device: torch.device | str | None = None, preprocess: bool = True,
+               decode_workers: int = 1) -> VideoFrames:
     """Load, sample, decode and preprocess one video.
 
     sampling ``"uniform"``: the chat rule (:func:`uniform_indices`, ``min(total, num_frames)``
@@ -60,6 +61,8 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
     or ``"pyav"``. ``device``: where preprocessing runs and ``frames`` lives. ``preprocess=False``
     stops after decoding (``frames`` = uint8 [T, H, W, 3] numpy; :func:`preprocessed` finishes),
     e.g. to decode on a worker thread and run torch's (multi-threaded) preprocessing elsewhere.
+    ``decode_workers``: decord readers that may decode runs of the sampled frames starting at
+    different keyframes in parallel (:mod:`.segments`; the frames are the same).
     Raises a :class:`VideoError` subclass naming the source and the problem.
     """
     if sampling not in SAMPLINGS:
@@ -72,6 +75,8 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
         raise ValueError(f"fps must be positive, got {fps!r}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; expected one of {BACKENDS}")
+    if isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 1:
+        raise ValueError(f"decode_workers must be a positive int, got {decode_workers!r}")
     src = resolve_source(source)
     digest = content_hash(src)
     first_idx = 1 if src.kind == "folder" else 0
@@ -89,7 +94,7 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
                                  first_idx=first_idx, source=src.name)
         return [i - first_idx for i in picked]
 
-    frames, indices, total, src_fps, used = read_video(src, choose, decode_size, backend)
+    frames, indices, total, src_fps, used = read_video(src, choose, decode_size, backend, decode_workers)
     out = VideoFrames(frames=frames, indices=indices, fps=fps if fps is not None else src_fps,
                       num_total_frames=total, content_hash=digest, source=src.name, backend=used)
     return out if not preprocess else preprocessed(out, size, device)

@@ -8,6 +8,7 @@ decord is missing or fails; PIL for frame folders; arrays are indexed directly. 
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -15,6 +16,7 @@ import numpy as np
 from .errors import CorruptVideoError, EmptyVideoError, NotAVideoError, VideoError
 from .preprocess import resize_frames_uint8, resize_shape
 from .pyav_reader import PyAVReader
+from .segments import split_runs
 from .sources import Source, resolve_source
 
 BACKENDS = ("auto", "decord", "pyav")
@@ -39,6 +41,7 @@ def decode_dims(height: int, width: int, decode_size) -> tuple[int, int] | None:
 
 class DecordReader:
     backend = "decord"
+    parallel_read = True  # read(indices, workers)
 
     def __init__(self, src: Source, decode_size=None):
         import decord
@@ -52,15 +55,28 @@ class DecordReader:
             if dims != (w, h):
                 vr = self._open(decord, dims)
         self.num_frames, self.fps = len(vr), float(vr.get_avg_fps())
-        self._vr = vr
+        self._vr, self._dims = vr, dims
 
     def _open(self, decord, dims):
         uri = io.BytesIO(self.src.data) if self.src.data is not None else str(self.src.path)
         w, h = dims if dims is not None else (-1, -1)
         return decord.VideoReader(uri, ctx=decord.cpu(0), width=w, height=h, num_threads=DECORD_THREADS)
 
-    def read(self, indices: list[int]) -> np.ndarray:
-        return self._vr.get_batch(list(indices)).asnumpy()
+    def read(self, indices: list[int], workers: int = 1) -> np.ndarray:
+        """The frames at ``indices``; ``workers`` > 1 decodes runs of them that start at different
+        keyframes on that many readers in parallel (:func:`~.segments.split_runs`; decord releases
+        the GIL while decoding), the first run on this reader."""
+        runs = split_runs(indices, list(self._vr.get_key_indices()), workers) if workers > 1 else [list(indices)]
+        if len(runs) == 1:
+            return self._vr.get_batch(list(indices)).asnumpy()
+        import decord
+
+        def read_run(run: list[int]) -> np.ndarray:
+            return self._open(decord, self._dims).get_batch(run).asnumpy()
+        with ThreadPoolExecutor(len(runs) - 1, thread_name_prefix="stllm-decode") as pool:
+            rest = [pool.submit(read_run, run) for run in runs[1:]]
+            first = self._vr.get_batch(runs[0]).asnumpy()
+            return np.concatenate([first] + [f.result() for f in rest])
 
 
 class FolderReader:
@@ -129,8 +145,9 @@ def _openers(src: Source, backend: str) -> list[Callable]:
 
 
 def read_video(src: Source, choose_indices: Callable[[int, float | None], list[int]],
-               decode_size=None, backend: str = "auto"):
-    """Open ``src``, pick indices with ``choose_indices(num_frames, fps)``, decode those frames.
+               decode_size=None, backend: str = "auto", workers: int = 1):
+    """Open ``src``, pick indices with ``choose_indices(num_frames, fps)``, decode those frames
+    (decord: on up to ``workers`` readers in parallel where the frames span several keyframes).
 
     Returns ``(frames uint8 [n, H, W, 3], indices, num_frames, fps, backend_used)``. With
     ``backend="auto"`` a decord failure (import, open or decode) falls back to PyAV; errors from
@@ -150,7 +167,8 @@ def read_video(src: Source, choose_indices: Callable[[int, float | None], list[i
             continue
         indices = choose_indices(reader.num_frames, reader.fps)
         try:
-            frames = reader.read(indices)
+            parallel = workers > 1 and getattr(reader, "parallel_read", False)
+            frames = reader.read(indices, workers) if parallel else reader.read(indices)
         except VideoError:
             raise
         except Exception as e:

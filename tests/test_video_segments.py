@@ -1,0 +1,133 @@
+"""Parallel decoding over keyframe segments: the split plan (stllm_engine/video/segments.py) and
+decord readers decoding its runs in parallel, on real encoded files (the frames carry their index
+as a marker, so the tests check which frames came back, and that they equal one reader's)."""
+import itertools
+
+import numpy as np
+import pytest
+
+from stllm_engine.testing import videos as tv
+from stllm_engine.video import CorruptVideoError, decode, load_video, uniform_indices
+from stllm_engine.video.segments import decode_cost, split_runs
+
+
+def brute_cost(indices, keys):
+    """Frames one reader decodes, simulated frame by frame."""
+    pos, total = None, 0
+    for t in indices:
+        k = max((x for x in keys if x <= t), default=0)
+        if pos is None or k > pos:  # seek to the keyframe, decode k..t
+            total += t - k + 1
+        else:
+            total += t - pos
+        pos = t
+    return total
+
+
+@pytest.mark.parametrize("indices,keys,want", [
+    ([5], [0], 6),
+    ([5, 5], [0], 6),  # a repeated frame costs nothing more
+    ([1, 4, 7], [0], 8),
+    ([1, 14, 27], [0, 12, 24], 2 + 3 + 4),  # a seek to every frame's keyframe
+    ([3, 10, 13], [0, 12], 4 + 7 + 2),
+    ([0, 47], [0, 12, 24, 36], 1 + 12),
+])
+def test_decode_cost(indices, keys, want):
+    assert decode_cost(indices, keys) == want == brute_cost(indices, keys)
+
+
+def check_runs(runs, indices):
+    assert list(itertools.chain(*runs)) == list(indices) and all(runs)
+
+
+@pytest.mark.parametrize("total,gop,frames", [(480, 60, 16), (480, 250, 16), (480, 12, 16), (1000, 30, 64),
+                                              (301, 7, 33)])
+@pytest.mark.parametrize("parts", [2, 3, 8])
+def test_split_runs_is_balanced_and_keeps_the_order(total, gop, frames, parts):
+    indices, keys = uniform_indices(total, frames), list(range(0, total, gop))
+    runs = split_runs(indices, keys, parts, min_frames=16)
+    check_runs(runs, indices)
+    assert 2 <= len(runs) <= parts
+    assert all(decode_cost(r, keys) >= 16 for r in runs)
+    worst = max(decode_cost(r, keys) for r in runs)
+    # no contiguous split into as many runs has a smaller largest run (brute force over cut points)
+    n = len(runs)
+    best = min(max(decode_cost(indices[a:b], keys) for a, b in zip((0,) + cut, cut + (len(indices),)))
+               for cut in itertools.combinations(range(1, len(indices)), n - 1)) if n <= 3 else worst
+    assert worst == best
+    assert worst < decode_cost(indices, keys)
+
+
+@pytest.mark.parametrize("indices,keys,parts,min_frames", [
+    (uniform_indices(48, 16), [0, 12, 24, 36], 2, 32),  # a short clip: one reader
+    (uniform_indices(480, 16), list(range(0, 480, 60)), 1, 32),  # one part asked for
+    ([40, 3, 200, 100], [0, 50, 100, 150], 2, 1),  # not sorted: decoded as asked, one reader
+    ([7], [0], 4, 1),
+])
+def test_split_runs_keeps_one_run(indices, keys, parts, min_frames):
+    assert split_runs(indices, keys, parts, min_frames) == [list(indices)]
+
+
+def test_split_runs_uses_fewer_parts_than_asked_when_runs_would_be_short():
+    indices, keys = uniform_indices(480, 16), list(range(0, 480, 60))
+    total = decode_cost(indices, keys)
+    runs = split_runs(indices, keys, 64, min_frames=100)
+    check_runs(runs, indices)
+    assert 2 <= len(runs) <= total // 100 and all(decode_cost(r, keys) >= 100 for r in runs)
+
+
+@pytest.fixture(scope="module")
+def long_clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("long")
+    return {"gop20": tv.write_video(d / "gop20.mp4", 240, (96, 64), 24, seed=4, gop=20),
+            "bframes": tv.write_video(d / "bframes.mp4", 240, (96, 64), 24, seed=5, gop=48, bframes=2)}
+
+
+@pytest.mark.parametrize("clip", ["gop20", "bframes"])
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("num_frames", [16, 61])
+def test_parallel_decode_returns_the_same_frames(long_clips, clip, workers, num_frames, monkeypatch):
+    import decord
+
+    path = long_clips[clip]
+    keys = list(decord.VideoReader(str(path)).get_key_indices())
+    indices = uniform_indices(240, num_frames)
+    monkeypatch.setattr(decode, "split_runs", lambda i, k, p: split_runs(i, k, p, min_frames=8))
+    assert len(split_runs(indices, keys, workers, min_frames=8)) > 1  # the split happens
+    one = load_video(path, num_frames, decode_workers=1, preprocess=False, backend="decord")
+    par = load_video(path, num_frames, decode_workers=workers, preprocess=False, backend="decord")
+    assert par.indices == one.indices == indices
+    assert np.array_equal(par.frames, one.frames)
+    assert [tv.read_frame_index(f) for f in par.frames] == indices
+    pre = load_video(path, num_frames, decode_workers=workers, size=56)
+    assert np.array_equal(pre.frames.numpy(), load_video(path, num_frames, size=56).frames.numpy())
+
+
+def test_a_failing_parallel_reader_fails_the_decode_cleanly(long_clips, monkeypatch):
+    """A run's reader failing on its thread (decord raising mid-file) ends as a failed decode:
+    ``auto`` falls back to PyAV (the same frames), ``decord`` raises CorruptVideoError."""
+    path = long_clips["gop20"]
+    monkeypatch.setattr(decode, "split_runs", lambda i, k, p: split_runs(i, k, p, min_frames=8))
+    real_open = decode.DecordReader._open
+    opened = []
+
+    class Broken:
+        def get_batch(self, indices):
+            raise RuntimeError("simulated decode failure")
+
+    def open_(self, decord, dims):
+        opened.append(dims)
+        return real_open(self, decord, dims) if len(opened) == 1 else Broken()
+    monkeypatch.setattr(decode.DecordReader, "_open", open_)
+    want = load_video(path, 16, backend="pyav", preprocess=False).frames
+    got = load_video(path, 16, decode_workers=2, preprocess=False)
+    assert len(opened) == 2 and got.backend == "pyav" and np.array_equal(got.frames, want)
+    opened.clear()
+    with pytest.raises(CorruptVideoError, match="simulated decode failure"):
+        load_video(path, 16, decode_workers=2, backend="decord")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_decode_workers_must_be_a_positive_int(long_clips, bad):
+    with pytest.raises(ValueError, match="decode_workers"):
+        load_video(long_clips["gop20"], 4, decode_workers=bad)
