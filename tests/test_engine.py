@@ -332,6 +332,37 @@ def test_synchronous_frame_decoding_gives_the_same_outputs(eva_all, video):
         EngineConfig(frame_workers=-1)
 
 
+def test_inline_decodes_use_parallel_readers_background_ones_one(eva_all, video, tmp_path, monkeypatch):
+    """A decode on the engine thread (idle engine) may use ``decode_threads`` readers; one in the
+    background beside running steps uses one. A long clip decoded either way answers the same."""
+    import stllm_engine.video as sv
+    from stllm_engine.video import decode as vd
+    from stllm_engine.video.segments import split_runs
+
+    f, _ = eva_all
+    seen = []
+    real = sv.load_video
+
+    def spy(*a, **kw):
+        seen.append(kw.get("decode_workers", 1))
+        return real(*a, **kw)
+    monkeypatch.setattr(sv, "load_video", spy)
+    monkeypatch.setattr(vd, "split_runs", lambda i, k, p: split_runs(i, k, p, min_frames=4))
+    long_clip = write_video(tmp_path / "long.mp4", num_frames=120, size=(64, 48), seed=3, gop=10)
+    p = SamplingParams(max_new_tokens=4)
+    (one,) = run(make_engine(f, decode_threads=1), [(long_clip, Q, p, {})])
+    (two,) = run(make_engine(f, decode_threads=3), [(long_clip, Q, p, {})])
+    assert seen == [1, 3] and one.token_ids == two.token_ids
+    eng = make_engine(f, decode_threads=3)
+    seen.clear()
+    run(eng, [(video, Q, p, {}), (long_clip, Q, p, {})])  # the second decodes while the first runs
+    assert seen == [3, 1]  # the second came while the first waited to run: background, one reader
+    assert EngineConfig().resolved_decode_threads() >= 1 and EngineConfig(decode_threads=2).resolved_decode_threads() == 2
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="decode_threads"):
+            EngineConfig(decode_threads=bad)
+
+
 def test_sampling_failure_is_isolated(eva_all):
     from stllm_engine.engine.sequence import Sequence
     f, _ = eva_all

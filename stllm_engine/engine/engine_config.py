@@ -1,6 +1,7 @@
 """EngineConfig: the engine's sizes and policies (plain dataclass, checked on construction)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,11 @@ class EngineConfig:
     positions); truncate_prompt: cut longer prompts from the left like the release (else error);
     beam_stop_first_row: stop ids/strings end beams as the release's criterion does (judged on the
     best candidate, applied to all), else per candidate; frame_workers: threads decoding new
-    videos in the background while the model steps (0: decode inside ``add_request``)."""
+    videos in the background while the model steps (0: decode inside ``add_request``);
+    decode_threads: decord readers one video decoded on the engine thread (no model pass running
+    meanwhile: an idle engine, cached plans, ``frame_workers=0``) may use in parallel over its
+    keyframe segments (``stllm_engine/video/segments.py``; None: the CPU count; 1: one reader).
+    Background decodes use one reader each, beside the model's threads."""
 
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -28,6 +33,7 @@ class EngineConfig:
     truncate_prompt: bool = True
     beam_stop_first_row: bool = True
     frame_workers: int = 1
+    decode_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_length"):
@@ -41,8 +47,21 @@ class EngineConfig:
                              f"got {self.kv_cache_memory!r}")
         if isinstance(self.frame_workers, bool) or not isinstance(self.frame_workers, int) or self.frame_workers < 0:
             raise ValueError(f"EngineConfig.frame_workers must be an int >= 0, got {self.frame_workers!r}")
+        if self.decode_threads is not None and (isinstance(self.decode_threads, bool) or not isinstance(
+                self.decode_threads, int) or self.decode_threads < 1):
+            raise ValueError(f"EngineConfig.decode_threads must be a positive int or None, got {self.decode_threads!r}")
         if not isinstance(self.vision_cache_bytes, int) or self.vision_cache_bytes < 0:
             raise ValueError(f"EngineConfig.vision_cache_bytes must be >= 0, got {self.vision_cache_bytes!r}")
+
+
+    def resolved_decode_threads(self) -> int:
+        """decode_threads, None resolved to the CPUs this process may run on."""
+        if self.decode_threads is not None:
+            return self.decode_threads
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
 
 
 def kv_bytes_per_block(model, block_size: int) -> int:

@@ -93,7 +93,10 @@ class LLMEngine(BeamRequests):
         return head + list(self.tokenizer(after, add_special_tokens=False).input_ids), len(head)
 
     def prepare_video(self, video, question: str, **kw) -> PreparedVideo:
-        return prepare_video(self.model, self.vision_cache, video, question, **kw)
+        """Video tokens for ``question`` now, on this thread: decoding (if any) may use
+        ``config.decode_threads`` parallel readers, as no model pass runs meanwhile."""
+        return prepare_video(self.model, self.vision_cache, video, question,
+                             decode_workers=self.config.resolved_decode_threads(), **kw)
 
     def add_request(self, video, question: str, params: SamplingParams | None = None, *,
                     request_id: str | None = None, system: str | None = None,

@@ -83,7 +83,7 @@ def _cached_file_features(model, cache: VisionCache | None, video, num_frames: i
     return request, chash, list(indices), cache.peek(key) if peek else cache.get(key)
 
 
-def _frames_of(model, video, num_frames: int, sampling: str, bound=None):
+def _frames_of(model, video, num_frames: int, sampling: str, bound=None, decode_workers: int = 1):
     """(frames [T,3,S,S], indices, content hash) from any accepted video input."""
     from stllm_engine.video import VideoFrames, load_video
 
@@ -96,7 +96,7 @@ def _frames_of(model, video, num_frames: int, sampling: str, bound=None):
         digest = hashlib.sha256(video.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
         return video, list(range(video.shape[0])), "frames:" + digest
     vf = load_video(video, num_frames=num_frames, sampling=sampling, bound=bound,
-                    size=model.config.vision.image_size)
+                    size=model.config.vision.image_size, decode_workers=decode_workers)
     return vf.frames, list(vf.indices), vf.content_hash
 
 
@@ -158,10 +158,12 @@ def finish_frames(model, frames):
 
 def prepare_video(model, cache: VisionCache | None, video, question: str, *, num_frames: int | None = None,
                   keep_ratio: float = 1.0, keep_mode: str = "even", keep_seed: int = 0,
-                  sampling: str = "uniform", bound=None, video_tokens: str = "own") -> PreparedVideo:
+                  sampling: str = "uniform", bound=None, video_tokens: str = "own",
+                  decode_workers: int = 1) -> PreparedVideo:
     """Video tokens [Lv, H] and their prefix-cache key for ``question`` (see the module doc).
 
-    ``bound``: (start, end) seconds for MVBench sampling (ignored for given frame tensors)."""
+    ``bound``: (start, end) seconds for MVBench sampling (ignored for given frame tensors);
+    ``decode_workers``: parallel decord readers for a video file (see ``load_video``)."""
     cfg = model.config
     n = check_prepare_args(model, num_frames=num_frames, keep_ratio=keep_ratio, keep_mode=keep_mode,
                            video_tokens=video_tokens)
@@ -170,7 +172,7 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
     if embeds is not None:
         cache.decodes_skipped += 1
     else:
-        frames, indices, chash = _frames_of(model, video, n, sampling, bound)
+        frames, indices, chash = _frames_of(model, video, n, sampling, bound, decode_workers)
         if plan_request is not None:
             cache.put_plan(plan_request, indices)
     if cfg.vision.btadapter and len(indices) > cfg.vision.btadapter_max_frames:
