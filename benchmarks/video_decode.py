@@ -1,0 +1,104 @@
+"""Frame decoding of longer clips: one decord reader vs parallel readers over keyframe segments.
+
+    python benchmarks/video_decode.py [--repeats 5] [--ttft] [--out FILE]
+
+Real clips are longer than the e2e benchmark's 6 s ones and their decode weighs on the time to
+first token: 16 frames sampled uniformly from a 16 s clip need every frame from each sampled
+frame's keyframe on. Clips (generated once into the benchmark cache, h264 as
+``stllm_engine.testing.videos`` writes it): 480 frames at 30 fps, 720p, a keyframe every 12 / 60 /
+250 frames, and 1080p with one every 60, plus the e2e benchmark's 48-frame 720p clip (stays on
+one reader: too short to split). Rows: ``load_video(..., preprocess=False)`` with
+``decode_workers`` = the CPU count vs 1 (the reference's way), and with ``--ttft`` the engine's
+time to first token on the bench-cpu model (bf16) with ``decode_threads`` default vs 1, vision
+cache off. Interleaved, medians of ``--repeats`` after a warm-up; ratio = parallel better by.
+Writes ``benchmarks/results/video-decode-<device>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import e2e  # noqa: E402
+from common import report_cpu, row  # noqa: E402
+
+CLIPS = {  # name: (frames, (W, H), fps, gop)
+    "720p-16s-gop12": (480, (1280, 720), 30, 12),
+    "720p-16s-gop60": (480, (1280, 720), 30, 60),
+    "720p-16s-gop250": (480, (1280, 720), 30, 250),
+    "1080p-16s-gop60": (480, (1920, 1080), 30, 60),
+}
+NUM_FRAMES = 16
+
+
+def clips(cache: Path) -> dict[str, Path]:
+    from stllm_engine.testing.videos import write_video
+
+    folder = cache / "videos"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, (n, size, fps, gop) in CLIPS.items():
+        p = folder / f"{name}.mp4"
+        if not p.is_file():
+            e2e.log(f"writing {p} (once) ...")
+            write_video(p, num_frames=n, size=size, fps=fps, seed=11, gop=gop)
+        out[name] = p
+    out["720p-6s-gop12 (e2e)"] = e2e.bench_videos(cache, 1, "720p")[0]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ttft", action="store_true", help="also the engine's TTFT with parallel vs one reader")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    from stllm_engine.default_model import cache_dir
+    from stllm_engine.engine.engine_config import EngineConfig
+    from stllm_engine.video import load_video
+
+    cache = cache_dir() / "bench"
+    workers = EngineConfig().resolved_decode_threads()
+    rows = []
+    for name, path in clips(cache).items():
+        got = {1: [], workers: []}
+        for r in range(args.repeats + 1):
+            for w in got:
+                t = time.perf_counter()
+                load_video(path, NUM_FRAMES, decode_workers=w, preprocess=False)
+                if r:
+                    got[w].append(time.perf_counter() - t)
+        med = {w: statistics.median(v) * 1e3 for w, v in got.items()}
+        cfg = {"clip": name, "frames": NUM_FRAMES, "readers": workers}
+        rows.append(row(cfg, "decode_ms", med[workers], "one decord reader", med[1], "ms", False))
+        e2e.log(f"  {name}: {med[1]:.0f} -> {med[workers]:.0f} ms")
+    if args.ttft:
+        from stllm_engine.api import STLLM
+
+        folder = e2e.checkpoint_for("bench-cpu", cache)
+        engines = {w: STLLM.from_pretrained(folder, device="cpu", dtype=torch.bfloat16, vision_cache_bytes=0,
+                                            decode_threads=w) for w in (1, workers)}
+        params = e2e.engine_params(engines[1], 2)
+        for name, path in clips(cache).items():
+            got = {w: [] for w in engines}
+            for r in range(args.repeats + 1):
+                for w, llm in engines.items():
+                    out = llm.generate([{"video": str(path), "question": e2e.QUESTIONS[r % 2],
+                                         "num_frames": NUM_FRAMES}], params)[0]
+                    if r:
+                        got[w].append(out.timings.ttft)
+            med = {w: statistics.median(v) * 1e3 for w, v in got.items()}
+            cfg = {"clip": name, "frames": NUM_FRAMES, "readers": workers, "model": "bench-cpu bf16"}
+            rows.append(row(cfg, "ttft_ms", med[workers], "engine with decode_threads=1", med[1], "ms", False))
+    print(f"{NUM_FRAMES} frames sampled, {os.cpu_count()} CPUs, medians of {args.repeats}")
+    report_cpu("video-decode", rows, ["clip", "readers"], "bfloat16", args.out)
+
+
+if __name__ == "__main__":
+    main()
