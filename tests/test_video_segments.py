@@ -115,13 +115,13 @@ def test_a_failing_parallel_reader_fails_the_decode_cleanly(long_clips, monkeypa
         def get_batch(self, indices):
             raise RuntimeError("simulated decode failure")
 
-    def open_(self, decord, dims):
-        opened.append(dims)
-        return real_open(self, decord, dims) if len(opened) == 1 else Broken()
+    def open_(self, decord, dims, threads=decode.DECORD_THREADS):
+        opened.append(threads)  # the file's reader, then one single-threaded reader per run
+        return Broken() if len(opened) == 3 else real_open(self, decord, dims, threads)
     monkeypatch.setattr(decode.DecordReader, "_open", open_)
     want = load_video(path, 16, backend="pyav", preprocess=False).frames
     got = load_video(path, 16, decode_workers=2, preprocess=False)
-    assert len(opened) == 2 and got.backend == "pyav" and np.array_equal(got.frames, want)
+    assert opened == [decode.DECORD_THREADS, 1, 1] and got.backend == "pyav" and np.array_equal(got.frames, want)
     opened.clear()
     with pytest.raises(CorruptVideoError, match="simulated decode failure"):
         load_video(path, 16, decode_workers=2, backend="decord")
