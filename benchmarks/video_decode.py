@@ -10,7 +10,7 @@ frame's keyframe on. Clips (generated once into the benchmark cache, h264 as
 one reader: too short to split). Rows: ``load_video(..., preprocess=False)`` with
 ``decode_workers`` = the CPU count vs 1 (the reference's way), and with ``--ttft`` the engine's
 time to first token on the bench-cpu model (bf16) with ``decode_threads`` default vs 1, vision
-cache off. Interleaved, medians of ``--repeats`` after a warm-up; ratio = parallel better by.
+cache off, a new question each run (so no KV prefix-cache hit). Interleaved, medians of ``--repeats`` after a warm-up; ratio = parallel better by.
 Writes ``benchmarks/results/video-decode-<device>.json``.
 """
 from __future__ import annotations
@@ -89,7 +89,8 @@ def main() -> None:
             got = {w: [] for w in engines}
             for r in range(args.repeats + 1):
                 for w, llm in engines.items():
-                    out = llm.generate([{"video": str(path), "question": e2e.QUESTIONS[r % 2],
+                    question = f"{e2e.QUESTIONS[0]} ({name}, run {r})"  # a new prompt: no prefix-cache hit
+                    out = llm.generate([{"video": str(path), "question": question,
                                          "num_frames": NUM_FRAMES}], params)[0]
                     if r:
                         got[w].append(out.timings.ttft)
