@@ -337,7 +337,6 @@ def test_inline_decodes_use_parallel_readers_background_ones_one(eva_all, video,
     background beside running steps uses one. A long clip decoded either way answers the same."""
     import stllm_engine.video as sv
     from stllm_engine.video import decode as vd
-    from stllm_engine.video.segments import split_runs
 
     f, _ = eva_all
     seen = []
@@ -347,7 +346,7 @@ def test_inline_decodes_use_parallel_readers_background_ones_one(eva_all, video,
         seen.append(kw.get("decode_workers", 1))
         return real(*a, **kw)
     monkeypatch.setattr(sv, "load_video", spy)
-    monkeypatch.setattr(vd, "split_runs", lambda i, k, p: split_runs(i, k, p, min_frames=4))
+    monkeypatch.setattr(vd, "min_run_frames", lambda pixels: 4)
     long_clip = write_video(tmp_path / "long.mp4", num_frames=120, size=(64, 48), seed=3, gop=10)
     p = SamplingParams(max_new_tokens=4)
     (one,) = run(make_engine(f, decode_threads=1), [(long_clip, Q, p, {})])

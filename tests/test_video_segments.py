@@ -8,7 +8,7 @@ import pytest
 
 from stllm_engine.testing import videos as tv
 from stllm_engine.video import CorruptVideoError, decode, load_video, uniform_indices
-from stllm_engine.video.segments import decode_cost, split_runs
+from stllm_engine.video.segments import MIN_RUN_FRAMES, decode_cost, min_run_frames, split_runs
 
 
 def brute_cost(indices, keys):
@@ -76,6 +76,36 @@ def test_split_runs_uses_fewer_parts_than_asked_when_runs_would_be_short():
     assert 2 <= len(runs) <= total // 100 and all(decode_cost(r, keys) >= 100 for r in runs)
 
 
+@pytest.mark.parametrize("pixels,want", [(None, MIN_RUN_FRAMES), (0, MIN_RUN_FRAMES), (398 * 224, 68),
+                                          (854 * 480, 15), (1280 * 720, 7), (1920 * 1080, 4), (3840 * 2160, 4)])
+def test_min_run_frames_scales_with_the_frame_size(pixels, want):
+    assert min_run_frames(pixels) == want
+
+
+def test_the_split_needs_enough_pixels(long_clips, monkeypatch):
+    """The reader reads the stored frame size from the header; 96x64 frames are too small for a
+    second reader at 16 of 240 frames, so the decode stays on one reader unless the runs are
+    allowed to be short."""
+    src = decode.resolve_source(long_clips["gop20"])
+    reader = decode.DecordReader(src)
+    assert reader._source_pixels() == 96 * 64
+    assert decode.DecordReader(decode.resolve_source(long_clips["gop20"].read_bytes()))._source_pixels() == 96 * 64
+    calls = []
+    real = decode.split_runs
+
+    def spy(i, k, p, m):
+        calls.append(m)
+        return real(i, k, p, m)
+    monkeypatch.setattr(decode, "split_runs", spy)
+    frames = reader.read(uniform_indices(240, 16), workers=2)
+    assert calls == [min_run_frames(96 * 64)] and len(real(uniform_indices(240, 16), list(range(0, 240, 20)), 2,
+                                                           calls[0])) == 1
+    assert [tv.read_frame_index(f) for f in frames] == uniform_indices(240, 16)
+    calls.clear()
+    reader.read([3, 7, 11], workers=2)  # no keyframe among them: no split asked for
+    assert calls == []
+
+
 @pytest.fixture(scope="module")
 def long_clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("long")
@@ -92,7 +122,7 @@ def test_parallel_decode_returns_the_same_frames(long_clips, clip, workers, num_
     path = long_clips[clip]
     keys = list(decord.VideoReader(str(path)).get_key_indices())
     indices = uniform_indices(240, num_frames)
-    monkeypatch.setattr(decode, "split_runs", lambda i, k, p: split_runs(i, k, p, min_frames=8))
+    monkeypatch.setattr(decode, "min_run_frames", lambda pixels: 8)
     assert len(split_runs(indices, keys, workers, min_frames=8)) > 1  # the split happens
     one = load_video(path, num_frames, decode_workers=1, preprocess=False, backend="decord")
     par = load_video(path, num_frames, decode_workers=workers, preprocess=False, backend="decord")
@@ -107,7 +137,7 @@ def test_a_failing_parallel_reader_fails_the_decode_cleanly(long_clips, monkeypa
     """A run's reader failing on its thread (decord raising mid-file) ends as a failed decode:
     ``auto`` falls back to PyAV (the same frames), ``decord`` raises CorruptVideoError."""
     path = long_clips["gop20"]
-    monkeypatch.setattr(decode, "split_runs", lambda i, k, p: split_runs(i, k, p, min_frames=8))
+    monkeypatch.setattr(decode, "min_run_frames", lambda pixels: 8)
     real_open = decode.DecordReader._open
     opened = []
 
