@@ -53,7 +53,6 @@ class EngineConfig:
         if not isinstance(self.vision_cache_bytes, int) or self.vision_cache_bytes < 0:
             raise ValueError(f"EngineConfig.vision_cache_bytes must be >= 0, got {self.vision_cache_bytes!r}")
 
-
     def resolved_decode_threads(self) -> int:
         """decode_threads, None resolved to the CPUs this process may run on."""
         if self.decode_threads is not None:
