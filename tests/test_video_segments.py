@@ -113,14 +113,15 @@ def long_clips(tmp_path_factory):
             "bframes": tv.write_video(d / "bframes.mp4", 240, (96, 64), 24, seed=5, gop=48, bframes=2)}
 
 
-@pytest.mark.parametrize("clip", ["gop20", "bframes"])
+@pytest.mark.parametrize("clip", ["gop20", "bframes", "gop20 bytes"])
 @pytest.mark.parametrize("workers", [2, 3])
 @pytest.mark.parametrize("num_frames", [16, 61])
 def test_parallel_decode_returns_the_same_frames(long_clips, clip, workers, num_frames, monkeypatch):
     import decord
 
-    path = long_clips[clip]
-    keys = list(decord.VideoReader(str(path)).get_key_indices())
+    name, _, kind = clip.partition(" ")
+    path = long_clips[name].read_bytes() if kind == "bytes" else long_clips[name]
+    keys = list(decord.VideoReader(str(long_clips[name])).get_key_indices())
     indices = uniform_indices(240, num_frames)
     monkeypatch.setattr(decode, "min_run_frames", lambda pixels: 8)
     assert len(split_runs(indices, keys, workers, min_frames=8)) > 1  # the split happens
