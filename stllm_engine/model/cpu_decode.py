@@ -85,7 +85,8 @@ def _build(llm, rows: int, dtype: torch.dtype) -> DecodePlan | None:
             return None
         norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
         for lin in _linears(layer):
-            if lin.bias is not None or lin.weight.dtype != dtype:
+            weight_dtype = lin.dtype if isinstance(lin, PackedLinear) else lin.weight.dtype  # packed: plain may be freed
+            if lin.bias is not None or weight_dtype != dtype:
                 return None
             packed = isinstance(lin, PackedLinear) and lin.packed_for(rows, dtype)
             weights.append(lin.packed if packed else lin.weight)

@@ -19,7 +19,11 @@ not copied) for everything else: other devices, autograd, state dicts.
 
 ``pack_linears(model)`` swaps the LLM's projections and the LM head in place; it does nothing
 off the CPU, without oneDNN, or with ``STLLM_CPU_PACKED=0``. Packing keeps a second copy of those
-weights in memory.
+weights in memory, unless that copy would not fit: ``STLLM_CPU_PACKED=auto`` (the default) then
+packs each weight and frees its plain copy at once (:meth:`PackedLinear.drop_plain`; ST-LLM-7B in
+bf16 has ~13 GB of LLM weights, which a 24 GB machine cannot hold twice), ``only`` always does,
+``both`` (or ``1``) never does. A module without its plain weight serves CPU inference of its dtype
+only (every row count through the packed GEMM) and says so when asked for anything else.
 
 :func:`pack_vision` packs the vision tower's linears the same way. :class:`PackedLinearGELU`
 fuses the MLP's ``fc1`` bias and exact GELU into the oneDNN GEMM (a post-op on the float32
@@ -39,7 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ENV = "STLLM_CPU_PACKED"
+ENV = "STLLM_CPU_PACKED"  # auto (default) | both (= 1) | only | 0 (see the module doc)
+PACKED_MODES = ("auto", "both", "only", "0")
 PREFILL_ENV = "STLLM_CPU_PACKED_PREFILL"  # "auto" (default: calibrate), "1" always, "0" never
 MAX_PACKED_ROWS = 32  # decode-sized inputs always take the packed GEMM; above: ``prefill_packed``
 PACK_ROWS_HINT = 32  # oneDNN's blocked layout is chosen for this many rows
@@ -47,35 +52,86 @@ CALIBRATION_ROWS = 512  # a typical prefill (16 frames: 512 video tokens + the p
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def packing_mode() -> str:
+    """``STLLM_CPU_PACKED`` as one of :data:`PACKED_MODES` (a bad value raises, naming it)."""
+    raw = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    mode = {"1": "both", "true": "both", "yes": "both", "on": "both", "false": "0", "no": "0", "off": "0"}.get(raw, raw)
+    if mode not in PACKED_MODES:
+        raise ValueError(f"{ENV} must be auto, both (1), only or 0, got {raw!r}")
+    return mode
+
+
 def packing_available(weight: torch.Tensor) -> bool:
     """oneDNN packing applies: CPU weight of a supported dtype, oneDNN built in, not disabled."""
     return (weight.device.type == "cpu" and weight.dtype in _PACKED_DTYPES
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and os.environ.get(ENV, "1").strip() not in ("0", "false", "no", "off"))
+            and packing_mode() != "0")
 
 
-def _cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def memory_available() -> int | None:
+    """Bytes the kernel says can still be allocated without swapping (``MemAvailable``); None
+    where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def keep_plain_copies(extra_bytes: int) -> bool:
+    """Whether packing may keep the plain weights beside the ``extra_bytes`` of packed copies: the
+    mode says so, or (``auto``) they fit in the available memory with max(2 GiB, 1/8 of it) to
+    spare for activations."""
+    mode = packing_mode()
+    if mode != "auto":
+        return mode != "only"
+    avail = memory_available()
+    return avail is None or extra_bytes <= avail - max(2 << 30, avail // 8)
+
+
+def _cpu_inference(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """A CPU input outside autograd (no gradient to x or weight): oneDNN's packed path may run."""
-    return x.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    wants_grad = x.requires_grad or (weight is not None and weight.requires_grad)
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() and wants_grad)
 
 
 class PackedLinear(nn.Module):
     """Drop-in for an ``nn.Linear`` (same ``weight``/``bias`` objects) with a oneDNN-packed copy
     of the weight used for CPU inference of the same dtype."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, drop_plain: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        self.dtype = linear.weight.dtype
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS_HINT)
         self.prefill_packed = False  # above MAX_PACKED_ROWS rows too (see calibrate_prefill)
+        if drop_plain:
+            self.drop_plain()
+
+    def drop_plain(self) -> None:
+        """Free the plain weight (its memory, once nothing else holds it): from now on only CPU
+        inference of this dtype runs, every row count through the packed GEMM."""
+        self.weight = None
+        self.prefill_packed = True
+
+    def plain_weight(self) -> torch.Tensor:
+        """The plain weight, for every path but packed CPU inference (error if it was dropped)."""
+        if self.weight is None:
+            raise RuntimeError(f"this {type(self).__name__} ({self.in_features} -> {self.out_features}) keeps only "
+                               f"oneDNN's packed weight (CPU inference of {self.dtype}, outside autograd): its plain "
+                               f"copy was freed to save memory; load with {ENV}=both (or 0) for other uses")
+        return self.weight
 
     def _plain_inference(self, x: torch.Tensor) -> bool:
         """CPU input of the weight's dtype outside autograd: the packed weight may be used."""
-        return x.dtype == self.weight.dtype and _cpu_inference(x, self.weight)
+        return x.dtype == self.dtype and _cpu_inference(x, self.weight)
 
     def _packed(self, x: torch.Tensor, attr: str, algorithm: str) -> torch.Tensor:
         """oneDNN GEMM with the packed weight (+ bias, + post-op ``attr``) over x's rows."""
@@ -85,7 +141,9 @@ class PackedLinear(nn.Module):
 
     def packed_for(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether ``rows`` rows of ``dtype`` (plain CPU inference) take the packed GEMM."""
-        return (dtype == self.weight.dtype and rows > 0
+        if self.weight is None:  # only the packed copy is left
+            return dtype == self.dtype and rows > 0
+        return (dtype == self.dtype and rows > 0
                 and (rows <= MAX_PACKED_ROWS or self.prefill_packed)
                 and not (rows == 1 and dtype == torch.float32))  # fp32 GEMV: MKL is as fast
 
@@ -95,11 +153,16 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_packed(x):
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.plain_weight(), self.bias)
         return self._packed(x, "none", "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn"
+        plain = "" if self.weight is not None else ", plain weight freed"
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=onednn{plain}"
+
+
+def _plain_bytes(linears) -> int:
+    return sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
 
 
 def pack_linears(model) -> int:
@@ -108,17 +171,15 @@ def pack_linears(model) -> int:
     e.g. CUDA, or already packed)."""
     if type(model.lm_head) is not nn.Linear or not packing_available(model.lm_head.weight):
         return 0
-    swapped = 0
-    for layer in model.llm.layers:
-        for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
-                             (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
-            lin = getattr(parent, name)
-            if type(lin) is nn.Linear:
-                setattr(parent, name, PackedLinear(lin))
-                swapped += 1
-    model.lm_head = PackedLinear(model.lm_head)
+    slots = [(parent, name) for layer in model.llm.layers
+             for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                                  (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj"))
+             if type(getattr(parent, name)) is nn.Linear] + [(model, "lm_head")]
+    drop = not keep_plain_copies(_plain_bytes(getattr(p, n) for p, n in slots))
+    for parent, name in slots:  # one weight at a time: with ``drop`` memory grows by one weight at most
+        setattr(parent, name, PackedLinear(getattr(parent, name), drop_plain=drop))
     calibrate_prefill([lin for lin in model.llm.modules() if isinstance(lin, PackedLinear)])
-    return swapped + 1
+    return len(slots)
 
 
 def _prefill_mode() -> str:
@@ -138,12 +199,14 @@ def calibrate_prefill(linears: list[PackedLinear], rows: int = CALIBRATION_ROWS,
     mode = _prefill_mode()
     choice: dict[tuple, bool] = {}
     for lin in linears:
-        key = (lin.in_features, lin.out_features, lin.weight.dtype)
+        if lin.weight is None:  # only the packed copy is left
+            continue
+        key = (lin.in_features, lin.out_features, lin.dtype)
         if key not in choice:
             if mode != "auto":
                 choice[key] = mode == "1"
             else:
-                x = torch.randn(rows, lin.in_features).to(lin.weight.dtype)
+                x = torch.randn(rows, lin.in_features).to(lin.dtype)
                 paths = (lambda: F.linear(x, lin.weight, lin.bias),
                          lambda: lin._packed(x, "none", ""))
                 best = [float("inf")] * 2
@@ -165,7 +228,7 @@ class PackedLinearGELU(PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._plain_inference(x) or x.numel() == 0:
-            return F.gelu(F.linear(x, self.weight, self.bias))
+            return F.gelu(F.linear(x, self.plain_weight(), self.bias))
         return self._packed(x, "gelu", "none")
 
     def extra_repr(self) -> str:
@@ -224,16 +287,17 @@ class PackedPatchEmbed(nn.Module):
 
 def _pack_children(root: nn.Module, gelu_parent: type | None = None) -> list[PackedLinear]:
     """Swap every packable ``nn.Linear`` under ``root`` for a :class:`PackedLinear` (the ``fc1`` of
-    a ``gelu_parent`` module for a :class:`PackedLinearGELU`); returns the new modules."""
+    a ``gelu_parent`` module for a :class:`PackedLinearGELU`), freeing the plain copies when they
+    do not fit beside the packed ones (:func:`keep_plain_copies`); returns the new modules."""
+    slots = [(mod, name, child) for mod in list(root.modules()) for name, child in list(mod.named_children())
+             if type(child) is nn.Linear and packing_available(child.weight)]
+    drop = bool(slots) and not keep_plain_copies(_plain_bytes(child for _, _, child in slots))
     swapped = []
-    for mod in list(root.modules()):
-        for name, child in list(mod.named_children()):
-            if type(child) is not nn.Linear or not packing_available(child.weight):
-                continue
-            fused = gelu_parent is not None and isinstance(mod, gelu_parent) and name == "fc1"
-            new = PackedLinearGELU(child) if fused else PackedLinear(child)
-            setattr(mod, name, new)
-            swapped.append(new)
+    for mod, name, child in slots:
+        fused = gelu_parent is not None and isinstance(mod, gelu_parent) and name == "fc1"
+        new = (PackedLinearGELU if fused else PackedLinear)(child, drop_plain=drop)
+        setattr(mod, name, new)
+        swapped.append(new)
     return swapped
 
 

@@ -69,11 +69,11 @@ class STLLMModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.llm.embed_tokens.weight.dtype  # never packed (a packed LM head may drop its weight)
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.llm.embed_tokens.weight.device
 
     # --- video side -------------------------------------------------------------------------
     @torch.no_grad()
