@@ -220,6 +220,31 @@ def test_vision_cache_hit_skips_decoding(eva_all, tmp_path, monkeypatch):
     assert_clean(eng)
 
 
+def test_background_decodes_remember_their_plan_and_never_hash_on_the_engine_thread(eva_all, video, tmp_path,
+                                                                                     monkeypatch):
+    """A new file decoded in the background (the engine busy) is hashed off the engine thread,
+    and its sampling plan is remembered: a later request for it skips decoding."""
+    import threading
+
+    from stllm_engine.video import sources
+
+    f, _ = eva_all
+    eng = make_engine(f)
+    path = write_video(tmp_path / "late.mp4", num_frames=12, size=(64, 48), seed=7)
+    where = []
+    real = sources.content_hash
+    monkeypatch.setattr(sources, "content_hash", lambda src: where.append(
+        (threading.current_thread().name, getattr(src.path, "name", None))) or real(src))
+    p = SamplingParams(max_new_tokens=3)
+    outs = run(eng, [(video, Q, p, {}), (path, Q, p, {})])  # the second decodes while the first runs
+    late = [name for name, file in where if file == "late.mp4"]
+    assert late and all(name.startswith("stllm-frames") for name in late)
+    assert all(o.finish_reason == "length" for o in outs)
+    (again,) = run(eng, [(path, "another question?", p, {})])
+    assert again.timings.vision_cache_hit and eng.stats()["vision_cache"]["decodes_skipped"] == 1
+    assert_clean(eng)
+
+
 def test_timings_are_filled(eva_all, video):
     f, _ = eva_all
     (o,) = run(make_engine(f), [(video, Q, SamplingParams(max_new_tokens=5), {})])

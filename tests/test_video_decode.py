@@ -171,6 +171,39 @@ def test_content_hash(media, tmp_path):
     assert load_video(copy, num_frames=2).content_hash != a.content_hash
 
 
+def test_large_files_hash_on_a_thread_beside_the_decode(media, tmp_path, monkeypatch):
+    """A file not hashed before and at least HASH_THREAD_BYTES large is hashed on a thread while
+    it decodes; the digest is the same sha256, memoised afterwards; small files hash inline."""
+    import hashlib
+    import threading
+
+    from stllm_engine.video import memoised_hash, resolve_source, sources
+
+    path = tmp_path / "big.mp4"
+    shutil.copy(media["mp4"], path)
+    threads = []
+    real = sources.content_hash
+
+    def spy(src):
+        threads.append(threading.current_thread().name)
+        return real(src)
+    monkeypatch.setattr(sources, "content_hash", spy)
+    monkeypatch.setattr(sources, "HASH_THREAD_BYTES", 1)
+    assert memoised_hash(resolve_source(path)) is None
+    v = load_video(path, num_frames=4)
+    assert v.content_hash == hashlib.sha256(path.read_bytes()).hexdigest() == memoised_hash(resolve_source(path))
+    assert len(threads) == 1 and threads[0].startswith("stllm-hash")
+    load_video(path, num_frames=4)  # memoised: hashed inline (a stat and a lookup)
+    assert threads[1] == threading.current_thread().name
+    monkeypatch.setattr(sources, "HASH_THREAD_BYTES", 1 << 40)
+    small = tmp_path / "small.mp4"
+    shutil.copy(media["mkv"], small)
+    load_video(small, num_frames=4)
+    assert threads[2] == threading.current_thread().name
+    with pytest.raises(VideoNotFoundError):
+        load_video(tmp_path / "missing.mp4", num_frames=4)
+
+
 def test_probe(media):
     assert probe(media["mp4"]) == (T, pytest.approx(FPS))
     assert probe(media["jpg"]) == (T, None)

@@ -26,7 +26,7 @@ from stllm_engine.engine.sampler import Sampler, StopChecker
 from stllm_engine.engine.scheduler import Scheduler
 from stllm_engine.engine.sequence import Sequence
 from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, decode_video, finish_frames,
-                                            needs_decoding, plan_hit, prepare_video)
+                                            needs_decoding, plan_hit, prepare_video, record_plan)
 from stllm_engine.engine.vision_cache import VisionCache
 from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
 from stllm_engine.prompts import MVBENCH_SYSTEM, chat_prompt, mvbench_prompt_segments, mvbench_question
@@ -159,8 +159,7 @@ class LLMEngine(BeamRequests):
             return
         n = check_prepare_args(self.model, **kw)  # bad options fail now, not after a decode
         sampling, bound = kw.get("sampling", "uniform"), kw.get("bound")
-        hit, plan_request = plan_hit(self.model, self.vision_cache, video, n, sampling, bound)
-        if hit:
+        if plan_hit(self.model, self.vision_cache, video, n, sampling, bound):
             admit(self._prepare_timed(req, video, question, **kw))
             return
 
@@ -168,8 +167,7 @@ class LLMEngine(BeamRequests):
             t = time.perf_counter()
             frames = finish_frames(self.model, decoded)
             seconds += time.perf_counter() - t
-            if plan_request is not None:
-                self.vision_cache.put_plan(plan_request, frames.indices)
+            record_plan(self.vision_cache, video, frames.content_hash, n, sampling, bound, frames.indices)
             admit(self._prepare_timed(req, frames, question, **kw))
             req.timings.frame_decode = seconds
         self.frame_loader.submit(req.request_id, lambda: decode_video(self.model, video, n, sampling, bound), then)

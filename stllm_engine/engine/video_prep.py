@@ -59,28 +59,49 @@ def keep_mask(num_tokens: int, keep_ratio: float, mode: str = "even", seed: int 
     return mask
 
 
-def _cached_file_features(model, cache: VisionCache | None, video, num_frames: int, sampling: str, bound,
-                          peek: bool = False):
-    """(plan request, chash, indices, features) for a video *file* whose features are cached
-    under a remembered sampling plan; (plan request, chash, None, None) when not (or not a file)."""
+def _file_source(video):
+    """The resolved :class:`~stllm_engine.video.Source` of a video *file* path, else None."""
     import os
 
-    from stllm_engine.video import content_hash, resolve_source
+    from stllm_engine.video import resolve_source
 
-    if cache is None or not isinstance(video, (str, os.PathLike)):
-        return None, None, None, None
+    if not isinstance(video, (str, os.PathLike)):
+        return None
     src = resolve_source(video)
-    if src.kind != "file":
-        return None, None, None, None
-    chash = content_hash(src)
-    request = (chash, num_frames, sampling, None if bound is None else tuple(float(b) for b in bound))
-    indices = cache.plan(request)
+    return src if src.kind == "file" else None
+
+
+def _plan_request(chash: str, num_frames: int, sampling: str, bound) -> tuple:
+    return chash, num_frames, sampling, None if bound is None else tuple(float(b) for b in bound)
+
+
+def record_plan(cache: VisionCache | None, video, chash: str, num_frames: int, sampling: str, bound,
+                indices) -> None:
+    """Remember which frames a decode of the video file ``video`` (content ``chash``) chose, so a
+    later request with the same sampling finds its features without decoding."""
+    if cache is not None and _file_source(video) is not None:
+        cache.put_plan(_plan_request(chash, num_frames, sampling, bound), indices)
+
+
+def _cached_file_features(model, cache: VisionCache | None, video, num_frames: int, sampling: str, bound,
+                          peek: bool = False):
+    """(indices, features) of a video *file* whose features are cached under a remembered
+    sampling plan; (None, None) otherwise. Only files hashed before are looked up (one ``stat``):
+    a new file's hash is computed beside its decode (``load_video``), and the vision cache is
+    checked again after it."""
+    from stllm_engine.video import memoised_hash
+
+    src = _file_source(video) if cache is not None else None
+    chash = memoised_hash(src) if src is not None else None
+    if chash is None:
+        return None, None
+    indices = cache.plan(_plan_request(chash, num_frames, sampling, bound))
     if indices is None:
-        return request, chash, None, None
+        return None, None
     key = vision_key(chash, indices, variant_name(model.config), model.dtype)
     if key not in cache:
-        return request, chash, None, None
-    return request, chash, list(indices), cache.peek(key) if peek else cache.get(key)
+        return None, None
+    return (chash, list(indices)), cache.peek(key) if peek else cache.get(key)
 
 
 def _frames_of(model, video, num_frames: int, sampling: str, bound=None, decode_workers: int = 1):
@@ -130,12 +151,10 @@ def needs_decoding(video) -> bool:
 
 
 def plan_hit(model, cache: VisionCache | None, video, num_frames: int, sampling: str = "uniform",
-             bound=None) -> tuple[bool, tuple | None]:
-    """(features of ``video`` are cached under a remembered sampling plan, the plan request to
-    record after a decode or None); never decodes. ``num_frames`` as resolved by
-    :func:`check_prepare_args`."""
-    request, _, _, embeds = _cached_file_features(model, cache, video, num_frames, sampling, bound, peek=True)
-    return embeds is not None, request
+             bound=None) -> bool:
+    """Whether the features of ``video`` are cached under a remembered sampling plan; never
+    decodes or hashes a new file. ``num_frames`` as resolved by :func:`check_prepare_args`."""
+    return _cached_file_features(model, cache, video, num_frames, sampling, bound, peek=True)[1] is not None
 
 
 def decode_video(model, video, num_frames: int, sampling: str = "uniform", bound=None):
@@ -168,13 +187,13 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
     n = check_prepare_args(model, num_frames=num_frames, keep_ratio=keep_ratio, keep_mode=keep_mode,
                            video_tokens=video_tokens)
     t0 = time.perf_counter()
-    plan_request, chash, indices, embeds = _cached_file_features(model, cache, video, n, sampling, bound)
+    found, embeds = _cached_file_features(model, cache, video, n, sampling, bound)
     if embeds is not None:
         cache.decodes_skipped += 1
+        chash, indices = found
     else:
         frames, indices, chash = _frames_of(model, video, n, sampling, bound, decode_workers)
-        if plan_request is not None:
-            cache.put_plan(plan_request, indices)
+        record_plan(cache, video, chash, n, sampling, bound, indices)
     if cfg.vision.btadapter and len(indices) > cfg.vision.btadapter_max_frames:
         raise ValueError(f"the BT-Adapter handles at most {cfg.vision.btadapter_max_frames} frames, "
                          f"got {len(indices)}")

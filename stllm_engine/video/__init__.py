@@ -14,7 +14,7 @@ from .errors import (CorruptVideoError, EmptyVideoError, NotAVideoError, VideoBo
                      VideoNotFoundError)
 from .preprocess import CLIP_MEAN, CLIP_STD, PIL_TOLERANCE, preprocess_frames
 from .sampling import mvbench_indices, uniform_indices
-from .sources import Source, content_hash, resolve_source
+from .sources import Source, content_hash, hash_beside, memoised_hash, resolve_source
 
 SAMPLINGS = ("uniform", "mvbench")
 MVBENCH_GIF_FPS = 25.0  # the release reads GIFs as if they ran at 25 fps
@@ -78,7 +78,7 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
     if isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 1:
         raise ValueError(f"decode_workers must be a positive int, got {decode_workers!r}")
     src = resolve_source(source)
-    digest = content_hash(src)
+    digest = hash_beside(src)  # a large file hashes while it decodes
     first_idx = 1 if src.kind == "folder" else 0
 
     def choose(total: int, source_fps: float | None) -> list[int]:
@@ -96,7 +96,7 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
 
     frames, indices, total, src_fps, used = read_video(src, choose, decode_size, backend, decode_workers)
     out = VideoFrames(frames=frames, indices=indices, fps=fps if fps is not None else src_fps,
-                      num_total_frames=total, content_hash=digest, source=src.name, backend=used)
+                      num_total_frames=total, content_hash=digest(), source=src.name, backend=used)
     return out if not preprocess else preprocessed(out, size, device)
 
 
@@ -109,7 +109,7 @@ def preprocessed(video: VideoFrames, size: int = 224, device: torch.device | str
 
 __all__ = [
     "load_video", "preprocessed", "VideoFrames", "decode_frames", "probe", "uniform_indices", "mvbench_indices",
-    "preprocess_frames", "resolve_source", "content_hash", "Source", "CLIP_MEAN", "CLIP_STD",
+    "preprocess_frames", "resolve_source", "content_hash", "memoised_hash", "Source", "CLIP_MEAN", "CLIP_STD",
     "PIL_TOLERANCE", "VideoError", "VideoNotFoundError", "NotAVideoError", "EmptyVideoError",
     "CorruptVideoError", "VideoBoundError",
 ]

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -19,6 +21,7 @@ from .errors import EmptyVideoError, NotAVideoError, VideoNotFoundError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _HASH_MEMO: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
 _HASH_MEMO_MAX = 4096
+HASH_THREAD_BYTES = 8 << 20  # files this large hash on a thread beside the decode (hash_beside)
 
 
 @dataclass
@@ -123,14 +126,38 @@ def _array_source(source) -> Source:
     return Source("array", name, array=np.ascontiguousarray(source))
 
 
+def _memo_key(src: Source) -> tuple[str, int, int]:
+    st = src.path.stat()
+    return str(src.path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def memoised_hash(src: Source) -> str | None:
+    """A file's content hash if :func:`content_hash` has computed it for this path, size and
+    mtime (one ``stat``); None otherwise and for other sources."""
+    return _HASH_MEMO.get(_memo_key(src)) if src.kind == "file" else None
+
+
+def hash_beside(src: Source) -> Callable[[], str]:
+    """Start :func:`content_hash` of ``src``; returns a function that gives the digest. A file
+    of ``HASH_THREAD_BYTES`` or more, not hashed before, is read and hashed on a thread (hashlib
+    and file reads release the GIL) so that decoding runs meanwhile: sha256 ran at ~0.9 GB/s here,
+    ~0.1 s for a 100 MB clip; anything else is hashed now."""
+    if src.kind == "file" and memoised_hash(src) is None and src.path.stat().st_size >= HASH_THREAD_BYTES:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="stllm-hash")
+        future = pool.submit(content_hash, src)
+        pool.shutdown(wait=False)
+        return future.result
+    digest = content_hash(src)
+    return lambda: digest
+
+
 def content_hash(src: Source) -> str:
     """sha256 hex digest of the content: file bytes (memoised per path, size and mtime, so a
     repeat costs one ``stat``), the bytes, every frame file's name and bytes, or an array's dtype,
     shape and bytes. Equal content gives equal hashes whatever the path."""
     h = hashlib.sha256()
     if src.kind == "file":
-        st = src.path.stat()
-        key = (str(src.path.resolve()), st.st_size, st.st_mtime_ns)
+        key = _memo_key(src)
         if key in _HASH_MEMO:
             return _HASH_MEMO[key]
         with open(src.path, "rb") as f:
