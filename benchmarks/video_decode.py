@@ -10,8 +10,10 @@ frame's keyframe on. Clips (generated once into the benchmark cache, h264 as
 one reader: too short to split). Rows: ``load_video(..., preprocess=False)`` with
 ``decode_workers`` = the CPU count vs 1 (the reference's way), and with ``--ttft`` the engine's
 time to first token on the bench-cpu model (bf16) with ``decode_threads`` default vs 1, vision
-cache off, a new question each run (so no KV prefix-cache hit). Interleaved, medians of ``--repeats`` after a warm-up; ratio = parallel better by.
-Writes ``benchmarks/results/video-decode-<device>.json``.
+cache off, a new question each run (so no KV prefix-cache hit). Also ``load_video`` of a ~200 MB
+high-bitrate clip new to the process: its sha256 on a thread beside the decode
+(``sources.hash_beside``) vs before it. Interleaved, medians of ``--repeats`` after a warm-up;
+ratio = the engine's way better by. Writes ``benchmarks/results/video-decode-<device>.json``.
 """
 from __future__ import annotations
 
@@ -53,6 +55,31 @@ def clips(cache: Path) -> dict[str, Path]:
     return out
 
 
+def noisy_clip(cache: Path) -> Path:
+    """A 10 s 720p clip of noisy frames (~200 MB: a high-bitrate file, unlike the synthetic
+    shapes), to time hashing the file beside its decode."""
+    import av
+    import numpy as np
+
+    p = cache / "videos" / "720p-10s-noise.mp4"
+    if p.is_file():
+        return p
+    e2e.log(f"writing {p} (once) ...")
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (720, 1280, 3), dtype=np.uint8)
+    with av.open(str(p), "w") as out:
+        st = out.add_stream("libx264", rate=30)
+        st.width, st.height, st.pix_fmt, st.gop_size = 1280, 720, "yuv420p", 60
+        st.options = {"crf": "12", "preset": "ultrafast"}
+        for i in range(300):
+            frame = np.roll(base, 3 * i, axis=1) ^ rng.integers(0, 64, base.shape, dtype=np.uint8)
+            for packet in st.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in st.encode():
+            out.mux(packet)
+    return p
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -78,6 +105,23 @@ def main() -> None:
         cfg = {"clip": name, "frames": NUM_FRAMES, "readers": workers}
         rows.append(row(cfg, "decode_ms", med[workers], "one decord reader", med[1], "ms", False))
         e2e.log(f"  {name}: {med[1]:.0f} -> {med[workers]:.0f} ms")
+    from stllm_engine.video import sources
+
+    noisy, threshold = noisy_clip(cache), sources.HASH_THREAD_BYTES
+    got = {"inline": [], "beside": []}
+    for r in range(args.repeats + 1):
+        for how in got:  # a file new to the process each time: the hash memo is cleared
+            sources._HASH_MEMO.clear()
+            sources.HASH_THREAD_BYTES = threshold if how == "beside" else 1 << 62
+            t = time.perf_counter()
+            load_video(noisy, NUM_FRAMES, decode_workers=workers, preprocess=False)
+            if r:
+                got[how].append(time.perf_counter() - t)
+    sources.HASH_THREAD_BYTES = threshold
+    med = {k: statistics.median(v) * 1e3 for k, v in got.items()}
+    cfg = {"clip": f"720p-10s-noise ({noisy.stat().st_size >> 20} MiB)", "frames": NUM_FRAMES, "readers": workers}
+    rows.append(row(cfg, "new_file_load_ms", med["beside"], "content hash before the decode", med["inline"], "ms",
+                    False))
     if args.ttft:
         from stllm_engine.api import STLLM
 
