@@ -190,20 +190,11 @@ def stages(out) -> str:
 
 @torch.no_grad()
 def prefill_logits(m, x: torch.Tensor) -> torch.Tensor:
-    """One LLM prefill pass of the engine's model over x [n, H] as a single sequence in cache slots
-    0..n-1 (no scheduler): the last position's logits."""
-    from stllm_engine.model.context import AttentionContext, reset_context, set_context
+    """One LLM prefill pass of the engine's model over x [n, H] as a single sequence (no
+    scheduler): the last position's logits (``stllm_engine.testing.prefill``)."""
+    from stllm_engine.testing.prefill import prefill_logits as run
 
-    n = x.shape[0]
-    cu = torch.tensor([0, n], dtype=torch.int32)
-    set_context(AttentionContext(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
-                                 max_seqlen_k=n, slot_mapping=torch.arange(n),
-                                 context_lens=torch.tensor([n], dtype=torch.int32),
-                                 block_tables=torch.arange(-(-n // m.block_size), dtype=torch.int32)[None]))
-    try:
-        return m.compute_logits(m(x, torch.arange(n), out_rows=torch.tensor([n - 1])))
-    finally:
-        reset_context()
+    return run(m, x)
 
 
 def kv_memory(config, dtype: torch.dtype, seqs: int, tokens: int) -> int:

@@ -19,6 +19,7 @@ from stllm_engine.model import STLLMModel
 from stllm_engine.model import packed_linear as pl
 from stllm_engine.sampling_params import SamplingParams
 from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+from stllm_engine.testing.prefill import prefill_logits
 from stllm_engine.testing.videos import write_video
 from stllm_engine.tokenizers import load_llama_tokenizer
 from stllm_engine.weights import load_checkpoint
@@ -129,7 +130,7 @@ def test_packed_only_engine_answers_like_both(tiny, dtype, monkeypatch):
         pv = eng.prepare_video(video, "what moves?")
         ids = torch.tensor(eng.prompt_ids("what moves?"))
         x = torch.cat([pv.tokens, eng.model.embed_tokens(ids)]).to(dtype)
-        firsts[mode] = prefill_logits(eng.model, x)
+        firsts[mode] = prefill_logits(eng.model, x)[0]
         assert rid
     assert len(outs["only"]) == len(outs["both"]) == 6
     if dtype == torch.float32:  # bf16: the two GEMM paths round differently and tokens may drift
@@ -137,23 +138,6 @@ def test_packed_only_engine_answers_like_both(tiny, dtype, monkeypatch):
     atol = 1e-4 if dtype == torch.float32 else 5e-2
     scale = max(firsts["both"].abs().max().item(), 1.0)
     assert (firsts["only"] - firsts["both"]).abs().max().item() <= atol * scale
-
-
-def prefill_logits(m, x: torch.Tensor) -> torch.Tensor:
-    """The last position's logits of one prefill pass over x (slots 0..n-1)."""
-    from stllm_engine.model.context import AttentionContext, reset_context, set_context
-
-    n = x.shape[0]
-    cu = torch.tensor([0, n], dtype=torch.int32)
-    set_context(AttentionContext(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n,
-                                 max_seqlen_k=n, slot_mapping=torch.arange(n),
-                                 context_lens=torch.tensor([n], dtype=torch.int32),
-                                 block_tables=torch.arange(-(-n // m.block_size), dtype=torch.int32)[None]))
-    try:
-        with torch.no_grad():
-            return m.compute_logits(m(x, torch.arange(n), out_rows=torch.tensor([n - 1])))[0]
-    finally:
-        reset_context()
 
 
 @needs_onednn
