@@ -381,7 +381,12 @@ def test_inline_decodes_use_parallel_readers_background_ones_one(eva_all, video,
     seen.clear()
     run(eng, [(video, Q, p, {}), (long_clip, Q, p, {})])  # the second decodes while the first runs
     assert seen == [3, 1]  # the second came while the first waited to run: background, one reader
-    assert EngineConfig().resolved_decode_threads() >= 1 and EngineConfig(decode_threads=2).resolved_decode_threads() == 2
+    from stllm_engine.engine import engine_config
+
+    assert 1 <= EngineConfig().resolved_decode_threads() <= engine_config.MAX_DEFAULT_DECODE_THREADS
+    assert EngineConfig(decode_threads=12).resolved_decode_threads() == 12
+    monkeypatch.setattr(engine_config.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert EngineConfig().resolved_decode_threads() == engine_config.MAX_DEFAULT_DECODE_THREADS
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="decode_threads"):
             EngineConfig(decode_threads=bad)

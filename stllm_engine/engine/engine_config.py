@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_DEFAULT_DECODE_THREADS = 8  # parallel decord readers by default (each holds its own decoder)
 RELEASE_MAX_LENGTH = 2000  # Chat.answer: prompt + max_new_tokens beyond this cuts the prompt's left
 
 
@@ -19,7 +20,8 @@ class EngineConfig:
     videos in the background while the model steps (0: decode inside ``add_request``);
     decode_threads: decord readers one video decoded on the engine thread (no model pass running
     meanwhile: an idle engine, cached plans, ``frame_workers=0``) may use in parallel over its
-    keyframe segments (``stllm_engine/video/segments.py``; None: the CPU count; 1: one reader).
+    keyframe segments (``stllm_engine/video/segments.py``; None: the CPUs this process may use, at
+    most ``MAX_DEFAULT_DECODE_THREADS``, as every reader holds its own decoder; 1: one reader).
     Background decodes use one reader each, beside the model's threads."""
 
     block_size: int = 16
@@ -54,13 +56,15 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.vision_cache_bytes must be >= 0, got {self.vision_cache_bytes!r}")
 
     def resolved_decode_threads(self) -> int:
-        """decode_threads, None resolved to the CPUs this process may run on."""
+        """decode_threads, None resolved to the CPUs this process may run on (at most
+        ``MAX_DEFAULT_DECODE_THREADS``)."""
         if self.decode_threads is not None:
             return self.decode_threads
         try:
-            return max(1, len(os.sched_getaffinity(0)))
+            cpus = len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
-            return os.cpu_count() or 1
+            cpus = os.cpu_count() or 1
+        return max(1, min(cpus, MAX_DEFAULT_DECODE_THREADS))
 
 
 def kv_bytes_per_block(model, block_size: int) -> int:
