@@ -235,6 +235,12 @@ class PackedLinearGELU(PackedLinear):
         return super().extra_repr() + "+gelu"
 
 
+def linear_gelu(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``gelu(lin(x))`` (exact GELU): a :class:`PackedLinearGELU` applies the GELU in its GEMM."""
+    h = lin(x)
+    return h if isinstance(lin, PackedLinearGELU) else F.gelu(h)
+
+
 def linear_add(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``residual + lin(x)`` (a new tensor). On the packed CPU path the add is a oneDNN post-op of
     the GEMM: no separate pass over the output, and one rounding instead of two in bfloat16."""

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stllm_engine.config import QFormerConfig
-from stllm_engine.model.packed_linear import PackedLinearGELU, linear_add
+from stllm_engine.model.packed_linear import linear_add, linear_gelu
 
 
 class _Attention(nn.Module):
@@ -52,13 +52,8 @@ class _FFN(nn.Module):
         self.fc1, self.fc2 = nn.Linear(hidden, inner), nn.Linear(inner, hidden)
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """gelu(fc1(x)) (a PackedLinearGELU fc1 applies the GELU itself)."""
-        h = self.fc1(x)
-        return h if isinstance(self.fc1, PackedLinearGELU) else F.gelu(h)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(linear_add(self.fc2, self.hidden(x), x))
+        return self.norm(linear_add(self.fc2, linear_gelu(self.fc1, x), x))
 
 
 class QFormerLayer(nn.Module):

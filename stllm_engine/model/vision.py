@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from stllm_engine.config import VisionConfig
 from stllm_engine import ops
-from stllm_engine.model.packed_linear import PackedLinearGELU, PackedPatchEmbed, linear_add
+from stllm_engine.model.packed_linear import PackedPatchEmbed, linear_add, linear_gelu
 
 
 class EVAAttention(nn.Module):
@@ -45,9 +44,8 @@ class EVAMlp(nn.Module):
         self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """gelu(fc1(x)): the input of ``fc2`` (a PackedLinearGELU fc1 applies the GELU itself)."""
-        h = self.fc1(x)
-        return h if isinstance(self.fc1, PackedLinearGELU) else F.gelu(h)
+        """gelu(fc1(x)): the input of ``fc2``."""
+        return linear_gelu(self.fc1, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.hidden(x))
