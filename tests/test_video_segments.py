@@ -36,6 +36,19 @@ def test_decode_cost(indices, keys, want):
     assert decode_cost(indices, keys) == want == brute_cost(indices, keys)
 
 
+def best_largest_run(indices, keys, n):
+    """The smallest largest-run cost of any split of ``indices`` into exactly n contiguous runs."""
+    L = len(indices)
+    cost = [[decode_cost(indices[a:b], keys) if b > a else 0 for b in range(L + 1)] for a in range(L + 1)]
+    inf = float("inf")
+    dp = [[inf] * (L + 1) for _ in range(n + 1)]  # dp[r][j]: the first j indices in r runs
+    dp[0][0] = 0
+    for r in range(1, n + 1):
+        for j in range(r, L + 1):
+            dp[r][j] = min(max(dp[r - 1][i], cost[i][j]) for i in range(r - 1, j))
+    return dp[n][L]
+
+
 def check_runs(runs, indices):
     assert list(itertools.chain(*runs)) == list(indices) and all(runs)
 
@@ -50,10 +63,14 @@ def test_split_runs_is_balanced_and_keeps_the_order(total, gop, frames, parts):
     assert 2 <= len(runs) <= parts
     assert all(decode_cost(r, keys) >= 16 for r in runs)
     worst = max(decode_cost(r, keys) for r in runs)
-    # no contiguous split into as many runs has a smaller largest run (brute force over cut points)
+    # no contiguous split into as many runs has a smaller largest run: brute force over the cut
+    # points for up to 3 runs, an exhaustive dynamic programme over all splits for more
     n = len(runs)
-    best = min(max(decode_cost(indices[a:b], keys) for a, b in zip((0,) + cut, cut + (len(indices),)))
-               for cut in itertools.combinations(range(1, len(indices)), n - 1)) if n <= 3 else worst
+    if n <= 3:
+        best = min(max(decode_cost(indices[a:b], keys) for a, b in zip((0,) + cut, cut + (len(indices),)))
+                   for cut in itertools.combinations(range(1, len(indices)), n - 1))
+    else:
+        best = best_largest_run(indices, keys, n)
     assert worst == best
     assert worst < decode_cost(indices, keys)
 
