@@ -51,3 +51,27 @@ def check_cpu(op: str, *named: tuple[str, torch.Tensor]) -> None:
     for name, t in named:
         check(t.device.type == "cpu",
               f"{op}: {name} is on {t.device}, but the other inputs are on the CPU")
+
+
+_CPU_ATTENTION_CHOICES = ("auto", "torch")
+
+
+def cpu_attention_backend() -> str:
+    """``STLLM_CPU_ATTENTION`` (read per call, so a benchmark can compare both in one process):
+    ``auto`` (default) runs bfloat16 prefill attention on the C++ AMX kernel where the CPU has AMX
+    tiles; ``torch`` keeps torch's SDPA everywhere."""
+    value = os.environ.get("STLLM_CPU_ATTENTION", "auto").strip().lower() or "auto"
+    check(value in _CPU_ATTENTION_CHOICES,
+          f"STLLM_CPU_ATTENTION={value!r}: expected one of {', '.join(_CPU_ATTENTION_CHOICES)}")
+    return value
+
+
+_AMX: bool | None = None
+
+
+def amx_attention() -> bool:
+    """True when the extension's AMX-BF16 flash attention can run here (CPU tiles + OS permission)."""
+    global _AMX
+    if _AMX is None:
+        _AMX = bool(cpp().amx_attention_available())
+    return _AMX

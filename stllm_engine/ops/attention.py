@@ -1,4 +1,5 @@
-"""Attention ops: Triton on CUDA; on CPU the C++ paged kernels and torch SDPA for varlen.
+"""Attention ops: Triton on CUDA; on CPU the C++ paged kernels, and for varlen (prefill) attention
+the C++ AMX flash kernel in bfloat16 where the CPU has AMX tiles, torch SDPA otherwise.
 
 GQA everywhere: query head h reads kv head h // (Hq // Hk). Causal masks align the last query
 with the last key (flash-attn); a query with no visible key gets zeros.
@@ -16,7 +17,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from ._backend import check, check_cpu, cpp, on_cuda, plain, triton_kernels
+from ._backend import amx_attention, check, check_cpu, cpp, cpu_attention_backend, on_cuda, plain, triton_kernels
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
@@ -57,7 +58,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scale: float | None = None) -> torch.Tensor:
     """q [N, Hq, d], k/v [Nk, Hk, d], cu_seqlens_q/k int32 [B+1] -> [N, Hq, d] (differentiable).
 
-    CPU: torch SDPA, one call for equal-length batches (e.g. vision frames), else per sequence."""
+    CPU: bfloat16 outside autograd on an AMX CPU -> one call of the C++ AMX flash kernel for the
+    whole batch (``csrc/flash_attention_amx_cpu.cpp``; ``STLLM_CPU_ATTENTION=torch`` turns it off);
+    else torch SDPA, one call for equal-length batches (e.g. vision frames), else per sequence."""
     if on_cuda(q):
         return triton_kernels("flash_attention").varlen_attention(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
@@ -74,6 +77,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     check(cq[-1] == q.shape[0] and ck[-1] == k.shape[0],
           f"varlen_attention: cu_seqlens end at {cq[-1]}/{ck[-1]} but q/k have {q.shape[0]}/{k.shape[0]} rows")
+    if _amx_applies(q, k, v):
+        return cpp().flash_attention_amx(q, k, v, cu_seqlens_q.to(torch.int32).contiguous(),
+                                         cu_seqlens_k.to(torch.int32).contiguous(), bool(causal), scale)
     B = len(cq) - 1
     lq = {cq[b + 1] - cq[b] for b in range(B)}
     lk = {ck[b + 1] - ck[b] for b in range(B)}
@@ -92,6 +98,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if nq > blind:
             outs.append(_sdpa(qb[blind:].unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0), causal, scale)[0])
     return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+
+
+def _amx_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The AMX kernel's domain: bfloat16 q/k/v with contiguous rows of an even head dim <= 256,
+    no autograd, an AMX CPU, and ``STLLM_CPU_ATTENTION`` not ``torch``. At head dim 64 it took
+    1.4 vs 2.8 ms (LLM prompt, 593 tokens causal x 16 heads) and 2.5 vs 4.4 ms (ViT, 16 frames
+    x 257 x 4 heads) against torch's flash kernel on 2 cores (``benchmarks/attention_cpu.py``)."""
+    d = q.shape[-1]
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and d % 2 == 0 and d <= 256
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and plain(q, k, v)
+            and cpu_attention_backend() == "auto" and amx_attention())
 
 
 def _paged_args(op: str, q, k_cache, v_cache, block_tables, context_lens):

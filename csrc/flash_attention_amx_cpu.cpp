@@ -1,0 +1,406 @@
+// Varlen flash attention for bfloat16 on Intel AMX (Sapphire Rapids and later), the CPU prefill
+// attention of the engine: the ViT's frames (non-causal, 257 tokens) and the LLM's prompts
+// (causal, bottom-right aligned). torch's CPU flash kernel reached 0.33-0.5 TFLOP/s at those
+// shapes (head dim 64) because its softmax makes several passes over each score block; here the
+// two GEMMs run on AMX tiles and the softmax is one AVX-512 pass for the max and one for exp2 +
+// sum + bf16 conversion.
+//
+// Layout and constraints
+//   q [Nq, Hq, D], k/v [Nk, Hk, D] bfloat16, last dim contiguous, any token/head strides;
+//   cu_seqlens_q/k int32 [B+1]; sequence b's queries are rows cu_q[b]..cu_q[b+1] of q and its keys
+//   rows cu_k[b]..cu_k[b+1] of k/v. Hq % Hk == 0 (query head h reads kv head h / (Hq / Hk)).
+//   D even, D <= 256 (padded to a multiple of 32 inside). causal: query i of a sequence sees keys
+//   j <= i + (Lk - Lq); a query that sees no key gets zeros.  out [Nq, Hq, D] bfloat16.
+//
+// Work split: first every (sequence, kv head) packs its K as K^T in the VNNI pair layout
+// ([D/2][Lk] dwords, the B operand of S = Q K^T) and its V in pairs of rows ([Lk/2][D] dwords, the
+// B operand of O = P V), zero-padded; then one job per (sequence, head, block of 32 queries) runs
+// an online softmax over key blocks of up to 512, with float32 scores, bf16 P and float32
+// accumulators. Tiles are all 16 rows x 64 bytes: C 0-3, A 4-5, B 6-7.
+#include <ATen/Parallel.h>
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace stllm {
+namespace {
+
+#define STLLM_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+constexpr int QB = 32;   // query rows per job (two 16-row tiles)
+constexpr int KB = 512;  // keys per softmax block (a multiple of 32)
+// Row strides of the score (float) and P (bf16) buffers: 64 bytes past a power of two, so the 16
+// rows a tile stores or loads do not share L1 sets.
+constexpr int SK = KB + 16, PK = KB + 32;
+
+struct alignas(64) TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool cpu_has_amx_bf16() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool amx = (d >> 24 & 1) && (d >> 22 & 1);                 // AMX-TILE, AMX-BF16
+  const bool avx512 = (b >> 16 & 1) && (b >> 30 & 1) && (b >> 31 & 1) && (b >> 17 & 1);  // F BW VL DQ
+  if (!amx || !avx512 || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  const bool bf16 = a >> 5 & 1;  // AVX512_BF16
+  // The OS must enable the tile state for this process (Linux >= 5.16: arch_prctl permission).
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return bf16 && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+// 2^x for x <= 0 (the softmax's shifted scores): degree-6 Taylor polynomial of 2^f on
+// |f| <= 1/2 (relative error < 2e-7) scaled by 2^round(x); x below -126 gives ~0.
+STLLM_AMX inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+STLLM_AMX inline __mmask16 tail_mask(int n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << (n > 0 ? n : 0)) - 1); }
+
+// K^T in VNNI pairs, blocked by 16 keys so that a B tile is 1 KB of contiguous memory (a tile of
+// 16 rows strided by the sequence length thrashed L1 sets at 2k+ keys):
+// kt[(t / 16) * (Dp / 2) * 16 + kp * 16 + t % 16] = dword (K[t][2kp], K[t][2kp+1]),
+// zeros past D and Lk. 16 x 16 dword blocks are transposed in registers.
+STLLM_AMX void pack_k(const uint16_t* k, int64_t ks, int Lk, int D, int Dp, int Lkp, uint32_t* kt) {
+  const int dw = D / 2;
+  alignas(64) uint32_t blk[16][16];
+  for (int t0 = 0; t0 < Lkp; t0 += 16) {
+    for (int kp0 = 0; kp0 < Dp / 2; kp0 += 16) {
+      const __mmask16 m = tail_mask(dw - kp0);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = t0 + i < Lk ? _mm512_maskz_loadu_epi32(m, k + (int64_t)(t0 + i) * ks + 2 * kp0) : _mm512_setzero_si512();
+      // 16x16 transpose: 32-bit, 64-bit unpacks, then 128-bit lane shuffles.
+      __m512i t[16];
+      for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+      }
+      for (int i = 0; i < 4; ++i) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+      }
+      // r[4i + j] holds, per 128-bit lane L, column 4L + j of rows 4i..4i+3.
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(blk[i], r[i]);
+      for (int j = 0; j < 4; ++j) {
+        for (int L = 0; L < 4; ++L) {
+          const int col = 4 * L + j;  // kp0 + col
+          if (kp0 + col >= Dp / 2) continue;
+          uint32_t* dst = kt + (int64_t)t0 * (Dp / 2) + (kp0 + col) * 16;
+          for (int i = 0; i < 4; ++i) std::memcpy(dst + 4 * i, &blk[4 * i + j][4 * L], 16);
+        }
+      }
+    }
+  }
+}
+
+// V in VNNI pairs of rows, blocked by 16 columns (contiguous B tiles, as kt):
+// vv[(d / 16) * (Lkp / 2) * 16 + kp * 16 + d % 16] = dword (V[2kp][d], V[2kp+1][d]), zeros past D
+// and Lk.
+STLLM_AMX void pack_v(const uint16_t* v, int64_t vs, int Lk, int D, int Dp, int Lkp, uint32_t* vv) {
+  static const uint16_t idx_arr[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx = _mm512_loadu_si512(idx_arr);
+  for (int kp = 0; kp < Lkp / 2; ++kp) {
+    const int t = 2 * kp;
+    for (int d0 = 0; d0 < Dp; d0 += 16) {
+      const __mmask16 m = tail_mask(D - d0);
+      const __m256i a = t < Lk ? _mm256_maskz_loadu_epi16(m, v + (int64_t)t * vs + d0) : _mm256_setzero_si256();
+      const __m256i b = t + 1 < Lk ? _mm256_maskz_loadu_epi16(m, v + (int64_t)(t + 1) * vs + d0) : _mm256_setzero_si256();
+      const __m512i x = _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
+      _mm512_storeu_si512(vv + (int64_t)d0 * (Lkp / 2) + kp * 16, x);
+    }
+  }
+}
+
+struct Scratch {
+  std::vector<uint16_t> q;   // [QB][Dp] bf16
+  std::vector<float> s;      // [QB][SK]
+  std::vector<uint16_t> p;   // [QB][PK] bf16
+  std::vector<float> o;      // [QB][Dp]
+  Scratch(int Dp) : q(QB * Dp), s(QB * SK), p(QB * PK), o(QB * Dp) {}
+};
+
+struct Seq {
+  const uint16_t* q;
+  uint16_t* out;
+  int64_t qs, os;  // token strides (elements)
+  int Lq, Lk, D, Dp, Lkp;
+  const uint32_t *kt, *vv;
+  bool causal;
+  float c;  // scale * log2(e)
+};
+
+// One job: queries q0..q0+QB of one (sequence, head). Tiles must be configured.
+STLLM_AMX void attend_block(const Seq& a, int q0, Scratch& w) {
+  const int Dp = a.Dp, nrows = std::min(QB, a.Lq - q0);
+  const int off = a.Lk - a.Lq;
+  // Q rows into a zero-padded [QB][Dp] buffer; the P rows of missing queries stay zero.
+  for (int r = 0; r < QB; ++r) {
+    uint16_t* qr = &w.q[r * Dp];
+    const int n = r < nrows ? a.D : 0;
+    if (n) std::memcpy(qr, a.q + (int64_t)(q0 + r) * a.qs, 2 * n);
+    std::memset(qr + n, 0, 2 * (Dp - n));
+  }
+  if (nrows < QB) std::memset(&w.p[nrows * PK], 0, sizeof(uint16_t) * (QB - nrows) * PK);
+  float m[QB], l[QB];
+  for (int r = 0; r < QB; ++r) m[r] = -std::numeric_limits<float>::infinity(), l[r] = 0.0f;
+  int kv_end = a.Lk;
+  if (a.causal) kv_end = std::max(0, std::min(a.Lk, q0 + nrows + off));
+  const __m512 vc = _mm512_set1_ps(a.c);
+  bool first = true;
+  for (int k0 = 0; k0 < kv_end; k0 += KB) {
+    const int kb = std::min(KB, ((kv_end - k0 + 31) / 32) * 32);
+    // S = Q K^T for keys k0..k0+kb: 32 keys (two 16-key tiles) per step.
+    for (int j = 0; j < kb; j += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int d = 0; d < Dp; d += 32) {
+        _tile_loadd(4, &w.q[d], Dp * 2);
+        _tile_loadd(5, &w.q[16 * Dp + d], Dp * 2);
+        const uint32_t* b = a.kt + (int64_t)(k0 + j) * (Dp / 2) + (d / 2) * 16;
+        _tile_loadd(6, b, 64);
+        _tile_loadd(7, b + 8 * Dp, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, &w.s[j], SK * 4);
+      _tile_stored(1, &w.s[j + 16], SK * 4);
+      _tile_stored(2, &w.s[16 * SK + j], SK * 4);
+      _tile_stored(3, &w.s[16 * SK + j + 16], SK * 4);
+    }
+    // Online softmax in the log2 domain, row by row.
+    for (int r = 0; r < nrows; ++r) {
+      const int limit = a.causal ? std::min(a.Lk, q0 + r + 1 + off) : a.Lk;
+      const int nv = std::min(kb, limit - k0);
+      uint16_t* pr = &w.p[r * PK];
+      if (nv <= 0) {
+        std::memset(pr, 0, 2 * kb);
+        continue;
+      }
+      const float* sr = &w.s[r * SK];
+      __m512 vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int j = 0; j < nv; j += 16) vm = _mm512_mask_max_ps(vm, tail_mask(nv - j), vm, _mm512_loadu_ps(sr + j));
+      const float m_new = std::max(m[r], _mm512_reduce_max_ps(vm) * a.c);
+      const float alpha = std::exp2(m[r] - m_new);  // 0 on the first visible block
+      const __m512 vmn = _mm512_set1_ps(m_new);
+      __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+      for (int j = 0; j < kb; j += 32) {
+        __m512 e0 = _mm512_maskz_mov_ps(tail_mask(nv - j), exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vmn)));
+        __m512 e1 = _mm512_maskz_mov_ps(tail_mask(nv - j - 16), exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j + 16), vc, vmn)));
+        sum0 = _mm512_add_ps(sum0, e0);
+        sum1 = _mm512_add_ps(sum1, e1);
+        _mm512_storeu_si512(pr + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+      }
+      l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+      m[r] = m_new;
+      if (!first && alpha != 1.0f) {
+        const __m512 va = _mm512_set1_ps(alpha);
+        float* orow = &w.o[r * Dp];
+        for (int d = 0; d < Dp; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), va));
+      }
+    }
+    // O += P V over the block: 32 output columns (two 16-wide tiles) per step.
+    for (int d = 0; d < Dp; d += 32) {
+      float* o = &w.o[d];
+      if (first) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      } else {
+        _tile_loadd(0, o, Dp * 4);
+        _tile_loadd(1, o + 16, Dp * 4);
+        _tile_loadd(2, o + 16 * Dp, Dp * 4);
+        _tile_loadd(3, o + 16 * Dp + 16, Dp * 4);
+      }
+      for (int j = 0; j < kb; j += 32) {
+        _tile_loadd(4, &w.p[j], PK * 2);
+        _tile_loadd(5, &w.p[16 * PK + j], PK * 2);
+        const uint32_t* b = a.vv + (int64_t)d * (a.Lkp / 2) + (k0 + j) / 2 * 16;
+        _tile_loadd(6, b, 64);
+        _tile_loadd(7, b + 8 * a.Lkp, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, o, Dp * 4);
+      _tile_stored(1, o + 16, Dp * 4);
+      _tile_stored(2, o + 16 * Dp, Dp * 4);
+      _tile_stored(3, o + 16 * Dp + 16, Dp * 4);
+    }
+    first = false;
+  }
+  for (int r = 0; r < nrows; ++r) {
+    uint16_t* dst = a.out + (int64_t)(q0 + r) * a.os;
+    const float* orow = &w.o[r * Dp];
+    const __m512 inv = _mm512_set1_ps(l[r] > 0.0f ? 1.0f / l[r] : 0.0f);
+    for (int d = 0; d < a.D; d += 16) {
+      const __m512 x = first ? _mm512_setzero_ps() : _mm512_mul_ps(_mm512_loadu_ps(orow + d), inv);
+      _mm256_mask_storeu_epi16(dst + d, tail_mask(a.D - d), (__m256i)_mm512_cvtneps_pbh(x));
+    }
+  }
+}
+
+STLLM_AMX void configure_tiles() {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  // GCC 12 does not see the builtin read cfg and drops the stores above without this barrier.
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+STLLM_AMX void release_tiles() { _tile_release(); }
+
+// Space for the packed K and V: kept per thread up to 32 MiB, since a fresh buffer of a few MB
+// per call costs its page faults every time (~6 ms of a 14 ms call at 16 ViT frames x 16 heads);
+// larger packings (long prompts, where attention itself dwarfs that) use a fresh tensor.
+uint32_t* packed_workspace(int64_t dwords, at::Tensor& fresh) {
+  constexpr int64_t keep_max = (32 << 20) / 4;
+  thread_local std::vector<uint32_t> kept;
+  dwords = std::max<int64_t>(dwords, 1);
+  if (dwords > keep_max) {
+    fresh = at::empty({dwords}, at::TensorOptions().dtype(at::kInt));
+    return reinterpret_cast<uint32_t*>(fresh.data_ptr<int32_t>());
+  }
+  if ((int64_t)kept.size() < dwords) kept.resize(dwords);
+  return kept.data();
+}
+
+}  // namespace
+
+bool amx_attention_available() {
+  static const bool ok = cpu_has_amx_bf16();
+  return ok;
+}
+
+// See the header comment for layouts. Returns out [Nq, Hq, D] bfloat16.
+at::Tensor flash_attention_amx_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, bool causal,
+                                   double scale) {
+  TORCH_CHECK(amx_attention_available(), "flash_attention_amx: this CPU (or kernel) has no AMX-BF16 tiles");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    STLLM_CHECK_CPU(*t);
+    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1, "flash_attention_amx: q/k/v must be [tokens, heads, d] "
+                "with a contiguous last dim, got shape ", t->sizes(), " strides ", t->strides());
+    STLLM_CHECK_DTYPE(*t, at::kBFloat16);
+  }
+  const int64_t Hq = q.size(1), Hk = k.size(1), D = q.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(2) == D, "flash_attention_amx: k and v must be [Nk, Hk, ", D,
+              "], got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "flash_attention_amx: Hq=", Hq, " is not a multiple of Hk=", Hk);
+  TORCH_CHECK(D % 2 == 0 && D > 0 && D <= 256, "flash_attention_amx: head dim must be even and <= 256, got ", D);
+  for (const at::Tensor* t : {&cu_seqlens_q, &cu_seqlens_k}) {
+    STLLM_CHECK_INPUT(*t);
+    STLLM_CHECK_DTYPE(*t, at::kInt);
+  }
+  TORCH_CHECK(cu_seqlens_q.numel() == cu_seqlens_k.numel() && cu_seqlens_q.numel() >= 2,
+              "flash_attention_amx: cu_seqlens_q/k must both be [B+1]");
+  const int B = cu_seqlens_q.numel() - 1;
+  const int32_t *cq = cu_seqlens_q.data_ptr<int32_t>(), *ck = cu_seqlens_k.data_ptr<int32_t>();
+  TORCH_CHECK(cq[0] == 0 && ck[0] == 0 && cq[B] == q.size(0) && ck[B] == k.size(0),
+              "flash_attention_amx: cu_seqlens must start at 0 and end at the row counts ", q.size(0), "/", k.size(0));
+  for (int b = 0; b < B; ++b)
+    TORCH_CHECK(cq[b + 1] >= cq[b] && ck[b + 1] >= ck[b], "flash_attention_amx: cu_seqlens must not decrease");
+
+  at::Tensor out = at::empty({q.size(0), Hq, D}, q.options());
+  const int Dp = (int)((D + 31) / 32 * 32);
+  // Packed K^T / V per (sequence, kv head), at offsets into one buffer each.
+  std::vector<int64_t> pack_off(B + 1, 0);
+  for (int b = 0; b < B; ++b) pack_off[b + 1] = pack_off[b] + (int64_t)(ck[b + 1] - ck[b] + 31) / 32 * 32 * Dp / 2 * Hk;
+  at::Tensor fresh;  // only for packings too large to keep
+  uint32_t* ktp = packed_workspace(2 * pack_off[B], fresh);
+  uint32_t* vvp = ktp + pack_off[B];
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+
+  at::parallel_for(0, (int64_t)B * Hk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int b = job / Hk, h = job % Hk, Lk = ck[b + 1] - ck[b], Lkp = (Lk + 31) / 32 * 32;
+      const int64_t base = pack_off[b] + (int64_t)h * Lkp * Dp / 2;
+      pack_k(kp + ck[b] * k.stride(0) + h * k.stride(1), k.stride(0), Lk, D, Dp, Lkp, ktp + base);
+      pack_v(vp + ck[b] * v.stride(0) + h * v.stride(1), v.stride(0), Lk, D, Dp, Lkp, vvp + base);
+    }
+  });
+
+  // Jobs: (sequence, head, query block), the blocks of one head in a row (they share its packed
+  // K/V in L2), the last (under a causal mask the longest) first; threads take the next job as
+  // they finish, since causal blocks differ in cost up to the sequence length.
+  std::vector<int64_t> job_start(B + 1, 0);
+  for (int b = 0; b < B; ++b) job_start[b + 1] = job_start[b] + (int64_t)(cq[b + 1] - cq[b] + QB - 1) / QB * Hq;
+  const float c = (float)(scale * 1.4426950408889634);
+  const int64_t group = Hq / Hk, total = job_start[B];
+  struct alignas(64) Counter {  // on its own cache line: the threads' other reads must not share it
+    std::atomic<int64_t> value{0};
+    char pad[64 - sizeof(std::atomic<int64_t>)];
+  } next;
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    configure_tiles();
+    Scratch w(Dp);
+    for (int64_t job; (job = next.value.fetch_add(1, std::memory_order_relaxed)) < total;) {
+      const int b = std::upper_bound(job_start.begin(), job_start.end(), job) - job_start.begin() - 1;
+      const int nblk = (cq[b + 1] - cq[b] + QB - 1) / QB;
+      const int64_t rel = job - job_start[b];
+      const int h = rel / nblk, qblk = nblk - 1 - rel % nblk, hk = h / group;
+      Seq a;
+      a.Lq = cq[b + 1] - cq[b];
+      a.Lk = ck[b + 1] - ck[b];
+      a.Lkp = (a.Lk + 31) / 32 * 32;
+      a.D = D, a.Dp = Dp, a.causal = causal, a.c = c;
+      a.q = qp + cq[b] * q.stride(0) + h * q.stride(1);
+      a.qs = q.stride(0);
+      a.out = op + cq[b] * out.stride(0) + h * out.stride(1);
+      a.os = out.stride(0);
+      const int64_t base = pack_off[b] + (int64_t)hk * a.Lkp * Dp / 2;
+      a.kt = ktp + base, a.vv = vvp + base;
+      attend_block(a, qblk * QB, w);
+    }
+    release_tiles();
+  });
+  return out;
+}
+
+void register_flash_attention_amx(pybind11::module_& m) {
+  m.def("amx_attention_available", &amx_attention_available,
+        "True when this CPU and kernel run AMX-BF16 tiles (flash_attention_amx can run)");
+  m.def("flash_attention_amx", &flash_attention_amx_cpu, "varlen bf16 flash attention on AMX tiles",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cu_seqlens_q"),
+        pybind11::arg("cu_seqlens_k"), pybind11::arg("causal"), pybind11::arg("scale"));
+}
+
+}  // namespace stllm

@@ -1,0 +1,200 @@
+"""The C++ AMX flash attention (csrc/flash_attention_amx_cpu.cpp) against a float32 oracle, and
+its dispatch from ``ops.varlen_attention``.
+
+The oracle is plain softmax attention in float32 over the same bfloat16 inputs; the kernel's error
+must stay within torch's own bfloat16 SDPA error on the same inputs (plus a margin of one bf16
+rounding), so it is as accurate as the path it replaces.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stllm_engine import ops
+from stllm_engine.ops import _backend
+
+C = _backend.cpp()
+AMX = bool(C.amx_attention_available())
+needs_amx = pytest.mark.skipif(not AMX, reason="this CPU has no AMX-BF16 tiles")
+
+
+def cu(lengths: list[int]) -> torch.Tensor:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32)
+
+
+def oracle(q, k, v, lq, lk, causal, scale, dtype=torch.float32):
+    """Per sequence softmax(q k^T * scale) v in ``dtype``; bottom-right causal; rows with no visible
+    key are zero."""
+    Hq, Hk = q.shape[1], k.shape[1]
+    outs, cq, ck = [], 0, 0
+    for nq, nk in zip(lq, lk):
+        qb = q[cq:cq + nq].to(dtype).transpose(0, 1)
+        kb = k[ck:ck + nk].to(dtype).transpose(0, 1).repeat_interleave(Hq // Hk, 0)
+        vb = v[ck:ck + nk].to(dtype).transpose(0, 1).repeat_interleave(Hq // Hk, 0)
+        s = (qb @ kb.transpose(1, 2)).float() * scale
+        if causal:
+            seen = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+            s = s.masked_fill(~seen, -math.inf)
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+        outs.append((p.to(dtype) @ vb).float().transpose(0, 1))
+        cq, ck = cq + nq, ck + nk
+    return torch.cat(outs, 0)
+
+
+def sdpa_bf16(q, k, v, lq, lk, causal, scale):
+    """torch's bfloat16 SDPA per sequence (the path the kernel replaces), for its error level."""
+    Hq, Hk = q.shape[1], k.shape[1]
+    outs, cq, ck = [], 0, 0
+    for nq, nk in zip(lq, lk):
+        qb = q[cq:cq + nq].transpose(0, 1)[None]
+        kb = k[ck:ck + nk].transpose(0, 1).repeat_interleave(Hq // Hk, 0)[None]
+        vb = v[ck:ck + nk].transpose(0, 1).repeat_interleave(Hq // Hk, 0)[None]
+        if nq == 0:
+            pass
+        elif nk == 0 or (causal and nk < nq):
+            ref = oracle(q[cq:cq + nq], k[ck:ck + nk], v[ck:ck + nk], [nq], [nk], causal, scale,
+                         torch.bfloat16)
+            outs.append(ref)
+        else:
+            mask = None
+            if causal:
+                mask = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+            outs.append(o[0].transpose(0, 1).float())
+        cq, ck = cq + nq, ck + nk
+    return torch.cat(outs, 0)
+
+
+def make(lq, lk, Hq, Hk, d, fused=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if fused:  # views of one [N, Hq + 2 Hk, d] tensor, as the model's fused qkv projection
+        assert lq == lk
+        qkv = torch.randn(sum(lq), Hq + 2 * Hk, d, generator=g).to(torch.bfloat16)
+        return qkv[:, :Hq], qkv[:, Hq:Hq + Hk], qkv[:, Hq + Hk:]
+    q = torch.randn(sum(lq), Hq, d, generator=g).to(torch.bfloat16)
+    k = torch.randn(sum(lk), Hk, d, generator=g).to(torch.bfloat16)
+    v = torch.randn(sum(lk), Hk, d, generator=g).to(torch.bfloat16)
+    return q, k, v
+
+
+CASES = [
+    # (query lengths, key lengths, Hq, Hk, head dim, causal)
+    ([257] * 3, [257] * 3, 4, 4, 64, False),      # ViT frames
+    ([593], [593], 16, 16, 64, True),             # an LLM prompt
+    ([1], [1], 2, 2, 64, True),                   # length 1
+    ([1], [1], 2, 2, 64, False),
+    ([40, 70], [100, 70], 4, 2, 88, True),        # ragged, GQA, a cached prefix, head dim 88
+    ([600], [1300], 2, 1, 128, True),             # > 512 keys: several softmax blocks
+    ([17], [33], 3, 3, 64, False),
+    ([5, 0, 9], [5, 3, 0], 2, 2, 32, False),      # empty sequences, no keys
+    ([50], [20], 2, 2, 64, True),                 # more queries than keys: the first 30 see none
+    ([33], [33], 1, 1, 256, True),                # the largest head dim
+    ([31, 32, 33], [31, 32, 33], 2, 2, 2, True),  # head dim 2, lengths around the 32-row block
+    ([1100], [1100], 2, 2, 64, False),            # 3 key blocks, non-causal
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("lq,lk,Hq,Hk,d,causal", CASES)
+def test_amx_matches_oracle(lq, lk, Hq, Hk, d, causal):
+    q, k, v = make(lq, lk, Hq, Hk, d)
+    scale = 1.0 / math.sqrt(d)
+    out = C.flash_attention_amx(q, k, v, cu(lq), cu(lk), causal, scale)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    ref = oracle(q, k, v, lq, lk, causal, scale)
+    err = (out.float() - ref).abs().max().item() if ref.numel() else 0.0
+    torch_err = (sdpa_bf16(q, k, v, lq, lk, causal, scale) - ref).abs().max().item() if ref.numel() else 0.0
+    assert err <= torch_err + 4e-3, (err, torch_err)
+    assert err < 2e-2
+
+
+@needs_amx
+def test_amx_rows_without_keys_are_zero():
+    lq, lk = [50], [20]
+    q, k, v = make(lq, lk, 2, 2, 64)
+    out = C.flash_attention_amx(q, k, v, cu(lq), cu(lk), True, 0.125)
+    assert torch.equal(out[:30], torch.zeros_like(out[:30]))
+    assert out[30:].abs().sum() > 0
+    q, k, v = make([5, 0, 9], [5, 3, 0], 2, 2, 32)
+    out = C.flash_attention_amx(q, k, v, cu([5, 0, 9]), cu([5, 3, 0]), False, 0.2)
+    assert torch.equal(out[5:], torch.zeros_like(out[5:]))
+
+
+@needs_amx
+@pytest.mark.parametrize("causal", [False, True])
+def test_amx_strided_views_and_determinism(causal):
+    """q/k/v as views of one fused qkv tensor (token stride != heads * d), and the same result on
+    every call whatever thread ran which block."""
+    lens = [257, 100]
+    q, k, v = make(lens, lens, 4, 2, 64, fused=True)
+    assert not q.is_contiguous()
+    out = C.flash_attention_amx(q, k, v, cu(lens), cu(lens), causal, 0.125)
+    again = C.flash_attention_amx(q.contiguous(), k.contiguous(), v.contiguous(), cu(lens), cu(lens), causal, 0.125)
+    assert torch.equal(out, again)
+    ref = oracle(q, k, v, lens, lens, causal, 0.125)
+    assert (out.float() - ref).abs().max().item() < 2e-2
+
+
+@needs_amx
+def test_amx_bad_input_names_the_problem():
+    q, k, v = make([8], [8], 4, 2, 64)
+    with pytest.raises(RuntimeError, match="BFloat16"):
+        C.flash_attention_amx(q.float(), k, v, cu([8]), cu([8]), False, 0.1)
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        C.flash_attention_amx(q[:, :3], k, v, cu([8]), cu([8]), False, 0.1)
+    with pytest.raises(RuntimeError, match="head dim"):
+        C.flash_attention_amx(q[..., :63], k[..., :63], v[..., :63], cu([8]), cu([8]), False, 0.1)
+    with pytest.raises(RuntimeError, match="row counts"):
+        C.flash_attention_amx(q, k, v, cu([7]), cu([8]), False, 0.1)
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        C.flash_attention_amx(q, k, v, torch.tensor([0, 9, 8], dtype=torch.int32),
+                              torch.tensor([0, 4, 8], dtype=torch.int32), False, 0.1)
+
+
+def test_varlen_dispatch(monkeypatch):
+    """bf16 varlen attention runs the AMX kernel where the CPU has it (bit-equal to calling it),
+    torch SDPA with STLLM_CPU_ATTENTION=torch; both agree with the oracle."""
+    lens = [257, 257]
+    q, k, v = make(lens, lens, 4, 4, 64)
+    c = cu(lens)
+    monkeypatch.setenv("STLLM_CPU_ATTENTION", "torch")
+    via_torch = ops.varlen_attention(q, k, v, c, c, 257, 257, causal=False)
+    monkeypatch.setenv("STLLM_CPU_ATTENTION", "auto")
+    via_auto = ops.varlen_attention(q, k, v, c, c, 257, 257, causal=False)
+    if AMX:
+        assert torch.equal(via_auto, C.flash_attention_amx(q, k, v, c, c, False, 0.125))
+        assert not torch.equal(via_auto, via_torch)  # a different kernel really ran
+    else:
+        assert torch.equal(via_auto, via_torch)
+        with pytest.raises(RuntimeError, match="AMX"):
+            C.flash_attention_amx(q, k, v, c, c, False, 0.125)
+    ref = oracle(q, k, v, lens, lens, False, 0.125)
+    for out in (via_torch, via_auto):
+        assert (out.float() - ref).abs().max().item() < 2e-2
+
+
+def test_varlen_dispatch_keeps_torch_for_autograd_and_other_dtypes(monkeypatch):
+    monkeypatch.setenv("STLLM_CPU_ATTENTION", "auto")
+    lens = [40]
+    q, k, v = make(lens, lens, 2, 2, 64)
+    c = cu(lens)
+    qg = q.clone().requires_grad_(True)
+    out = ops.varlen_attention(qg, k, v, c, c, 40, 40, causal=True)
+    out.float().sum().backward()  # the AMX kernel has no derivative: autograd must keep torch's
+    assert qg.grad is not None and qg.grad.abs().sum() > 0
+    out32 = ops.varlen_attention(q.float(), k.float(), v.float(), c, c, 40, 40, causal=True)
+    assert out32.dtype == torch.float32
+    assert (out32 - oracle(q, k, v, lens, lens, True, 0.125)).abs().max().item() < 1e-4
+
+
+def test_bad_cpu_attention_setting(monkeypatch):
+    monkeypatch.setenv("STLLM_CPU_ATTENTION", "fast")
+    q, k, v = make([4], [4], 2, 2, 64)
+    with pytest.raises(ValueError, match="STLLM_CPU_ATTENTION"):
+        ops.varlen_attention(q, k, v, cu([4]), cu([4]), 4, 4, causal=True)
