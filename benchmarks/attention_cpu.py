@@ -16,14 +16,13 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report_cpu, row  # noqa: E402
+from common import median_ms, report_cpu, row  # noqa: E402
 
 # (name, sequences, tokens each, heads, head dim, causal)
 SHAPES = [
@@ -34,15 +33,6 @@ SHAPES = [
     ("ST-LLM-7B ViT-g", 16, 257, 16, 88, False),
     ("ST-LLM-7B prompt", 1, 593, 32, 128, True),
 ]
-
-
-def median_ms(fn, calls: int) -> float:
-    ts = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
 
 
 @torch.no_grad()

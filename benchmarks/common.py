@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,6 +26,18 @@ def row(config: dict, metric: str, engine: float, baseline: str, baseline_value:
     ratio = engine / baseline_value if higher_is_better else baseline_value / engine
     return {"config": config, "metric": metric, "engine": round(engine, 4), "baseline": baseline,
             "baseline_value": round(baseline_value, 4), "ratio": round(ratio, 3), "unit": unit}
+
+
+def median_ms(fn, calls: int, warmup: int = 0) -> float:
+    """Median wall time of ``calls`` calls of fn() in ms (perf_counter), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
 
 
 def device_name(device: str = "cpu") -> str:

@@ -18,14 +18,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
-from common import report_cpu, row  # noqa: E402
+from common import median_ms, report_cpu, row  # noqa: E402
 
 CONTEXTS = (600, 2000)
 BATCHES = (1, 8)
@@ -34,12 +33,7 @@ STEPS = 20  # timed steps per repeat and side
 
 def timed(fn, steps: int) -> float:
     """Median seconds of ``steps`` calls."""
-    ts = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return median_ms(fn, steps) / 1e3
 
 
 @torch.no_grad()

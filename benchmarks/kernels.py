@@ -13,9 +13,8 @@ import argparse
 import datetime as dt
 import json
 import os
-import statistics
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -23,19 +22,15 @@ import torch.nn.functional as F
 
 from stllm_engine import ops
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_ms  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_time_ms(fn, repeats: int, warmup: int = 1) -> float:
     """Median wall time of fn() in ms after warm-up (perf_counter loop)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return median_ms(fn, repeats, warmup)
 
 
 def gpu_time_ms(fn) -> float:
