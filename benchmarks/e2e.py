@@ -346,6 +346,10 @@ def main() -> None:
                 engine_threads=f"decode {thread_label(policy.decode)}, prefill/vision {thread_label(policy.prefill)}"
                 + (" (while the host is oversubscribed, else torch's)" if policy.only_when_busy else ""),
                 host_oversubscribed_at_start_end=busy)
+    if args.device == "cpu":
+        from stllm_engine.ops.attention import cpu_prefill_attention_kernel
+
+        base["engine_prefill_attention"] = cpu_prefill_attention_kernel(dtype)
     ref_name = "transformers reference"
     rows = []
     for k in ref_threads:
@@ -377,7 +381,8 @@ def main() -> None:
     out = write_result("e2e", device, rows, args.out or default_out)
     print(f"e2e on {device}: {base['preset']} {base['dtype']}, {args.num_frames} frames "
           f"({base['video_tokens']} video tokens), {n} new tokens; same greedy ids on {same}/{reps} videos; "
-          f"engine threads {base['engine_threads']}")
+          f"engine threads {base['engine_threads']}"
+          + (f"; engine prefill attention {base['engine_prefill_attention']}" if "engine_prefill_attention" in base else ""))
     print(format_table(rows, ["reference_threads", "target"]))
     print(f"wrote {out}")
 

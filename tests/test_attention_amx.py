@@ -193,6 +193,16 @@ def test_varlen_dispatch_keeps_torch_for_autograd_and_other_dtypes(monkeypatch):
     assert (out32 - oracle(q, k, v, lens, lens, True, 0.125)).abs().max().item() < 1e-4
 
 
+def test_cpu_prefill_attention_kernel_names_what_runs(monkeypatch):
+    from stllm_engine.ops.attention import cpu_prefill_attention_kernel
+
+    monkeypatch.setenv("STLLM_CPU_ATTENTION", "auto")
+    assert cpu_prefill_attention_kernel(torch.bfloat16) == ("amx" if AMX else "torch-sdpa")
+    assert cpu_prefill_attention_kernel(torch.float32) == "torch-sdpa"
+    monkeypatch.setenv("STLLM_CPU_ATTENTION", "torch")
+    assert cpu_prefill_attention_kernel(torch.bfloat16) == "torch-sdpa"
+
+
 def test_bad_cpu_attention_setting(monkeypatch):
     monkeypatch.setenv("STLLM_CPU_ATTENTION", "fast")
     q, k, v = make([4], [4], 2, 2, 64)

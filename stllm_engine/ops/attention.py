@@ -100,6 +100,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
 
 
+def cpu_prefill_attention_kernel(dtype: torch.dtype) -> str:
+    """The kernel CPU varlen (prefill) attention of ``dtype`` runs here outside autograd: "amx"
+    (the C++ AMX kernel) or "torch-sdpa" (for benchmark reports)."""
+    amx = dtype == torch.bfloat16 and cpu_attention_backend() == "auto" and amx_attention()
+    return "amx" if amx else "torch-sdpa"
+
+
 def _amx_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The AMX kernel's domain: bfloat16 q/k/v with contiguous rows of an even head dim <= 256,
     no autograd, an AMX CPU, and ``STLLM_CPU_ATTENTION`` not ``torch``. At head dim 64 it took
