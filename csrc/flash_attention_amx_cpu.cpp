@@ -216,19 +216,35 @@ STLLM_AMX void attend_block(const Seq& a, int q0, Scratch& w) {
         continue;
       }
       const float* sr = &w.s[r * SK];
-      __m512 vm = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      for (int j = 0; j < nv; j += 16) vm = _mm512_mask_max_ps(vm, tail_mask(nv - j), vm, _mm512_loadu_ps(sr + j));
+      // Row max: four independent chains (vmaxps latency), unmasked over whole 64-key runs.
+      const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __m512 vm0 = ninf, vm1 = ninf, vm2 = ninf, vm3 = ninf;
+      int j = 0;
+      for (; j + 64 <= nv; j += 64) {
+        vm0 = _mm512_max_ps(vm0, _mm512_loadu_ps(sr + j));
+        vm1 = _mm512_max_ps(vm1, _mm512_loadu_ps(sr + j + 16));
+        vm2 = _mm512_max_ps(vm2, _mm512_loadu_ps(sr + j + 32));
+        vm3 = _mm512_max_ps(vm3, _mm512_loadu_ps(sr + j + 48));
+      }
+      for (; j < nv; j += 16) vm0 = _mm512_mask_max_ps(vm0, tail_mask(nv - j), vm0, _mm512_loadu_ps(sr + j));
+      const __m512 vm = _mm512_max_ps(_mm512_max_ps(vm0, vm1), _mm512_max_ps(vm2, vm3));
       const float m_new = std::max(m[r], _mm512_reduce_max_ps(vm) * a.c);
       const float alpha = std::exp2(m[r] - m_new);  // 0 on the first visible block
       const __m512 vmn = _mm512_set1_ps(m_new);
       __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-      for (int j = 0; j < kb; j += 32) {
-        __m512 e0 = _mm512_maskz_mov_ps(tail_mask(nv - j), exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vmn)));
-        __m512 e1 = _mm512_maskz_mov_ps(tail_mask(nv - j - 16), exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j + 16), vc, vmn)));
+      // p = 2^(s c - m) over the visible keys (masks only in the last 32), zeros after them.
+      for (j = 0; j < nv; j += 32) {
+        __m512 e0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vmn));
+        __m512 e1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j + 16), vc, vmn));
+        if (j + 32 > nv) {
+          e0 = _mm512_maskz_mov_ps(tail_mask(nv - j), e0);
+          e1 = _mm512_maskz_mov_ps(tail_mask(nv - j - 16), e1);
+        }
         sum0 = _mm512_add_ps(sum0, e0);
         sum1 = _mm512_add_ps(sum1, e1);
         _mm512_storeu_si512(pr + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
       }
+      for (; j < kb; j += 32) _mm512_storeu_si512(pr + j, _mm512_setzero_si512());
       l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
       m[r] = m_new;
       if (!first && alpha != 1.0f) {
