@@ -12,16 +12,23 @@
 //   D even, D <= 256 (padded to a multiple of 32 inside). causal: query i of a sequence sees keys
 //   j <= i + (Lk - Lq); a query that sees no key gets zeros.  out [Nq, Hq, D] bfloat16.
 //
-// Work split: first every (sequence, kv head) packs its K as K^T in the VNNI pair layout
-// ([D/2][Lk] dwords, the B operand of S = Q K^T) and its V in pairs of rows ([Lk/2][D] dwords, the
-// B operand of O = P V), zero-padded; then one job per (sequence, head, block of 32 queries) runs
-// an online softmax over key blocks of up to 512, with float32 scores, bf16 P and float32
-// accumulators. Tiles are all 16 rows x 64 bytes: C 0-3, A 4-5, B 6-7.
+// Work split: first every (sequence, kv head) packs its K as K^T in the VNNI pair layout (the B
+// operand of S = Q K^T) and its V in pairs of rows (the B operand of O = P V), zero-padded and
+// blocked so that every B tile is contiguous (pack_k / pack_v); then one job per (sequence, head,
+// block of 32 queries) runs an online softmax over key blocks of up to 512, with float32 scores,
+// bf16 P and float32 accumulators. Tiles are all 16 rows x 64 bytes: C 0-3, A 4-5, B 6-7.
+//
+// Built on x86-64 with GCC or Clang only; elsewhere amx_attention_available() is false and the
+// engine keeps torch's SDPA.
 #include <ATen/Parallel.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define STLLM_HAVE_AMX_KERNEL 1
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -34,6 +41,7 @@
 #include "ops.h"
 
 namespace stllm {
+#ifdef STLLM_HAVE_AMX_KERNEL
 namespace {
 
 #define STLLM_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
@@ -416,6 +424,16 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor& q, const at::Tensor& k, con
   });
   return out;
 }
+
+#else  // not x86-64: no AMX
+
+bool amx_attention_available() { return false; }
+
+at::Tensor flash_attention_amx_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, bool, double) {
+  TORCH_CHECK(false, "flash_attention_amx: this build has no AMX kernel (not x86-64)");
+}
+#endif
 
 void register_flash_attention_amx(pybind11::module_& m) {
   m.def("amx_attention_available", &amx_attention_available,
