@@ -2,7 +2,8 @@
 
 Endpoints (one request per connection, ``Connection: close``):
 
-* ``GET /health`` -> ``{"status": "ok", "model", "variant", "stats"}``.
+* ``GET /health`` -> ``{"status": "ok", "model", "variant", "stats"}`` (``stats["kernels"]`` names the
+  device, dtype and attention kernels in use).
 * ``POST /v1/answer`` with JSON ``{"video": path | "video_b64": base64 bytes, "question": str,
   "params": {SamplingParams fields}, "stream": bool, "system", "num_frames", "keep_ratio",
   "keep_mode", "keep_seed", "sampling"}`` -> ``{"text", "finish_reason", "timings", "usage"}``.

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from stllm_engine.api import STLLM
 from stllm_engine.answer_text import AnswerText
@@ -66,6 +67,11 @@ def test_health(server):
     body = json.loads(payload)
     assert body["status"] == "ok" and body["model"] == "tiny" and body["variant"] == "eva/all"
     assert "kv" in body["stats"] and "vision_cache" in body["stats"]
+    kernels = body["stats"]["kernels"]
+    assert kernels["device"] == "cpu" and kernels["decode_attention"] == "c++ paged"
+    from stllm_engine.ops.attention import cpu_prefill_attention_kernel
+
+    assert kernels["prefill_attention"] == cpu_prefill_attention_kernel(getattr(torch, kernels["dtype"]))
 
 
 def test_answer_matches_engine(server, files, expected):

@@ -374,4 +374,15 @@ class LLMEngine(BeamRequests):
     def stats(self) -> dict:
         return {"kv": self.block_manager.stats(), "vision_cache": self.vision_cache.stats(),
                 "preemptions": self.scheduler.num_preemptions,
-                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kernels": self.kernels()}
+
+    def kernels(self) -> dict:
+        """Which kernel paths this engine's model runs (for /health and benchmark reports)."""
+        from stllm_engine.ops.attention import cpu_prefill_attention_kernel
+
+        device, dtype = self.model.device, self.model.dtype
+        on_cpu = device.type == "cpu"
+        return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                "prefill_attention": cpu_prefill_attention_kernel(dtype) if on_cpu else "triton",
+                "decode_attention": "c++ paged" if on_cpu else "triton paged"}
