@@ -52,6 +52,9 @@ constexpr int KB = 512;  // keys per softmax block (a multiple of 32)
 // rows a tile stores or loads do not share L1 sets.
 constexpr int SK = KB + 16, PK = KB + 32;
 
+// Key counts and head dims are padded to whole 32-wide tiles (a bf16 tile row holds 32 values).
+inline int round32(int n) { return (n + 31) / 32 * 32; }
+
 struct alignas(64) TileConfig {
   uint8_t palette;
   uint8_t start_row;
@@ -191,7 +194,7 @@ STLLM_AMX void attend_block(const Seq& a, int q0, Scratch& w) {
   const __m512 vc = _mm512_set1_ps(a.c);
   bool first = true;
   for (int k0 = 0; k0 < kv_end; k0 += KB) {
-    const int kb = std::min(KB, ((kv_end - k0 + 31) / 32) * 32);
+    const int kb = std::min(KB, round32(kv_end - k0));
     // S = Q K^T for keys k0..k0+kb: 32 keys (two 16-key tiles) per step.
     for (int j = 0; j < kb; j += 32) {
       _tile_zero(0);
@@ -367,10 +370,11 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor& q, const at::Tensor& k, con
     TORCH_CHECK(cq[b + 1] >= cq[b] && ck[b + 1] >= ck[b], "flash_attention_amx: cu_seqlens must not decrease");
 
   at::Tensor out = at::empty({q.size(0), Hq, D}, q.options());
-  const int Dp = (int)((D + 31) / 32 * 32);
+  const int Dp = round32(D);
   // Packed K^T / V per (sequence, kv head), at offsets into one buffer each.
   std::vector<int64_t> pack_off(B + 1, 0);
-  for (int b = 0; b < B; ++b) pack_off[b + 1] = pack_off[b] + (int64_t)(ck[b + 1] - ck[b] + 31) / 32 * 32 * Dp / 2 * Hk;
+  for (int b = 0; b < B; ++b) pack_off[b + 1] = pack_off[b] + (int64_t)round32(ck[b + 1] - ck[b]) * Dp / 2 * Hk;
+  auto packed_at = [&](int b, int64_t h) { return pack_off[b] + h * round32(ck[b + 1] - ck[b]) * Dp / 2; };
   at::Tensor fresh;  // only for packings too large to keep
   uint32_t* ktp = packed_workspace(2 * pack_off[B], fresh);
   uint32_t* vvp = ktp + pack_off[B];
@@ -381,8 +385,8 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor& q, const at::Tensor& k, con
 
   at::parallel_for(0, (int64_t)B * Hk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
-      const int b = job / Hk, h = job % Hk, Lk = ck[b + 1] - ck[b], Lkp = (Lk + 31) / 32 * 32;
-      const int64_t base = pack_off[b] + (int64_t)h * Lkp * Dp / 2;
+      const int b = job / Hk, h = job % Hk, Lk = ck[b + 1] - ck[b], Lkp = round32(Lk);
+      const int64_t base = packed_at(b, h);
       pack_k(kp + ck[b] * k.stride(0) + h * k.stride(1), k.stride(0), Lk, D, Dp, Lkp, ktp + base);
       pack_v(vp + ck[b] * v.stride(0) + h * v.stride(1), v.stride(0), Lk, D, Dp, Lkp, vvp + base);
     }
@@ -410,14 +414,13 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor& q, const at::Tensor& k, con
       Seq a;
       a.Lq = cq[b + 1] - cq[b];
       a.Lk = ck[b + 1] - ck[b];
-      a.Lkp = (a.Lk + 31) / 32 * 32;
+      a.Lkp = round32(a.Lk);
       a.D = D, a.Dp = Dp, a.causal = causal, a.c = c;
       a.q = qp + cq[b] * q.stride(0) + h * q.stride(1);
       a.qs = q.stride(0);
       a.out = op + cq[b] * out.stride(0) + h * out.stride(1);
       a.os = out.stride(0);
-      const int64_t base = pack_off[b] + (int64_t)hk * a.Lkp * Dp / 2;
-      a.kt = ktp + base, a.vv = vvp + base;
+      a.kt = ktp + packed_at(b, hk), a.vv = vvp + packed_at(b, hk);
       attend_block(a, qblk * QB, w);
     }
     release_tiles();
