@@ -55,13 +55,11 @@ def sdpa_bf16(q, k, v, lq, lk, causal, scale):
         qb = q[cq:cq + nq].transpose(0, 1)[None]
         kb = k[ck:ck + nk].transpose(0, 1).repeat_interleave(Hq // Hk, 0)[None]
         vb = v[ck:ck + nk].transpose(0, 1).repeat_interleave(Hq // Hk, 0)[None]
-        if nq == 0:
-            pass
-        elif nk == 0 or (causal and nk < nq):
+        if nq and (nk == 0 or (causal and nk < nq)):  # rows SDPA cannot take: the bf16 oracle
             ref = oracle(q[cq:cq + nq], k[ck:ck + nk], v[ck:ck + nk], [nq], [nk], causal, scale,
                          torch.bfloat16)
             outs.append(ref)
-        else:
+        elif nq:
             mask = None
             if causal:
                 mask = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)

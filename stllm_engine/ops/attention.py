@@ -108,14 +108,14 @@ def cpu_prefill_attention_kernel(dtype: torch.dtype) -> str:
 
 
 def _amx_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The AMX kernel's domain: bfloat16 q/k/v with contiguous rows of an even head dim <= 256,
-    no autograd, an AMX CPU, and ``STLLM_CPU_ATTENTION`` not ``torch``. At head dim 64 it took
-    1.4 vs 2.8 ms (LLM prompt, 593 tokens causal x 16 heads) and 2.5 vs 4.4 ms (ViT, 16 frames
-    x 257 x 4 heads) against torch's flash kernel on 2 cores (``benchmarks/attention_cpu.py``)."""
+    """The AMX kernel's domain: what :func:`cpu_prefill_attention_kernel` sends there (bfloat16,
+    an AMX CPU, ``STLLM_CPU_ATTENTION`` not ``torch``), with k/v of q's dtype, contiguous rows of an
+    even head dim <= 256, and no autograd. Its speed against torch's flash kernel at the engine's
+    shapes: ``benchmarks/results/attention-cpu-2core.json`` (``benchmarks/attention_cpu.py``)."""
     d = q.shape[-1]
-    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and d % 2 == 0 and d <= 256
+    return (k.dtype == v.dtype == q.dtype and d % 2 == 0 and d <= 256
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and plain(q, k, v)
-            and cpu_attention_backend() == "auto" and amx_attention())
+            and cpu_prefill_attention_kernel(q.dtype) == "amx")
 
 
 def _paged_args(op: str, q, k_cache, v_cache, block_tables, context_lens):
