@@ -1,7 +1,16 @@
-// CPU SwiGLU of the fused gate_up projection: x [N, 2I] = [gate | up] -> out [N, I] =
-// T(T(silu(gate)) * up), rounded like torch's `F.silu(gate) * up` (silu in float32 through
-// exp_approx, which is within ~2 float ulp of expf).
+// CPU activations:
+// * SwiGLU of the fused gate_up projection: x [N, 2I] = [gate | up] -> out [N, I] =
+//   T(T(silu(gate)) * up), rounded like torch's `F.silu(gate) * up` (silu in float32 through
+//   exp_approx, which is within ~2 float ulp of expf).
+// * Any element-wise function of a 16-bit dtype as a table lookup over all 65536 bit patterns,
+//   in place (the GELU after the ViT/Q-Former fc1: the table holds torch's own results, so the
+//   lookup is bit-identical to the torch op it was built from).
 #include <ATen/Parallel.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define STLLM_HAVE_GATHER 1
+#endif
 
 #include "checks.h"
 #include "ops.h"
@@ -19,7 +28,50 @@ STLLM_CLONES void silu_mul_row(const T* __restrict g, const T* __restrict u, T* 
   }
 }
 
+// x[i] = table[x[i]] over n 16-bit values (table: 65536 entries + 1 padding entry).
+void lookup16_scalar(uint16_t* __restrict x, const uint16_t* __restrict table, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = table[x[i]];
+}
+
+#ifdef STLLM_HAVE_GATHER
+// 16 lookups per dword gather at byte offset 2 * x[i]: the low half of each gathered dword is the
+// entry (the padding entry keeps the read of the last one inside the table).
+__attribute__((target("avx512f,avx512bw"))) void lookup16_avx512(uint16_t* __restrict x,
+                                                                  const uint16_t* __restrict table, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)));
+    const __m512i got = _mm512_i32gather_epi32(idx, table, 2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + i), _mm512_cvtepi32_epi16(got));
+  }
+  lookup16_scalar(x + i, table, n - i);
+}
+#endif
+
+void lookup16(uint16_t* x, const uint16_t* table, int64_t n) {
+#ifdef STLLM_HAVE_GATHER
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  if (avx512) return lookup16_avx512(x, table, n);
+#endif
+  lookup16_scalar(x, table, n);
+}
+
 }  // namespace
+
+constexpr int64_t kTable16 = 65536 + 1;
+
+void lookup16_cpu(at::Tensor& x, const at::Tensor& table) {
+  STLLM_CHECK_CPU(x);
+  STLLM_CHECK_INPUT(table);
+  TORCH_CHECK(x.element_size() == 2, "x must have a 16-bit dtype (bfloat16/float16), got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  TORCH_CHECK(table.scalar_type() == x.scalar_type() && table.dim() == 1 && table.numel() == kTable16,
+              "table must be a 1-d ", x.scalar_type(), " tensor of 65536 + 1 entries (one per bit pattern, "
+              "then one padding entry), got ", table.scalar_type(), " ", table.sizes());
+  auto* xp = reinterpret_cast<uint16_t*>(x.data_ptr());
+  const auto* tp = reinterpret_cast<const uint16_t*>(table.data_ptr());
+  at::parallel_for(0, x.numel(), 1 << 15, [&](int64_t b, int64_t e) { lookup16(xp + b, tp, e - b); });
+}
 
 void silu_and_mul_cpu(const at::Tensor& x, at::Tensor& out) {
   STLLM_CHECK_CPU(x);
@@ -45,6 +97,10 @@ void silu_and_mul_cpu(const at::Tensor& x, at::Tensor& out) {
 void register_activation(pybind11::module_& m) {
   m.def("silu_and_mul", &silu_and_mul_cpu, "out = silu(gate) * up for x = [gate | up] (CPU)",
         pybind11::arg("x"), pybind11::arg("out"));
+  m.def("lookup16_", &lookup16_cpu,
+        "in place: each 16-bit value of x replaced by table[its bit pattern] (CPU; table 65536 + 1 "
+        "entries of x's dtype)",
+        pybind11::arg("x"), pybind11::arg("table"));
 }
 
 }  // namespace stllm

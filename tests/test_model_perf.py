@@ -226,10 +226,10 @@ def test_paged_prefill_gather_path_errors():
 @needs_onednn
 @pytest.mark.parametrize("vit", ["eva", "btadapter"])
 def test_vision_packing_keeps_features(tmp_path, vit, monkeypatch):
-    """pack_vision: every vision linear packed, fc1 + bias + GELU one GEMM, the blocks' residual
-    adds GEMM post-ops. float32: the same features (bit-identical for the ViT blocks when every
-    GEMM takes the packed path; ~2e-7 relative otherwise); bfloat16: within bf16 rounding (the
-    fused ops round once where torch rounds twice)."""
+    """pack_vision: every vision linear packed, fc1 + bias + GELU with its GEMM, the blocks'
+    residual adds GEMM post-ops. float32: the same features (bit-identical for the ViT blocks when
+    every GEMM takes the packed path; ~2e-7 relative otherwise); bfloat16: within bf16 rounding
+    (the residual-add post-ops round once where torch rounds twice)."""
     from stllm_engine.model.packed_linear import PackedLinearGELU, PackedPatchEmbed, pack_vision
     from stllm_engine.weights import load_checkpoint
 
@@ -262,6 +262,32 @@ def test_vision_packing_keeps_features(tmp_path, vit, monkeypatch):
     mlp = next(m for m in fused.visual_encoder.modules() if isinstance(m, PackedLinearGELU))
     mlp(x.bfloat16()).float().sum().backward()  # autograd falls back to torch
     assert x.grad is not None
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows,width,hidden", [(1, 64, 40), (257, 256, 1117), (40, 88, 352)])
+def test_fc1_gelu_rounds_like_torch_in_bfloat16(rows, width, hidden):
+    """bfloat16 fc1 + GELU: the packed GEMM (+ bias) rounded to bfloat16, then exactly torch's
+    bfloat16 GELU of it (the lookup table); float32 keeps the post-op within float32 rounding of
+    ``F.gelu(F.linear(...))``."""
+    from stllm_engine.model.packed_linear import PackedLinearGELU
+
+    g = torch.Generator().manual_seed(rows + hidden)
+    lin = nn.Linear(width, hidden)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(hidden, width, generator=g) * width ** -0.5)
+        lin.bias.copy_(torch.randn(hidden, generator=g))
+    x = torch.randn(rows, width, generator=g)
+    with torch.no_grad():
+        mod = PackedLinearGELU(lin.to(torch.bfloat16))
+        xb = x.bfloat16()
+        got = mod(xb)
+        assert torch.equal(got, F.gelu(mod._packed(xb, "none", "")))
+        torch.testing.assert_close(got.float(), F.gelu(F.linear(xb, lin.weight, lin.bias)).float(),
+                                   rtol=2 ** -7, atol=2 ** -7)
+        mod32 = PackedLinearGELU(nn.Linear(width, hidden).float())
+        torch.testing.assert_close(mod32(x), F.gelu(F.linear(x, mod32.weight, mod32.bias)),
+                                   rtol=1e-5, atol=1e-6)
 
 
 @needs_onednn

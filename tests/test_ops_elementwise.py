@@ -1,6 +1,7 @@
 """The fused CPU element-wise ops (C++) against their torch twins: RMSNorm with and without the
-residual add, in-place rotary on fused qkv rows, SwiGLU; plus the dispatch rules (in-place
-residual, autograd and float16 falling back to the twins) and LlamaModel's ``out_rows`` trim."""
+residual add, in-place rotary on fused qkv rows, SwiGLU, the table-lookup GELU; plus the dispatch
+rules (in-place residual, autograd and float16 falling back to the twins) and LlamaModel's
+``out_rows`` trim."""
 from __future__ import annotations
 
 import pytest
@@ -74,6 +75,49 @@ def test_silu_and_mul(dtype, rows, inter):
     _close(ew.silu_and_mul(x), ew.silu_and_mul_ref(x), dtype)
 
 
+def _same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal bit patterns, except that a NaN may be any NaN (torch's own scalar and vector GELU
+    paths give NaNs of different signs)."""
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("shape", [(1,), (15,), (16,), (17,), (4112, 1117), (33, 88), (0, 5)])
+def test_gelu_table_is_torch_bit_for_bit(shape):
+    """bfloat16 GELU through the lookup table: torch's ``F.gelu`` bit for bit (+-inf, -0 and
+    subnormals included; NaN stays NaN), in place; lengths around the 16-wide gather and its
+    scalar tail."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (4 * torch.randn(shape, generator=g)).bfloat16()
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, -1e-40, 12.0, -12.0])
+    flat = x.view(-1)
+    flat[: min(flat.numel(), len(specials))] = specials[: flat.numel()].bfloat16()
+    want = torch.nn.functional.gelu(x)
+    got = x.clone()
+    assert ew.gelu_(got) is got  # in place
+    _same_bits(got, want)
+
+
+def test_gelu_every_bfloat16_value():
+    """All 65536 bit patterns, in a scrambled order (so the gather reads all over the table)."""
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    perm = torch.randperm(1 << 16, generator=torch.Generator().manual_seed(0))
+    x = every[perm].view(torch.bfloat16)
+    _same_bits(ew.gelu_(x.clone()), torch.nn.functional.gelu(x))
+
+
+def test_gelu_falls_back_out_of_place():
+    """float32/float16, non-contiguous and autograd inputs: ``F.gelu`` (a new tensor)."""
+    for x in (torch.randn(4, 6), torch.randn(4, 6).half(), torch.randn(6, 4).bfloat16().t()):
+        got = ew.gelu_(x)
+        assert got.data_ptr() != x.data_ptr()
+        assert torch.equal(got, torch.nn.functional.gelu(x))
+    x = torch.randn(3, 5, requires_grad=True)
+    ew.gelu_(x.bfloat16()).float().sum().backward()
+    assert x.grad is not None
+
+
 def test_fallbacks_autograd_and_float16():
     x = torch.randn(5, 32, requires_grad=True)
     w = torch.ones(32)
@@ -87,7 +131,7 @@ def test_fallbacks_autograd_and_float16():
 
 
 def test_cpp_rejects_bad_shapes():
-    from stllm_engine._C import rms_norm, rotary_embedding_, silu_and_mul
+    from stllm_engine._C import lookup16_, rms_norm, rotary_embedding_, silu_and_mul
 
     with pytest.raises(RuntimeError, match="weight has 3 entries"):
         rms_norm(torch.randn(2, 4), torch.ones(3), torch.empty(2, 4), 1e-6)
@@ -97,3 +141,12 @@ def test_cpp_rejects_bad_shapes():
         silu_and_mul(torch.randn(2, 5), torch.empty(2, 2))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         silu_and_mul(torch.randn(2, 4).half(), torch.empty(2, 2).half())
+    table = ew.gelu_table(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="16-bit dtype"):
+        lookup16_(torch.randn(4), table)
+    with pytest.raises(RuntimeError, match="65536 \\+ 1 entries"):
+        lookup16_(torch.randn(4).bfloat16(), table[:-1])
+    with pytest.raises(RuntimeError, match="65536 \\+ 1 entries"):
+        lookup16_(torch.randn(4).half(), table)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        lookup16_(torch.randn(4, 4).bfloat16().t(), table)

