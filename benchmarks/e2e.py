@@ -33,6 +33,8 @@ Metrics (each on videos the engine has not seen before, so no cache helps unless
 Engine and reference run interleaved per video. On the CPU the reference runs twice: at torch's
 thread count (how a user runs it) and at the engine's decode thread count (``STLLM_CPU_THREADS``,
 see ``stllm_engine/model/threads.py``), both reported; the dtype is always the same on both sides.
+The engine's glibc malloc settings (``stllm_engine/engine/cpu_malloc.py``) are process-wide, so the
+reference runs under them too (``malloc`` in the JSON; ``STLLM_CPU_MALLOC=default`` for neither).
 Targets (ratio = "engine better by"): ttft >= 1/0.7, decode >= 1.5, throughput >= 4,
 cached/follow-up ttft >= 1/0.3. Writes ``benchmarks/results/e2e-<device>[-<dtype>][-720p].json`` (the
 dtype part for other dtypes than the device default).
@@ -350,6 +352,9 @@ def main() -> None:
         from stllm_engine.ops.attention import cpu_prefill_attention_kernel
 
         base["engine_prefill_attention"] = cpu_prefill_attention_kernel(dtype)
+        # process-wide glibc settings (stllm_engine/engine/cpu_malloc.py): set when the engine was
+        # built, so the reference, which runs in this process, runs under them too
+        base["malloc"] = llm.engine.malloc
     ref_name = "transformers reference"
     rows = []
     for k in ref_threads:
@@ -382,7 +387,8 @@ def main() -> None:
     print(f"e2e on {device}: {base['preset']} {base['dtype']}, {args.num_frames} frames "
           f"({base['video_tokens']} video tokens), {n} new tokens; same greedy ids on {same}/{reps} videos; "
           f"engine threads {base['engine_threads']}"
-          + (f"; engine prefill attention {base['engine_prefill_attention']}" if "engine_prefill_attention" in base else ""))
+          + (f"; engine prefill attention {base['engine_prefill_attention']}" if "engine_prefill_attention" in base else "")
+          + (f"; malloc {base['malloc']} (both sides: one process)" if "malloc" in base else ""))
     print(format_table(rows, ["reference_threads", "target"]))
     print(f"wrote {out}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import platform
 import socket
 import threading
 import time
@@ -72,6 +73,8 @@ def test_health(server):
     from stllm_engine.ops.attention import cpu_prefill_attention_kernel
 
     assert kernels["prefill_attention"] == cpu_prefill_attention_kernel(getattr(torch, kernels["dtype"]))
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert kernels["malloc"] == ("tuned" if glibc else "unavailable")  # STLLM_CPU_MALLOC unset
 
 
 def test_answer_matches_engine(server, files, expected):

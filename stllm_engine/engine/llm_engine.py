@@ -19,6 +19,7 @@ import torch
 
 from stllm_engine.engine.beam_requests import BeamRequests
 from stllm_engine.engine.block_manager import BlockManager
+from stllm_engine.engine.cpu_malloc import tune_malloc
 from stllm_engine.engine.engine_config import EngineConfig, kv_bytes_per_block  # noqa: F401 (re-exported)
 from stllm_engine.engine.frame_loader import FrameLoader
 from stllm_engine.engine.request import Request, truncate_left  # noqa: F401 (re-exported)
@@ -70,6 +71,8 @@ class LLMEngine(BeamRequests):
         self.max_length = min(cfg.max_length, self.max_positions)
         self.frame_loader = FrameLoader(cfg.frame_workers)
         _import_video_stack()  # decord & co. load now, not inside the first request's TTFT
+        # CPU: freed activations stay mapped between passes (process-wide; see cpu_malloc.py)
+        self.malloc = tune_malloc() if model.device.type == "cpu" else "default"
         self._requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self._pending: list[RequestOutput] = []
@@ -385,4 +388,4 @@ class LLMEngine(BeamRequests):
         on_cpu = device.type == "cpu"
         return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "prefill_attention": cpu_prefill_attention_kernel(dtype) if on_cpu else "triton",
-                "decode_attention": "c++ paged" if on_cpu else "triton paged"}
+                "decode_attention": "c++ paged" if on_cpu else "triton paged", "malloc": self.malloc}
