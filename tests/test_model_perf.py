@@ -402,6 +402,18 @@ def test_calibrate_prefill_modes(monkeypatch, mode):
         calibrate_prefill(lins)
 
 
+def test_llm_calibration_rows_follow_the_video_input():
+    """The LLM's GEMM paths are timed at its typical prefill: the default frame count's video
+    tokens + a chat prompt, padded to the 32-row bucket."""
+    from stllm_engine.config import STLLMConfig
+    from stllm_engine.model.packed_linear import PROMPT_ROWS, llm_prefill_rows
+
+    assert llm_prefill_rows(STLLMConfig(video_input="all", num_frames=16)) == 608 == 512 + PROMPT_ROWS
+    assert llm_prefill_rows(STLLMConfig(video_input="mean", num_frames=16)) == 128
+    assert llm_prefill_rows(STLLMConfig(video_input="residual", num_frames=64, residual_size=16)) == 608
+    assert llm_prefill_rows(STLLMConfig(video_input="all", num_frames=3)) == 192  # 96 + 96
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [32, 33, 40, 64, 65, 97])
 def test_prefill_row_bucketing_matches_unpadded(ckpt, dtype, n, monkeypatch):
