@@ -103,6 +103,43 @@ def cpu_rows(quick: bool) -> list[dict]:
         rows.append(row(dict(op="write_kv_cache", tokens=N, kv_heads=32, head_dim=128, block_size=16,
                              dtype="float32", repeats=reps * 3), "latency", eng, "torch index_copy_", base, "ms", False))
     rows += elementwise_rows(reps)
+    rows += gelu_rows(reps)
+    return rows
+
+
+def gelu_rows(reps: int) -> list[dict]:
+    """bfloat16 exact GELU of the vision MLPs: the table lookup (``ops.elementwise.gelu_``) vs
+    torch's ``F.gelu``, and the engine's fc1 + GELU (packed GEMM + bias, then the lookup) vs the
+    same GEMM with oneDNN's GELU post-op and vs torch's ``F.gelu(F.linear(...))``, at the fc1 of
+    bench-cpu's ViT ([4112, 256] -> 1117) and of ST-LLM-7B's ViT-g ([4112, 1408] -> 6144). Under
+    the engine's malloc settings (``engine/cpu_malloc.py``, as in an engine process; process-wide,
+    so these rows run last): with glibc's defaults every new 50 MB output of the ViT-g shape is a
+    fresh mapping, and its page faults, not the GELU, dominated torch's time (27 ms)."""
+    from stllm_engine.engine.cpu_malloc import tune_malloc
+    from stllm_engine.model.packed_linear import PackedLinearGELU, packing_available
+    from stllm_engine.ops import elementwise as ew
+
+    tune_malloc()
+    rows = []
+    for name, width, hidden in (("bench-cpu ViT", 256, 1117), ("ST-LLM-7B ViT-g", 1408, 6144)):
+        g = torch.Generator().manual_seed(hidden)
+        x = torch.randn(4112, width, generator=g).bfloat16()
+        lin = torch.nn.Linear(width, hidden).bfloat16()
+        cfg = dict(op="gelu (bf16)", shape=name, rows=4112, width=width, hidden=hidden, dtype="bfloat16",
+                   repeats=reps)
+        with torch.no_grad():
+            h = F.linear(x, lin.weight, lin.bias)
+            eng = cpu_time_ms(lambda: ew.gelu_(h.clone()), reps) - cpu_time_ms(h.clone, reps)
+            rows.append(row(dict(cfg, op="gelu_ table (in place)"), "latency", eng, "torch F.gelu",
+                            cpu_time_ms(lambda: F.gelu(h), reps), "ms", False))
+            if not packing_available(lin.weight):
+                continue
+            mod = PackedLinearGELU(lin)
+            eng = cpu_time_ms(lambda: mod(x), reps)
+            rows.append(row(dict(cfg, op="fc1 + gelu"), "latency", eng, "oneDNN GEMM + GELU post-op",
+                            cpu_time_ms(lambda: mod._packed(x, "gelu", "none"), reps), "ms", False))
+            rows.append(row(dict(cfg, op="fc1 + gelu"), "latency", eng, "torch F.gelu(F.linear)",
+                            cpu_time_ms(lambda: F.gelu(F.linear(x, lin.weight, lin.bias)), reps), "ms", False))
     return rows
 
 

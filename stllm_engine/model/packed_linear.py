@@ -33,8 +33,7 @@ without the separate bias copy and GELU pass: [4112, 256] x [256, 1117] + GELU 3
 (bench-cpu ViT, 16 frames, 1 thread). In bfloat16 the GEMM (+ bias) rounds to bfloat16 and the
 GELU is a table lookup of torch's own bfloat16 GELU (``ops.elementwise.gelu_``), so both round
 where torch rounds: oneDNN's GELU post-op was the slower part of that GEMM (same shape, 2 threads:
-2.4 ms with the post-op, 0.95 ms without, 1.5 ms with the lookup; torch's bfloat16 ``F.gelu``
-alone takes 7 ms). :func:`linear_add` folds a block's residual add into the ``proj``/``fc2`` GEMM
+2.4 ms with the post-op, 0.95 ms without, 1.5 ms with the lookup). :func:`linear_add` folds a block's residual add into the ``proj``/``fc2`` GEMM
 as a post-op; in bfloat16 that rounds once where torch rounds twice (more accurate, not bit-equal
 to the reference): bench-cpu ViT, bf16, 2 threads, 57.5 -> 52.7 ms.
 """

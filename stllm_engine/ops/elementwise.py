@@ -124,8 +124,9 @@ def gelu_table(dtype: torch.dtype) -> torch.Tensor:
 def gelu_(x: torch.Tensor) -> torch.Tensor:
     """Exact (erf) GELU of x, in place where it can. A contiguous CPU bfloat16 tensor outside
     autograd is rewritten through :func:`gelu_table` (``csrc/activation_cpu.cpp``, one gathered
-    lookup per value: torch's own result bit for bit, ~15x faster than torch's bfloat16 GELU and
-    ~2x faster than oneDNN's GELU post-op for the ViT's fc1); anything else returns ``F.gelu(x)``."""
+    lookup per value: torch's own result bit for bit, in place, and faster than torch's bfloat16
+    GELU and than oneDNN's GELU post-op: ``benchmarks/kernels.py``); anything else returns
+    ``F.gelu(x)``."""
     if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.is_contiguous() and plain(x):
         cpp().lookup16_(x, gelu_table(x.dtype))
         return x
