@@ -1,7 +1,9 @@
 // CPU activations:
 // * SwiGLU of the fused gate_up projection: x [N, 2I] = [gate | up] -> out [N, I] =
 //   T(T(silu(gate)) * up), rounded like torch's `F.silu(gate) * up` (silu in float32 through
-//   exp_approx, which is within ~2 float ulp of expf).
+//   exp_approx, which is within ~2 float ulp of expf). bfloat16 on CPUs with AVX512-BF16 runs an
+//   explicit 16-lane version whose float -> bfloat16 roundings are vcvtneps2bf16 (the emulated
+//   rounding of the auto-vectorized loop cost ~25%: [608, 2 x 2816], 2 threads, 0.70 -> 0.57 ms).
 // * Any element-wise function of a 16-bit dtype as a table lookup over all 65536 bit patterns,
 //   in place (the GELU after the ViT/Q-Former fc1: the table holds torch's own results, so the
 //   lookup is bit-identical to the torch op it was built from).
@@ -56,6 +58,67 @@ void lookup16(uint16_t* x, const uint16_t* table, int64_t n) {
   lookup16_scalar(x, table, n);
 }
 
+#ifdef STLLM_HAVE_GATHER
+#define STLLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+STLLM_BF16_TARGET inline __m512 bf16x16_to_f32(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// exp_approx (vec_math.h) on 16 lanes: the same steps, with explicit FMAs.
+STLLM_BF16_TARGET inline __m512 exp_approx16(__m512 x) {
+  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
+                                                        _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), p, _mm512_castsi512_ps(bits));
+}
+
+// bfloat16 SwiGLU row with the CPU's own float -> bfloat16 rounding (vcvtneps2bf16: round to
+// nearest even, as c10::BFloat16; a NaN stays a NaN, though not always 0x7fc0).
+STLLM_BF16_TARGET void silu_mul_row_bf16(const c10::BFloat16* __restrict g, const c10::BFloat16* __restrict u,
+                                          c10::BFloat16* __restrict out, int64_t I) {
+  int64_t i = 0;
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= I; i += 16) {
+    const __m512 x = bf16x16_to_f32(g + i);
+    const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m256bh s = _mm512_cvtneps_pbh(_mm512_div_ps(x, _mm512_add_ps(one, e)));
+    const __m512 sf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)s), 16));
+    const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(sf, bf16x16_to_f32(u + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)o);
+  }
+  silu_mul_row(g + i, u + i, out + i, I - i);
+}
+#endif
+
+template <typename T>
+void silu_mul(const T* g, const T* u, T* out, int64_t I) {
+  silu_mul_row(g, u, out, I);
+}
+
+template <>
+void silu_mul<c10::BFloat16>(const c10::BFloat16* g, const c10::BFloat16* u, c10::BFloat16* out, int64_t I) {
+#ifdef STLLM_HAVE_GATHER
+  static const bool native = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (native) return silu_mul_row_bf16(g, u, out, I);
+#endif
+  silu_mul_row(g, u, out, I);
+}
+
 }  // namespace
 
 constexpr int64_t kTable16 = 65536 + 1;
@@ -89,7 +152,7 @@ void silu_and_mul_cpu(const at::Tensor& x, at::Tensor& out) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
-      for (int64_t n = b; n < e; ++n) silu_mul_row(xp + n * xs, xp + n * xs + I, op + n * I, I);
+      for (int64_t n = b; n < e; ++n) silu_mul(xp + n * xs, xp + n * xs + I, op + n * I, I);
     });
   });
 }
