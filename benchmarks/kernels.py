@@ -109,8 +109,9 @@ def cpu_rows(quick: bool) -> list[dict]:
 
 def gelu_rows(reps: int) -> list[dict]:
     """bfloat16 exact GELU of the vision MLPs: the table lookup (``ops.elementwise.gelu_``) vs
-    torch's ``F.gelu``, and the engine's fc1 + GELU (packed GEMM + bias, then the lookup) vs the
-    same GEMM with oneDNN's GELU post-op and vs torch's ``F.gelu(F.linear(...))``, at the fc1 of
+    torch's ``F.gelu``, and fc1 + GELU as packed GEMM + bias, then the lookup vs the same GEMM
+    with oneDNN's GELU post-op (the two ``calibrate_gelu`` picks from) and vs torch's
+    ``F.gelu(F.linear(...))``, at the fc1 of
     bench-cpu's ViT ([4112, 256] -> 1117) and of ST-LLM-7B's ViT-g ([4112, 1408] -> 6144). Under
     the engine's malloc settings (``engine/cpu_malloc.py``, as in an engine process; process-wide,
     so these rows run last): with glibc's defaults every new 50 MB output of the ViT-g shape is a
@@ -135,12 +136,29 @@ def gelu_rows(reps: int) -> list[dict]:
             if not packing_available(lin.weight):
                 continue
             mod = PackedLinearGELU(lin)
-            eng = cpu_time_ms(lambda: mod(x), reps)
-            rows.append(row(dict(cfg, op="fc1 + gelu"), "latency", eng, "oneDNN GEMM + GELU post-op",
-                            cpu_time_ms(lambda: mod._packed(x, "gelu", "none"), reps), "ms", False))
-            rows.append(row(dict(cfg, op="fc1 + gelu"), "latency", eng, "torch F.gelu(F.linear)",
-                            cpu_time_ms(lambda: F.gelu(F.linear(x, lin.weight, lin.bias)), reps), "ms", False))
+            # interleaved (the two differ by a few % at ViT-g, less than this host drifts)
+            table, post, twin = interleaved_ms([lambda: mod._gelu(x, True), lambda: mod._gelu(x, False),
+                                                lambda: F.gelu(F.linear(x, lin.weight, lin.bias))], reps * 2)
+            cfg = dict(cfg, op="fc1 + gelu (table)", repeats=reps * 2)
+            rows.append(row(cfg, "latency", table, "oneDNN GEMM + GELU post-op", post, "ms", False))
+            rows.append(row(cfg, "latency", table, "torch F.gelu(F.linear)", twin, "ms", False))
     return rows
+
+
+def interleaved_ms(fns, repeats: int) -> list[float]:
+    """Median ms of each fn, called in turn (rotating the order) ``repeats`` times after a warm-up."""
+    import statistics
+    import time
+
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats + 1):
+        for i in range(len(fns)):
+            j = (i + r) % len(fns)
+            t = time.perf_counter()
+            fns[j]()
+            if r:
+                times[j].append((time.perf_counter() - t) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def elementwise_rows(reps: int) -> list[dict]:

@@ -266,11 +266,12 @@ def test_vision_packing_keeps_features(tmp_path, vit, monkeypatch):
 
 @needs_onednn
 @pytest.mark.parametrize("rows,width,hidden", [(1, 64, 40), (257, 256, 1117), (40, 88, 352)])
-def test_fc1_gelu_rounds_like_torch_in_bfloat16(rows, width, hidden):
-    """bfloat16 fc1 + GELU: the packed GEMM (+ bias) rounded to bfloat16, then exactly torch's
-    bfloat16 GELU of it (the lookup table); float32 keeps the post-op within float32 rounding of
-    ``F.gelu(F.linear(...))``."""
-    from stllm_engine.model.packed_linear import PackedLinearGELU
+def test_fc1_gelu_paths(rows, width, hidden):
+    """bfloat16 fc1 + GELU: with ``gelu_table`` the packed GEMM (+ bias) rounded to bfloat16, then
+    exactly torch's bfloat16 GELU of it (the lookup table); without, oneDNN's post-op; both within
+    bf16 rounding of torch; ``calibrate_gelu`` sets the flag once per shape. float32 keeps the
+    post-op within float32 rounding of ``F.gelu(F.linear(...))``."""
+    from stllm_engine.model.packed_linear import PackedLinearGELU, calibrate_gelu
 
     g = torch.Generator().manual_seed(rows + hidden)
     lin = nn.Linear(width, hidden)
@@ -280,11 +281,17 @@ def test_fc1_gelu_rounds_like_torch_in_bfloat16(rows, width, hidden):
     x = torch.randn(rows, width, generator=g)
     with torch.no_grad():
         mod = PackedLinearGELU(lin.to(torch.bfloat16))
+        twin = PackedLinearGELU(lin)
+        choice = calibrate_gelu([mod, twin], rows=rows, repeats=1)
+        assert list(choice) == [(width, hidden)] and mod.gelu_table == twin.gelu_table == choice[(width, hidden)]
         xb = x.bfloat16()
-        got = mod(xb)
-        assert torch.equal(got, F.gelu(mod._packed(xb, "none", "")))
-        torch.testing.assert_close(got.float(), F.gelu(F.linear(xb, lin.weight, lin.bias)).float(),
-                                   rtol=2 ** -7, atol=2 ** -7)
+        want = F.gelu(F.linear(xb, lin.weight, lin.bias)).float()
+        for table in (True, False):
+            mod.gelu_table = table
+            got = mod(xb)
+            if table:
+                assert torch.equal(got, F.gelu(mod._packed(xb, "none", "")))
+            torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2 ** -7)
         mod32 = PackedLinearGELU(nn.Linear(width, hidden).float())
         torch.testing.assert_close(mod32(x), F.gelu(F.linear(x, mod32.weight, mod32.bias)),
                                    rtol=1e-5, atol=1e-6)

@@ -30,11 +30,13 @@ runs the MLP's ``fc1`` bias and exact GELU with the GEMM. In float32 they are on
 the float32 accumulator: the result equals ``F.gelu(F.linear(x, w, b))`` to float32 rounding
 (bit-identical at the ViT's shapes measured; other GEMM blockings differ by ~1e-7 relative),
 without the separate bias copy and GELU pass: [4112, 256] x [256, 1117] + GELU 30.1 -> 17.7 ms
-(bench-cpu ViT, 16 frames, 1 thread). In bfloat16 the GEMM (+ bias) rounds to bfloat16 and the
-GELU is a table lookup of torch's own bfloat16 GELU (``ops.elementwise.gelu_``), so both round
-where torch rounds: oneDNN's GELU post-op was the slower part of that GEMM (same shape, 2 threads:
-2.4 ms with the post-op, 0.95 ms without, 1.5 ms with the lookup). :func:`linear_add` folds a block's residual add into the ``proj``/``fc2`` GEMM
-as a post-op; in bfloat16 that rounds once where torch rounds twice (more accurate, not bit-equal
+(bench-cpu ViT, 16 frames, 1 thread). In bfloat16 the GEMM (+ bias) can instead round to
+bfloat16 and the GELU be a table lookup of torch's own bfloat16 GELU (``ops.elementwise.gelu_``),
+both rounding where torch rounds; :func:`calibrate_gelu` picks per shape at load: with the ViT's
+short reduction (width 256) oneDNN's GELU post-op was the slower part of that GEMM (same shape,
+2 threads: 2.4 ms with the post-op, 0.95 ms without, 1.5 ms with the lookup), at ViT-g's width
+1408 the two are even. :func:`linear_add` folds a block's residual add into the ``proj``/``fc2``
+GEMM as a post-op; in bfloat16 that rounds once where torch rounds twice (more accurate, not bit-equal
 to the reference): bench-cpu ViT, bf16, 2 threads, 57.5 -> 52.7 ms.
 """
 from __future__ import annotations
@@ -246,19 +248,55 @@ def calibrate_prefill(linears: list[PackedLinear], rows: int = CALIBRATION_ROWS,
 
 class PackedLinearGELU(PackedLinear):
     """``gelu(linear(x))`` (exact erf GELU) through the packed GEMM on CPU inference (any row
-    count): float32 with bias + GELU as oneDNN post-ops, bfloat16 with the bias in the GEMM and
-    the GELU looked up in place (torch's rounding); plain torch otherwise. Same ``weight``/``bias``
-    objects and names as the ``nn.Linear`` it replaces."""
+    count): bias + GELU as oneDNN post-ops, or in bfloat16 where :func:`calibrate_gelu` found it
+    faster (``gelu_table``), the bias in the GEMM and the GELU looked up in place (torch's
+    rounding); plain torch otherwise. Same ``weight``/``bias`` objects and names as the
+    ``nn.Linear`` it replaces."""
+
+    def __init__(self, linear: nn.Linear, drop_plain: bool = False):
+        super().__init__(linear, drop_plain)
+        self.gelu_table = self.dtype == torch.bfloat16  # see calibrate_gelu
+
+    def _gelu(self, x: torch.Tensor, table: bool) -> torch.Tensor:
+        if table:  # GEMM + bias, then torch's bfloat16 GELU of that through a table
+            return gelu_(self._packed(x, "none", ""))
+        return self._packed(x, "gelu", "none")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._plain_inference(x) or x.numel() == 0:
             return F.gelu(F.linear(x, self.plain_weight(), self.bias))
-        if self.dtype == torch.bfloat16:  # GEMM + bias, then torch's GELU of that through a table
-            return gelu_(self._packed(x, "none", ""))
-        return self._packed(x, "gelu", "none")
+        return self._gelu(x, self.gelu_table)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + "+gelu"
+
+
+@torch.no_grad()
+def calibrate_gelu(mods: list[PackedLinearGELU], rows: int, repeats: int = 5) -> dict[tuple, bool]:
+    """Set ``gelu_table`` on each bfloat16 module: whether the GEMM + table lookup beats oneDNN's
+    GELU post-op at ``rows`` rows (median of ``repeats`` interleaved runs after a warm-up, once
+    per (in, out)); returns {shape: choice}. The lookup is a separate pass over the output, the
+    post-op's erf runs inside the GEMM: with a short reduction the GEMM is cheap and the post-op
+    dominates (bench-cpu ViT fc1, [4112, 256] -> 1117: 3.0-3.2 vs 2.2-2.5 ms), with a long one the
+    two are even (ViT-g, [4112, 1408] -> 6144: 62-66 vs 63-68 ms). Both are exact-GELU results of
+    the same product; they differ in bfloat16 rounding (the table rounds where torch does)."""
+    choice: dict[tuple, bool] = {}
+    for mod in mods:
+        if mod.dtype != torch.bfloat16:
+            continue
+        key = (mod.in_features, mod.out_features)
+        if key not in choice:
+            x = torch.randn(rows, mod.in_features).to(mod.dtype)
+            times: list[list[float]] = [[], []]
+            for r in range(repeats + 1):
+                for table in (False, True):
+                    t = time.perf_counter()
+                    mod._gelu(x, table)
+                    if r:
+                        times[table].append(time.perf_counter() - t)
+            choice[key] = statistics.median(times[1]) < statistics.median(times[0])
+        mod.gelu_table = choice[key]
+    return choice
 
 
 def linear_gelu(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -349,8 +387,9 @@ def pack_vision(model) -> int:
         embed.proj = PackedPatchEmbed(embed.proj)
         swapped.append(embed.proj)
     cfg = model.config  # rows: the default frame count's tokens
-    calibrate_prefill([lin for lin in swapped if type(lin) is PackedLinear],
-                      rows=cfg.num_frames * cfg.vision.num_tokens)
+    rows = cfg.num_frames * cfg.vision.num_tokens
+    calibrate_prefill([lin for lin in swapped if type(lin) is PackedLinear], rows=rows)
+    calibrate_gelu([lin for lin in swapped if isinstance(lin, PackedLinearGELU)], rows=rows)
     return len(swapped)
 
 
@@ -363,6 +402,7 @@ def pack_qformer(model) -> int:
 
     swapped = _pack_children(model.qformer, _FFN) + _pack_children(model.projector)
     cfg = model.config  # rows: the query tokens of the default frame count
-    calibrate_prefill([lin for lin in swapped if type(lin) is PackedLinear],
-                      rows=cfg.num_frames * cfg.tokens_per_frame)
+    rows = cfg.num_frames * cfg.tokens_per_frame
+    calibrate_prefill([lin for lin in swapped if type(lin) is PackedLinear], rows=rows)
+    calibrate_gelu([lin for lin in swapped if isinstance(lin, PackedLinearGELU)], rows=rows)
     return len(swapped)
