@@ -9,7 +9,8 @@ fresh 40 MB mapping: 2.0-2.1 us a page). :func:`tune_malloc` sets fixed threshol
 ``mallopt`` so blocks under ``MMAP_THRESHOLD`` come from the heap and the heap is trimmed only
 above ``TRIM_THRESHOLD``: after the first request the passes reuse mapped memory (0 faults).
 The cost is that the process keeps its peak activation memory (up to ``TRIM_THRESHOLD`` of free
-heap) instead of returning it between requests.
+heap) instead of returning it between requests: bench-cpu bf16, after 16 single 720p answers and a
+batch of 8, 1628 / 1633 MB resident vs 1510 / 1546 MB with glibc's defaults (1350 MB after load).
 
 The settings are process-wide (glibc has one allocator per process). ``LLMEngine`` applies them
 once it is built on the CPU, after its weights were loaded and packed (weights keep the default
