@@ -9,11 +9,7 @@
 //   lookup is bit-identical to the torch op it was built from).
 #include <ATen/Parallel.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define STLLM_HAVE_GATHER 1
-#endif
-
+#include "avx512_bf16.h"
 #include "checks.h"
 #include "ops.h"
 #include "vec_math.h"
@@ -35,7 +31,7 @@ void lookup16_scalar(uint16_t* __restrict x, const uint16_t* __restrict table, i
   for (int64_t i = 0; i < n; ++i) x[i] = table[x[i]];
 }
 
-#ifdef STLLM_HAVE_GATHER
+#ifdef STLLM_X86_SIMD
 // 16 lookups per dword gather at byte offset 2 * x[i]: the low half of each gathered dword is the
 // entry (the padding entry keeps the read of the last one inside the table).
 __attribute__((target("avx512f,avx512bw"))) void lookup16_avx512(uint16_t* __restrict x,
@@ -51,21 +47,14 @@ __attribute__((target("avx512f,avx512bw"))) void lookup16_avx512(uint16_t* __res
 #endif
 
 void lookup16(uint16_t* x, const uint16_t* table, int64_t n) {
-#ifdef STLLM_HAVE_GATHER
+#ifdef STLLM_X86_SIMD
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   if (avx512) return lookup16_avx512(x, table, n);
 #endif
   lookup16_scalar(x, table, n);
 }
 
-#ifdef STLLM_HAVE_GATHER
-#define STLLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-
-STLLM_BF16_TARGET inline __m512 bf16x16_to_f32(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
+#ifdef STLLM_X86_SIMD
 // exp_approx (vec_math.h) on 16 lanes: the same steps, with explicit FMAs.
 STLLM_BF16_TARGET inline __m512 exp_approx16(__m512 x) {
   const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
@@ -86,18 +75,16 @@ STLLM_BF16_TARGET inline __m512 exp_approx16(__m512 x) {
   return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), p, _mm512_castsi512_ps(bits));
 }
 
-// bfloat16 SwiGLU row with the CPU's own float -> bfloat16 rounding (vcvtneps2bf16: round to
-// nearest even, as c10::BFloat16; a NaN stays a NaN, though not always 0x7fc0).
+// bfloat16 SwiGLU row with the CPU's own float -> bfloat16 rounding (round_bf16x16).
 STLLM_BF16_TARGET void silu_mul_row_bf16(const c10::BFloat16* __restrict g, const c10::BFloat16* __restrict u,
                                           c10::BFloat16* __restrict out, int64_t I) {
   int64_t i = 0;
   const __m512 one = _mm512_set1_ps(1.0f);
   for (; i + 16 <= I; i += 16) {
-    const __m512 x = bf16x16_to_f32(g + i);
+    const __m512 x = load_bf16x16(g + i);
     const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-    const __m256bh s = _mm512_cvtneps_pbh(_mm512_div_ps(x, _mm512_add_ps(one, e)));
-    const __m512 sf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)s), 16));
-    const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(sf, bf16x16_to_f32(u + i)));
+    const __m512 s = round_bf16x16(_mm512_div_ps(x, _mm512_add_ps(one, e)));
+    const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(s, load_bf16x16(u + i)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)o);
   }
   silu_mul_row(g + i, u + i, out + i, I - i);
@@ -111,10 +98,8 @@ void silu_mul(const T* g, const T* u, T* out, int64_t I) {
 
 template <>
 void silu_mul<c10::BFloat16>(const c10::BFloat16* g, const c10::BFloat16* u, c10::BFloat16* out, int64_t I) {
-#ifdef STLLM_HAVE_GATHER
-  static const bool native = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  if (native) return silu_mul_row_bf16(g, u, out, I);
+#ifdef STLLM_X86_SIMD
+  if (avx512_bf16_supported()) return silu_mul_row_bf16(g, u, out, I);
 #endif
   silu_mul_row(g, u, out, I);
 }

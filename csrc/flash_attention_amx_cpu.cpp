@@ -37,6 +37,7 @@
 #include <limits>
 #include <vector>
 
+#include "avx512_bf16.h"
 #include "checks.h"
 #include "ops.h"
 
@@ -90,8 +91,6 @@ STLLM_AMX inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-STLLM_AMX inline __mmask16 tail_mask(int n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << (n > 0 ? n : 0)) - 1); }
-
 // K^T in VNNI pairs, blocked by 16 keys so that a B tile is 1 KB of contiguous memory (a tile of
 // 16 rows strided by the sequence length thrashed L1 sets at 2k+ keys):
 // kt[(t / 16) * (Dp / 2) * 16 + kp * 16 + t % 16] = dword (K[t][2kp], K[t][2kp+1]),
@@ -101,7 +100,7 @@ STLLM_AMX void pack_k(const uint16_t* k, int64_t ks, int Lk, int D, int Dp, int 
   alignas(64) uint32_t blk[16][16];
   for (int t0 = 0; t0 < Lkp; t0 += 16) {
     for (int kp0 = 0; kp0 < Dp / 2; kp0 += 16) {
-      const __mmask16 m = tail_mask(dw - kp0);
+      const __mmask16 m = tail_mask16(dw - kp0);
       __m512i r[16];
       for (int i = 0; i < 16; ++i)
         r[i] = t0 + i < Lk ? _mm512_maskz_loadu_epi32(m, k + (int64_t)(t0 + i) * ks + 2 * kp0) : _mm512_setzero_si512();
@@ -141,7 +140,7 @@ STLLM_AMX void pack_v(const uint16_t* v, int64_t vs, int Lk, int D, int Dp, int 
   for (int kp = 0; kp < Lkp / 2; ++kp) {
     const int t = 2 * kp;
     for (int d0 = 0; d0 < Dp; d0 += 16) {
-      const __mmask16 m = tail_mask(D - d0);
+      const __mmask16 m = tail_mask16(D - d0);
       const __m256i a = t < Lk ? _mm256_maskz_loadu_epi16(m, v + (int64_t)t * vs + d0) : _mm256_setzero_si256();
       const __m256i b = t + 1 < Lk ? _mm256_maskz_loadu_epi16(m, v + (int64_t)(t + 1) * vs + d0) : _mm256_setzero_si256();
       const __m512i x = _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
@@ -237,7 +236,7 @@ STLLM_AMX void attend_block(const Seq& a, int q0, Scratch& w) {
         vm2 = _mm512_max_ps(vm2, _mm512_loadu_ps(sr + j + 32));
         vm3 = _mm512_max_ps(vm3, _mm512_loadu_ps(sr + j + 48));
       }
-      for (; j < nv; j += 16) vm0 = _mm512_mask_max_ps(vm0, tail_mask(nv - j), vm0, _mm512_loadu_ps(sr + j));
+      for (; j < nv; j += 16) vm0 = _mm512_mask_max_ps(vm0, tail_mask16(nv - j), vm0, _mm512_loadu_ps(sr + j));
       const __m512 vm = _mm512_max_ps(_mm512_max_ps(vm0, vm1), _mm512_max_ps(vm2, vm3));
       const float m_new = std::max(m[r], _mm512_reduce_max_ps(vm) * a.c);
       const float alpha = std::exp2(m[r] - m_new);  // 0 on the first visible block
@@ -248,8 +247,8 @@ STLLM_AMX void attend_block(const Seq& a, int q0, Scratch& w) {
         __m512 e0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), vc, vmn));
         __m512 e1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j + 16), vc, vmn));
         if (j + 32 > nv) {
-          e0 = _mm512_maskz_mov_ps(tail_mask(nv - j), e0);
-          e1 = _mm512_maskz_mov_ps(tail_mask(nv - j - 16), e1);
+          e0 = _mm512_maskz_mov_ps(tail_mask16(nv - j), e0);
+          e1 = _mm512_maskz_mov_ps(tail_mask16(nv - j - 16), e1);
         }
         sum0 = _mm512_add_ps(sum0, e0);
         sum1 = _mm512_add_ps(sum1, e1);
@@ -302,7 +301,7 @@ STLLM_AMX void attend_block(const Seq& a, int q0, Scratch& w) {
     const __m512 inv = _mm512_set1_ps(l[r] > 0.0f ? 1.0f / l[r] : 0.0f);
     for (int d = 0; d < a.D; d += 16) {
       const __m512 x = first ? _mm512_setzero_ps() : _mm512_mul_ps(_mm512_loadu_ps(orow + d), inv);
-      _mm256_mask_storeu_epi16(dst + d, tail_mask(a.D - d), (__m256i)_mm512_cvtneps_pbh(x));
+      _mm256_mask_storeu_epi16(dst + d, tail_mask16(a.D - d), (__m256i)_mm512_cvtneps_pbh(x));
     }
   }
 }

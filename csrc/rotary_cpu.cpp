@@ -9,11 +9,7 @@
 // 0.28 -> 0.18 ms).
 #include <ATen/Parallel.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define STLLM_HAVE_AVX512_BF16_PATH 1
-#endif
-
+#include "avx512_bf16.h"
 #include "checks.h"
 #include "ops.h"
 #include "vec_math.h"
@@ -37,20 +33,7 @@ STLLM_CLONES void rotate_row(T* __restrict x, const T* __restrict c, const T* __
   }
 }
 
-#ifdef STLLM_HAVE_AVX512_BF16_PATH
-#define STLLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-
-STLLM_BF16_TARGET inline __m512 load_bf16(const c10::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// float -> bfloat16 (round to nearest even, vcvtneps2bf16) -> float: one rounding of torch's op.
-STLLM_BF16_TARGET inline __m512 round_bf16(__m512 x) {
-  const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
+#ifdef STLLM_X86_SIMD
 // rotate_row for bfloat16 on 16 lanes (masked at the end of each half head): the same roundings.
 STLLM_BF16_TARGET void rotate_row_bf16(c10::BFloat16* __restrict x, const c10::BFloat16* __restrict c,
                                         const c10::BFloat16* __restrict s, int64_t heads, int64_t d) {
@@ -58,14 +41,13 @@ STLLM_BF16_TARGET void rotate_row_bf16(c10::BFloat16* __restrict x, const c10::B
   for (int64_t h = 0; h < heads; ++h) {
     c10::BFloat16* __restrict xh = x + h * d;
     for (int64_t i = 0; i < h2; i += 16) {
-      const __mmask16 m = h2 - i >= 16 ? static_cast<__mmask16>(0xffff)
-                                       : static_cast<__mmask16>((1u << (h2 - i)) - 1u);
-      const __m512 x1 = load_bf16(xh + i, m), x2 = load_bf16(xh + i + h2, m);
-      const __m512 a = _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, load_bf16(c + i, m))),
-                                     round_bf16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2),
-                                                              load_bf16(s + i, m))));
-      const __m512 b = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, load_bf16(c + i + h2, m))),
-                                     round_bf16(_mm512_mul_ps(x1, load_bf16(s + i + h2, m))));
+      const __mmask16 m = tail_mask16(h2 - i);
+      const __m512 x1 = load_bf16x16(xh + i, m), x2 = load_bf16x16(xh + i + h2, m);
+      const __m512 a = _mm512_add_ps(round_bf16x16(_mm512_mul_ps(x1, load_bf16x16(c + i, m))),
+                                     round_bf16x16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2),
+                                                              load_bf16x16(s + i, m))));
+      const __m512 b = _mm512_add_ps(round_bf16x16(_mm512_mul_ps(x2, load_bf16x16(c + i + h2, m))),
+                                     round_bf16x16(_mm512_mul_ps(x1, load_bf16x16(s + i + h2, m))));
       _mm256_mask_storeu_epi16(xh + i, m, (__m256i)_mm512_cvtneps_pbh(a));
       _mm256_mask_storeu_epi16(xh + i + h2, m, (__m256i)_mm512_cvtneps_pbh(b));
     }
@@ -81,10 +63,8 @@ void rotate(T* x, const T* c, const T* s, int64_t heads, int64_t d) {
 template <>
 void rotate<c10::BFloat16>(c10::BFloat16* x, const c10::BFloat16* c, const c10::BFloat16* s, int64_t heads,
                            int64_t d) {
-#ifdef STLLM_HAVE_AVX512_BF16_PATH
-  static const bool native = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  if (native) return rotate_row_bf16(x, c, s, heads, d);
+#ifdef STLLM_X86_SIMD
+  if (avx512_bf16_supported()) return rotate_row_bf16(x, c, s, heads, d);
 #endif
   rotate_row(x, c, s, heads, d);
 }

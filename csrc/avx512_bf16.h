@@ -1,0 +1,47 @@
+// AVX-512 / AVX512-BF16 helpers shared by the CPU kernels that have explicit 16-lane paths
+// (activation_cpu.cpp, rotary_cpu.cpp, flash_attention_amx_cpu.cpp). Each such path is compiled
+// with a target attribute and chosen at run time, so the build needs no -m flags and runs on any
+// x86-64 CPU. STLLM_X86_SIMD: the intrinsics exist here (x86-64, GCC or Clang).
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define STLLM_X86_SIMD 1
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <cstdint>
+
+#define STLLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+namespace stllm {
+
+// Whether the STLLM_BF16_TARGET paths may run on this CPU (checked once).
+inline bool avx512_bf16_supported() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+
+// The first min(max(n, 0), 16) lanes.
+STLLM_BF16_TARGET inline __mmask16 tail_mask16(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1u);
+}
+
+// 16 bfloat16 bit patterns (in the low halves of 16 dwords' worth of lanes) as floats.
+STLLM_BF16_TARGET inline __m512 bf16x16_to_f32(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// 16 bfloat16 values from p as floats (masked lanes read nothing and are 0).
+STLLM_BF16_TARGET inline __m512 load_bf16x16(const c10::BFloat16* p, __mmask16 m = 0xFFFF) {
+  return bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, p));
+}
+
+// float -> bfloat16 (round to nearest even, vcvtneps2bf16, as c10::BFloat16; a NaN stays a NaN,
+// though not always 0x7fc0) -> float: the rounding of one torch op in bfloat16.
+STLLM_BF16_TARGET inline __m512 round_bf16x16(__m512 x) {
+  return bf16x16_to_f32((__m256i)_mm512_cvtneps_pbh(x));
+}
+
+}  // namespace stllm
+#endif
