@@ -204,6 +204,19 @@ def llm_prefill_rows(config) -> int:
     return bucketed_rows(video + PROMPT_ROWS, torch.device("cpu"))
 
 
+def _second_is_faster(first, second, repeats: int) -> bool:
+    """Whether ``second()`` has the lower median time over ``repeats`` interleaved rounds of both,
+    after one warm-up round (which also sets up oneDNN's primitives for the shape)."""
+    times: list[list[float]] = [[], []]
+    for r in range(repeats + 1):
+        for i, fn in enumerate((first, second)):
+            t = time.perf_counter()
+            fn()
+            if r:
+                times[i].append(time.perf_counter() - t)
+    return statistics.median(times[1]) < statistics.median(times[0])
+
+
 def _prefill_mode() -> str:
     mode = os.environ.get(PREFILL_ENV, "auto").strip().lower() or "auto"
     if mode not in ("auto", "0", "1"):
@@ -232,16 +245,8 @@ def calibrate_prefill(linears: list[PackedLinear], rows: int = CALIBRATION_ROWS,
                 choice[key] = mode == "1"
             else:
                 x = torch.randn(rows, lin.in_features).to(lin.dtype)
-                paths = (lambda: F.linear(x, lin.weight, lin.bias),
-                         lambda: lin._packed(x, "none", ""))
-                times: list[list[float]] = [[], []]
-                for r in range(repeats + 1):
-                    for i, fn in enumerate(paths):
-                        t = time.perf_counter()
-                        fn()
-                        if r:  # the first round warms up oneDNN's primitive cache
-                            times[i].append(time.perf_counter() - t)
-                choice[key] = statistics.median(times[1]) < statistics.median(times[0])
+                choice[key] = _second_is_faster(lambda: F.linear(x, lin.weight, lin.bias),
+                                                lambda: lin._packed(x, "none", ""), repeats)
         lin.prefill_packed = choice[key]
     return choice
 
@@ -287,14 +292,7 @@ def calibrate_gelu(mods: list[PackedLinearGELU], rows: int, repeats: int = 5) ->
         key = (mod.in_features, mod.out_features)
         if key not in choice:
             x = torch.randn(rows, mod.in_features).to(mod.dtype)
-            times: list[list[float]] = [[], []]
-            for r in range(repeats + 1):
-                for table in (False, True):
-                    t = time.perf_counter()
-                    mod._gelu(x, table)
-                    if r:
-                        times[table].append(time.perf_counter() - t)
-            choice[key] = statistics.median(times[1]) < statistics.median(times[0])
+            choice[key] = _second_is_faster(lambda: mod._gelu(x, False), lambda: mod._gelu(x, True), repeats)
         mod.gelu_table = choice[key]
     return choice
 
@@ -372,6 +370,13 @@ def _pack_children(root: nn.Module, gelu_parent: type | None = None) -> list[Pac
     return swapped
 
 
+def _calibrate(swapped: list[nn.Module], rows: int) -> None:
+    """Both load-time choices for newly packed modules at ``rows`` rows: the prefill GEMM path of
+    the plain :class:`PackedLinear` ones, the GELU of the :class:`PackedLinearGELU` ones."""
+    calibrate_prefill([lin for lin in swapped if type(lin) is PackedLinear], rows=rows)
+    calibrate_gelu([lin for lin in swapped if isinstance(lin, PackedLinearGELU)], rows=rows)
+
+
 def pack_vision(model) -> int:
     """Swap every ``nn.Linear`` of an STLLMModel's vision tower (ViT blocks, BT-Adapter) for a
     :class:`PackedLinear`, each MLP ``fc1`` for a :class:`PackedLinearGELU`, where packing applies,
@@ -387,9 +392,7 @@ def pack_vision(model) -> int:
         embed.proj = PackedPatchEmbed(embed.proj)
         swapped.append(embed.proj)
     cfg = model.config  # rows: the default frame count's tokens
-    rows = cfg.num_frames * cfg.vision.num_tokens
-    calibrate_prefill([lin for lin in swapped if type(lin) is PackedLinear], rows=rows)
-    calibrate_gelu([lin for lin in swapped if isinstance(lin, PackedLinearGELU)], rows=rows)
+    _calibrate(swapped, cfg.num_frames * cfg.vision.num_tokens)
     return len(swapped)
 
 
@@ -402,7 +405,5 @@ def pack_qformer(model) -> int:
 
     swapped = _pack_children(model.qformer, _FFN) + _pack_children(model.projector)
     cfg = model.config  # rows: the query tokens of the default frame count
-    rows = cfg.num_frames * cfg.tokens_per_frame
-    calibrate_prefill([lin for lin in swapped if type(lin) is PackedLinear], rows=rows)
-    calibrate_gelu([lin for lin in swapped if isinstance(lin, PackedLinearGELU)], rows=rows)
+    _calibrate(swapped, cfg.num_frames * cfg.tokens_per_frame)
     return len(swapped)
