@@ -88,18 +88,22 @@ def real_size_overrides() -> dict:
     return out
 
 
-def checkpoint_for(preset: str, cache: Path) -> Path:
+def checkpoint_for(preset: str, cache: Path, device: str = "cpu") -> Path:
+    """The preset's random checkpoint in the cache (written once). The real-size preset draws its
+    weights on ``device`` when that is a GPU (seconds instead of minutes; other numbers than a
+    CPU draw, so the folder name says where they were drawn)."""
     from stllm_engine.testing.checkpoints import write_tiny_checkpoint
 
-    folder = cache / f"{preset}-eva-all"
+    name = PRESETS[preset]
+    draw = "cuda" if name is None and device.startswith("cuda") else "cpu"
+    folder = cache / (f"{preset}-eva-all" + ("-cuda-drawn" if draw == "cuda" else ""))
     if (folder / "config.json").is_file():
         return folder
     log(f"writing a random {preset} checkpoint to {folder} (once) ...")
     t = time.perf_counter()
-    name = PRESETS[preset]
     kw = dict(preset=name) if name else dict(preset="bench_cpu", **real_size_overrides())
     write_tiny_checkpoint(folder, vit="eva", video_input="all", seed=0, dtype=torch.float16,
-                          fmt="safetensors", shards=2 if preset == "tiny" else 4, **kw)
+                          fmt="safetensors", shards=2 if preset == "tiny" else 4, device=draw, **kw)
     log(f"  written in {time.perf_counter() - t:.0f}s")
     return folder
 
@@ -259,7 +263,7 @@ def main() -> None:
     from stllm_engine.reference import ReferenceSTLLM
 
     cache = cache_dir() / "bench"
-    folder = args.checkpoint or checkpoint_for(args.preset, cache)
+    folder = args.checkpoint or checkpoint_for(args.preset, cache, args.device)
     videos = bench_videos(cache, 1 + 3 * reps + conc, args.video)
     warm, lat_v = videos[0], videos[1:1 + reps]
     thr_v = videos[1 + reps:1 + reps + conc]

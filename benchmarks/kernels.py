@@ -5,7 +5,7 @@ CPU rows: C++ paged decode vs gather-then-SDPA, C++ pack vs ``x[keep]``, C++ KV 
 importable), paged decode GB/s vs measured copy bandwidth. Prints a table and writes
 ``benchmarks/results/kernels-<device>.json`` (BENCHMARKS.md format; ratio = engine is better by).
 
-    python benchmarks/kernels.py [--quick] [--no-gpu] [--out FILE]
+    python benchmarks/kernels.py [--quick] [--no-gpu | --no-cpu] [--out FILE]
 """
 from __future__ import annotations
 
@@ -227,6 +227,31 @@ def gpu_rows(quick: bool) -> list[dict]:
         base = gpu_time_ms(lambda: gather_sdpa_decode(*args))
         rows.append(row(cfg, "latency", eng, "torch gather + SDPA", base, "ms", False))
         del args
+    return rows + gpu_elementwise_rows()
+
+
+def gpu_elementwise_rows() -> list[dict]:
+    """Fused Triton element-wise ops vs the torch op-by-op twins at the 7B LLM's widths (4096
+    hidden, 32x128 heads, 11008 MLP), bf16: a batch-8 decode step and a 4096-row prefill."""
+    from stllm_engine.model.llama import rotary_cos_sin
+    from stllm_engine.ops import elementwise as ew
+
+    rows, dev, H = [], "cuda", 4096
+    for N in (8, 4096):
+        x, res = (torch.randn(N, H, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        w = (1 + 0.1 * torch.randn(H, device=dev)).to(torch.bfloat16)
+        qkv = torch.randn(N, 3 * H, device=dev, dtype=torch.bfloat16)
+        cos, sin = rotary_cos_sin(torch.arange(N, device=dev), 128, 10000.0, torch.bfloat16)
+        gu = torch.randn(N, 2 * 11008, device=dev, dtype=torch.bfloat16)
+        cases = {
+            "add_rms_norm": (lambda: ew.add_rms_norm(x, res, w, 1e-6), lambda: ew.rms_norm_ref(res + x, w, 1e-6)),
+            "rotary_qk_": (lambda: ew.rotary_qk_(qkv, 64, 128, cos, sin),
+                           lambda: ew.rotate_ref(qkv[:, :2 * H].view(N, 64, 128), cos, sin)),
+            "silu_and_mul": (lambda: ew.silu_and_mul(gu), lambda: ew.silu_and_mul_ref(gu)),
+        }
+        for op, (fused, twin) in cases.items():
+            cfg = dict(op=op, rows=N, hidden=H, dtype="bfloat16")
+            rows.append(row(cfg, "latency", gpu_time_ms(fused), "torch op-by-op twin", gpu_time_ms(twin), "ms", False))
     return rows
 
 
@@ -240,11 +265,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     ap.add_argument("--no-gpu", action="store_true", help="CPU rows only even if CUDA is available")
+    ap.add_argument("--no-cpu", action="store_true", help="GPU rows only (a lent GPU machine's time is short)")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/kernels-<device>.json)")
     args = ap.parse_args()
     torch.manual_seed(0)
     use_gpu = torch.cuda.is_available() and not args.no_gpu
-    rows = cpu_rows(args.quick) + (gpu_rows(args.quick) if use_gpu else [])
+    if args.no_cpu and not use_gpu:
+        ap.error("--no-cpu needs a CUDA device (and no --no-gpu)")
+    rows = ([] if args.no_cpu else cpu_rows(args.quick)) + (gpu_rows(args.quick) if use_gpu else [])
     device = device_name(use_gpu)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,

@@ -1,24 +1,16 @@
 """Triton row gather/scatter, token packing and varlen flash attention vs their torch twins.
 
-Runs the kernels on CPU through the Triton interpreter (float32/float16; tiny shapes).
+Runs the kernels on CPU through the Triton interpreter (float32/float16; tiny shapes), or compiled
+on the GPU with ``STLLM_TEST_TRITON_COMPILED=1`` (bfloat16 too; see ``attention_checks``).
 """
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton / the kernel modules are imported
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from attention_checks import assert_fa_close, gen, randn  # noqa: E402
-from stllm_engine.kernels import reference as ref  # noqa: E402
-from stllm_engine.kernels.flash_attention import varlen_attention  # noqa: E402
-from stllm_engine.kernels.gather_rows import gather_rows, scatter_rows  # noqa: E402
-from stllm_engine.kernels.packing import pack_by_mask, pack_ragged, unpack  # noqa: E402
-
-DTYPES = [torch.float32, torch.float16]
-
-
-
+from attention_checks import DTYPES, assert_fa_close, gen, randn
+from stllm_engine.kernels import reference as ref
+from stllm_engine.kernels.flash_attention import varlen_attention
+from stllm_engine.kernels.gather_rows import gather_rows, scatter_rows
+from stllm_engine.kernels.packing import pack_by_mask, pack_ragged, unpack
 
 
 # ---------------------------------------------------------------- gather / scatter

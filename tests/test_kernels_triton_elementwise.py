@@ -1,30 +1,27 @@
 """Triton fused element-wise kernels (RMSNorm +/- residual add, in-place rotary on qkv rows,
-SwiGLU) vs their torch twins, through the interpreter (float32/float16; small shapes), and the
-op layer's dispatch to them (STLLM_OPS_BACKEND=triton sends CPU tensors there)."""
-import os
+SwiGLU) vs their torch twins, through the interpreter (float32/float16; small shapes) or compiled
+on the GPU (``STLLM_TEST_TRITON_COMPILED=1``, bfloat16 too), and the op layer's dispatch to them
+(STLLM_OPS_BACKEND=triton sends CPU tensors there)."""
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton / the kernel modules are imported
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from stllm_engine.kernels import elementwise as k  # noqa: E402
-from stllm_engine.model.llama import rotary_cos_sin  # noqa: E402
-from stllm_engine.ops import elementwise as ew  # noqa: E402
-
-DTYPES = [torch.float32, torch.float16]
+from attention_checks import DTYPES, gen
+from stllm_engine.kernels import elementwise as k
+from stllm_engine.model.llama import rotary_cos_sin
+from stllm_engine.ops import elementwise as ew
 
 
 def _close(got, want, dtype):
-    # fp32: reduction order; fp16: a float-ulp difference before a rounding can flip it (2 ulp)
-    tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    # fp32: reduction order; fp16/bf16: a float-ulp difference before a rounding can flip it (2 ulp)
+    tol = {torch.float32: dict(rtol=2e-6, atol=2e-6), torch.float16: dict(rtol=2e-3, atol=2e-3),
+           torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}[dtype]
     torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(1, 1), (3, 64), (5, 88), (2, 300)])
 def test_rms_norm(dtype, rows, hidden):
-    g = torch.Generator().manual_seed(rows * hidden)
+    g = gen(rows * hidden)
     x = torch.randn(rows, 2 * hidden, generator=g).to(dtype)[:, :hidden]  # strided rows
     res = torch.randn(rows, hidden, generator=g).to(dtype)
     w = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype)
@@ -39,7 +36,7 @@ def test_rms_norm(dtype, rows, hidden):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,head_dim,q_heads,kv_heads", [(1, 2, 1, 1), (4, 64, 4, 2), (3, 88, 2, 1), (2, 16, 3, 3)])
 def test_rotary_in_place(dtype, rows, head_dim, q_heads, kv_heads):
-    g = torch.Generator().manual_seed(rows + head_dim)
+    g = gen(rows + head_dim)
     heads = q_heads + kv_heads
     qkv = torch.randn(rows, (heads + kv_heads) * head_dim, generator=g).to(dtype)
     cos, sin = rotary_cos_sin(torch.randint(0, 2000, (rows,), generator=g), head_dim, 10000.0, dtype)
@@ -55,7 +52,7 @@ def test_rotary_in_place(dtype, rows, head_dim, q_heads, kv_heads):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,inter", [(1, 1), (3, 172), (2, 300)])
 def test_silu_and_mul(dtype, rows, inter):
-    x = (3 * torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(inter))).to(dtype)
+    x = (3 * torch.randn(rows, 2 * inter, generator=gen(inter))).to(dtype)
     _close(k.silu_and_mul(x), ew.silu_and_mul_ref(x), dtype)
 
 

@@ -3,24 +3,16 @@
 Caches are filled with random data everywhere and block tables are random permutations, so a kernel
 that reads an unowned slot or a position past the context gives a wrong answer.
 """
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton / the kernel modules are imported
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from attention_checks import assert_fa_close, gen, randn  # noqa: E402
-from stllm_engine.kernels import reference as ref  # noqa: E402
-from stllm_engine.kernels.flash_attention import varlen_attention  # noqa: E402
-from stllm_engine.kernels.paged_attention import (  # noqa: E402
+from attention_checks import DTYPES, assert_fa_close, gen, randn
+from stllm_engine.kernels import reference as ref
+from stllm_engine.kernels.flash_attention import varlen_attention
+from stllm_engine.kernels.paged_attention import (
     choose_num_splits, paged_decode_attention, paged_prefill_attention, write_kv_cache)
 
-DTYPES = [torch.float32, torch.float16]
 HEADS = [(4, 1, 16), (4, 2, 88), (2, 2, 64), (2, 2, 128)]      # Hq, Hk, d
-
-
-
 
 
 def paged(ctx_lens, Hk, d, block_size, dtype, seed=0, spare=3):

@@ -83,21 +83,25 @@ def _is_norm_weight(key: str) -> bool:
     return key.endswith(".weight") and ("norm" in module.lower() or module == "ln_vision")
 
 
-def random_state_dict(config: STLLMConfig, seed: int = 0,
-                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def random_state_dict(config: STLLMConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Seeded random weights for every expected key: norms ~1, biases and embeddings ~0.02,
-    matrices ~N(0, max(0.02, 1/sqrt(fan_in))^2) so tiny models give varied logits."""
-    g = torch.Generator().manual_seed(seed)
+    matrices ~N(0, max(0.02, 1/sqrt(fan_in))^2) so tiny models give varied logits.
+
+    ``device``: where the numbers are drawn (a CUDA generator draws the 7B shapes in seconds, the
+    CPU one in minutes; the two give different, each reproducible, weights). Returned on the CPU."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for key, shape in expected_shapes(config).items():
+        r = torch.randn(shape, generator=g, device=device)
         if _is_norm_weight(key):
-            t = 1.0 + 0.02 * torch.randn(shape, generator=g)
+            t = 1.0 + 0.02 * r
         elif len(shape) >= 2 and key.endswith(".weight") and "embed" not in key:
-            fan_in = math.prod(shape[1:])
-            t = torch.randn(shape, generator=g) * max(0.02, fan_in ** -0.5)
+            t = r * max(0.02, math.prod(shape[1:]) ** -0.5)
         else:  # biases, q/v biases, cls / pos / query tokens, embeddings
-            t = 0.02 * torch.randn(shape, generator=g)
-        out[key] = t.to(dtype)
+            t = 0.02 * r
+        out[key] = t.to(dtype).cpu()
     # the release also saves the Q-Former's position_ids buffer
     out[QFORMER_PREFIX + "embeddings.position_ids"] = torch.arange(
         config.qformer.max_position_embeddings, dtype=torch.int64)[None]
@@ -107,13 +111,14 @@ def random_state_dict(config: STLLMConfig, seed: int = 0,
 def write_tiny_checkpoint(folder: str | Path, vit: str = "eva", video_input: str = "all",
                           seed: int = 0, dtype: torch.dtype = torch.float32, shards: int = 2,
                           fmt: str = "bin", mvm_decoder: bool = False, preset: str = "tiny",
-                          **size_overrides) -> Path:
+                          device: str | torch.device = "cpu", **size_overrides) -> Path:
     """Write a random-weight checkpoint folder in the official layout; returns the folder.
 
     ``size_overrides``: ``vision_<field>``, ``qformer_<field>``, ``llm_<field>`` (fields of the
     config dataclasses) or ``num_frames`` / ``residual_size`` / ``residual_hidden``.
     ``llm_vocab_size`` sets the trained LLaMA tokenizer's size too; the Q-Former vocabulary is
     the trained BERT tokenizer's length (``[DEC]`` included) unless ``qformer_vocab_size`` is given.
+    ``device``: where the random weights are drawn (:func:`random_state_dict`).
     """
     config = make_config(vit, video_input, preset, mvm_decoder, dtype, **size_overrides)
     folder = Path(folder)
@@ -126,7 +131,7 @@ def write_tiny_checkpoint(folder: str | Path, vit: str = "eva", video_input: str
         from ..tokenizers import load_qformer_tokenizer
         config = replace(config, qformer=replace(config.qformer,
                                                  vocab_size=len(load_qformer_tokenizer(qdir))))
-    state = random_state_dict(config, seed=seed, dtype=dtype)
+    state = random_state_dict(config, seed=seed, dtype=dtype, device=device)
     return write_checkpoint(folder, config, state, shards=shards, fmt=fmt)
 
 

@@ -1,0 +1,169 @@
+"""The engine on a CUDA GPU (Triton kernels, cuBLAS) against the transformers reference on the same
+GPU: greedy token identity for every variant, beam search identity, a mixed batch equal to each
+request alone, and the model runner's logits (prefill, then decode steps over permuted paged
+blocks) within dtype tolerance in float32, bfloat16 and float16.
+
+Collected only where CUDA is available (``conftest.py``); CI has no GPU. Run on a GPU machine:
+``python -m pytest -q tests/test_engine_cuda.py``.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
+from stllm_engine.engine.model_runner import ModelRunner
+from stllm_engine.engine.sequence import Sequence
+from stllm_engine.model.stllm import STLLMModel
+from stllm_engine.reference.model import ReferenceSTLLM
+from stllm_engine.sampling_params import SamplingParams
+from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+from stllm_engine.testing.videos import write_video
+from stllm_engine.tokenizers import load_llama_tokenizer
+from stllm_engine.video import load_video
+from stllm_engine.weights import load_checkpoint
+
+if not torch.cuda.is_available():  # conftest leaves this file out of CPU runs; an explicit path lands here
+    pytest.skip("the engine-on-CUDA tests need a CUDA device", allow_module_level=True)
+CUDA = torch.device("cuda")
+VARIANTS = [("eva", "all"), ("eva", "mean"), ("eva", "residual"),
+            ("btadapter", "all"), ("btadapter", "mean"), ("btadapter", "residual")]
+Q = "what is moving in the video?"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}  # relative to max |logit|
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("vid") / "clip.mp4", num_frames=20, size=(96, 72))
+
+
+def make_engine(folder, dtype=torch.float32, **cfg):
+    model = STLLMModel.from_checkpoint(load_checkpoint(folder, progress=False), CUDA, dtype)
+    assert model.device.type == "cuda"
+    cfg.setdefault("block_size", 8)
+    cfg.setdefault("num_kv_blocks", 96)
+    return LLMEngine(model, load_llama_tokenizer(folder), EngineConfig(**cfg))
+
+
+def run(engine, reqs):
+    """reqs: list of (video, question, params, kw); finished outputs in order."""
+    rids = [engine.add_request(v, q, p, **kw) for v, q, p, kw in reqs]
+    done = {}
+    for _ in range(10_000):
+        if not engine.has_unfinished_requests():
+            break
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o
+    assert set(done) == set(rids)
+    return [done[r] for r in rids]
+
+
+def release_params(ref, **kw):
+    kw.setdefault("max_new_tokens", 12)
+    return SamplingParams(min_new_tokens=1, stop=[], stop_token_ids=ref.stop_sequences, **kw)
+
+
+def frames_of(video, ref):
+    return load_video(video, num_frames=ref.config.num_frames, size=ref.config.vision.image_size).frames
+
+
+@pytest.mark.parametrize("vit,vi", VARIANTS)
+def test_greedy_tokens_match_reference_on_cuda(folders, video, vit, vi):
+    f = folders(vit, vi)
+    ref = ReferenceSTLLM.from_pretrained(f, device=CUDA)
+    frames = frames_of(video, ref)
+    want = ref.generate_ids(frames, Q, max_new_tokens=12).token_ids
+    eng = make_engine(f, max_num_batched_tokens=24 if vit == "btadapter" else 2048)  # chunked prefill too
+    out, out_file = run(eng, [(frames, Q, release_params(ref), {}), (video, Q, release_params(ref), {})])
+    assert out.error is None and out.token_ids == want
+    assert out_file.token_ids == want
+    eng.block_manager.check()
+    assert eng.block_manager.stats()["used_blocks"] == 0
+    assert eng.kernels()["decode_attention"] == "triton paged"
+
+
+def test_beam_search_matches_reference_on_cuda(folders, video):
+    f = folders("eva", "all")
+    ref = ReferenceSTLLM.from_pretrained(f, device=CUDA)
+    frames = frames_of(video, ref)
+    embeds = ref.chat_inputs_embeds(ref.encode_video(frames, Q), Q)
+    want = ref.generate_from_embeds(embeds, max_new_tokens=8, num_beams=3)
+    p = SamplingParams(min_new_tokens=1, stop=[], stop_token_ids=ref.stop_sequences, max_new_tokens=8,
+                       num_beams=3)
+    (out,) = run(make_engine(f), [(frames, Q, p, {})])
+    assert out.token_ids == want.token_ids
+
+
+def test_mixed_batch_equals_each_alone_on_cuda(folders, video, tmp_path):
+    f = folders("eva", "all")
+    reqs = [
+        (video, Q, SamplingParams(max_new_tokens=9), {}),
+        (video, "which color is the square?", SamplingParams(max_new_tokens=6, repetition_penalty=1.0), {}),
+        (video, Q, SamplingParams(max_new_tokens=7, temperature=0.9, top_k=20, top_p=0.9, seed=5), {}),
+        (str(tmp_path / "missing.mp4"), Q, SamplingParams(), {}),
+        (video, "how many shapes?", SamplingParams(max_new_tokens=8, temperature=1.2, seed=7), {"keep_ratio": 0.5}),
+    ]
+    batched = run(make_engine(f, max_num_batched_tokens=40), reqs)
+    solo = make_engine(f)
+    for b, r in zip(batched, reqs):
+        (a,) = run(solo, [r])
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason and b.error == a.error
+    assert batched[3].error and "missing.mp4" in batched[3].error
+    assert all(o.error is None for i, o in enumerate(batched) if i != 3)
+
+
+# ---------------------------------------------------------------- runner logits per dtype
+NUM_BLOCKS = 40
+
+
+@pytest.fixture(scope="module")
+def gqa_folder(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("runner") / "ckpt", vit="eva",
+                                 video_input="all", seed=1, llm_num_kv_heads=2, llm_vocab_size=512)
+
+
+def _seq(model, lv, n_text, seed):
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(lv, model.config.llm.hidden_size, generator=g) if lv else None
+    ids = torch.randint(3, model.config.llm.vocab_size, (n_text,), generator=g).tolist()
+    return Sequence(ids, video_embeds=video, video_key=f"v{seed}" if lv else "")
+
+
+@pytest.mark.parametrize("dtype,block_size", [(torch.float32, 4), (torch.float32, 16),
+                                              (torch.bfloat16, 16), (torch.float16, 8)])
+def test_runner_logits_match_hf_on_cuda(gqa_folder, dtype, block_size):
+    model = STLLMModel.from_checkpoint(load_checkpoint(gqa_folder, progress=False), CUDA, dtype)
+    model.allocate_kv_cache(NUM_BLOCKS, block_size)
+    runner = ModelRunner(model)
+    hf = ReferenceSTLLM.from_pretrained(gqa_folder, dtype=dtype, device=CUDA).llm
+    free = list(range(NUM_BLOCKS))
+    random.Random(block_size).shuffle(free)                  # permuted block tables
+
+    def step(items):
+        for seq, n in items:
+            while len(seq.block_table) * block_size < seq.num_computed_tokens + n:
+                seq.block_table.append(free.pop())
+        logits = runner.run(items)
+        for seq, n in items:
+            seq.num_computed_tokens += n
+        return logits
+
+    def hf_logits(seq):
+        parts = [seq.video_embeds.to(CUDA, dtype)] if seq.num_video_tokens else []
+        parts.append(model.embed_tokens(torch.tensor(seq.token_ids, device=CUDA)).to(dtype))
+        with torch.no_grad():
+            return hf(inputs_embeds=torch.cat(parts)[None]).logits[0, -1].float()
+
+    seqs = [_seq(model, 6, 5, 1), _seq(model, 0, 7, 2), _seq(model, 9, 1, 3)]
+    logits = step([(s, s.num_tokens) for s in seqs])
+    assert logits.shape == (3, 512) and logits.dtype == torch.float32 and logits.device.type == "cuda"
+    for _ in range(3):
+        for i, s in enumerate(seqs):
+            want = hf_logits(s)
+            err, tol = (logits[i] - want).abs().max().item(), TOL[dtype] * want.abs().max().item()
+            assert err <= tol, f"{dtype}: max diff {err} > {tol}"
+            s.append_token(int(logits[i].argmax()))
+        logits = step([(s, 1) for s in seqs])
