@@ -203,6 +203,26 @@ def prefill_logits(m, x: torch.Tensor) -> torch.Tensor:
     return run(m, x)
 
 
+@torch.no_grad()
+def model_agreement(ref, m, video: Path, question: str, num_frames: int) -> dict:
+    """The engine's model against the reference on one video's frames (after the timed runs: the
+    LLM pass writes cache slots 0..n-1): video tokens (ViT + Q-Former + projector) and the first
+    token's logits over the reference's prompt embeddings, as max |diff| / max |ref|, plus whether
+    the two argmaxes agree. At random 7B weights the logits are nearly flat, so greedy sequences
+    drift apart after a near-tie; this says whether the two compute the same function."""
+    frames = ref.load_frames(str(video), num_frames)
+    tokens = ref.encode_video(frames, question)
+    mine = m.encode_video(m.encode_vision(frames.to(m.device, m.dtype)), question)
+    x = ref.chat_inputs_embeds(tokens, question)[0]
+    want = ref.llm(inputs_embeds=x[None]).logits[0, -1].float()
+    got = prefill_logits(m, x.to(m.device, m.dtype))[0].float()
+
+    def rel(a, b):
+        return float(f"{float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)):.3g}")
+    return {"video_tokens_rel_err": rel(mine, tokens), "first_logits_rel_err": rel(got, want),
+            "first_token_same": bool(got.argmax() == want.argmax())}
+
+
 def kv_memory(config, dtype: torch.dtype, seqs: int, tokens: int) -> int:
     c = config.llm
     per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
@@ -344,6 +364,8 @@ def main() -> None:
         log(f"  {v.name}: first turn {f:.3f}s, follow-up {s2:.3f}s ({cached}/{total} prompt tokens from the cache)")
 
     busy.append(machine_busy())
+    agreement = model_agreement(ref, llm.engine.model, warm, q1, args.num_frames)
+    log("engine vs reference on the same frames: " + ", ".join(f"{k} {v}" for k, v in agreement.items()))
     med = statistics.median
     base = dict(preset=args.checkpoint.name if args.checkpoint else args.preset, dtype=str(dtype).removeprefix("torch."),
                 video="x".join(map(str, VIDEO_SIZES[args.video])), frames=args.num_frames, video_input=cfg.video_input,
@@ -351,7 +373,8 @@ def main() -> None:
                 repetition_penalty=REPETITION_PENALTY,
                 engine_threads=f"decode {thread_label(policy.decode)}, prefill/vision {thread_label(policy.prefill)}"
                 + (" (while the host is oversubscribed, else torch's)" if policy.only_when_busy else ""),
-                host_oversubscribed_at_start_end=busy)
+                host_oversubscribed_at_start_end=busy, engine_decode_pass=llm.engine.kernels()["decode_pass"],
+                agreement=agreement)
     if args.device == "cpu":
         from stllm_engine.ops.attention import cpu_prefill_attention_kernel
 
@@ -392,7 +415,8 @@ def main() -> None:
           f"({base['video_tokens']} video tokens), {n} new tokens; same greedy ids on {same}/{reps} videos; "
           f"engine threads {base['engine_threads']}"
           + (f"; engine prefill attention {base['engine_prefill_attention']}" if "engine_prefill_attention" in base else "")
-          + (f"; malloc {base['malloc']} (both sides: one process)" if "malloc" in base else ""))
+          + (f"; malloc {base['malloc']} (both sides: one process)" if "malloc" in base else "")
+          + f"; engine decode pass: {base['engine_decode_pass']}")
     print(format_table(rows, ["reference_threads", "target"]))
     print(f"wrote {out}")
 

@@ -35,7 +35,7 @@ def cpu_time_ms(fn, repeats: int, warmup: int = 1) -> float:
 
 def gpu_time_ms(fn) -> float:
     import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5])[0])
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def row(config, metric, engine, baseline, baseline_value, unit, higher_is_better):

@@ -11,7 +11,8 @@
 #   e2e      benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 (random ST-LLM-7B)
 #   triton   the Triton kernel tests compiled (STLLM_TEST_TRITON_COMPILED=1, bf16 included)
 #   kernels  benchmarks/kernels.py --no-cpu (GPU rows)
-# Writes $OUT/log.txt (every step's output) and the result JSON files to $OUT.
+# Writes $OUT/log.txt (every step's output) and the result JSON files to $OUT. E2E_ARGS: more
+# arguments for e2e.py (e.g. "--repeats 5").
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -48,15 +49,15 @@ setup() {
     $PY -c "import torch, stllm_engine._C, decord, stllm_engine.kernels.flash_attention; print('setup ok')"
 }
 
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 for s in $STEPS; do
     case $s in
         setup) run_step setup 240 bash -c "$(declare -f setup); PY=$PY; setup" ;;
-        engine) run_step engine 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_engine_cuda.py ;;
+        engine) run_step engine 150 env STLLM_TEST_CUDA=1 $PY -m pytest -q -x -p no:cacheprovider tests/test_engine_cuda.py ;;
         triton) run_step triton 150 env STLLM_TEST_TRITON_COMPILED=1 $PY -m pytest -q -p no:cacheprovider -n 8 \
                     tests/test_kernels_triton.py tests/test_kernels_triton_paged.py tests/test_kernels_triton_elementwise.py ;;
         e2e) run_step e2e 330 $PY benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 \
-                 --out "$OUT/e2e-gpu-bfloat16.json" ;;
+                 --out "$OUT/e2e-gpu-bfloat16.json" ${E2E_ARGS:-} ;;
         kernels) run_step kernels 120 $PY benchmarks/kernels.py --no-cpu --out "$OUT/kernels-gpu.json" ;;
         *) echo "unknown step $s" | tee -a "$LOG" ;;
     esac

@@ -15,7 +15,7 @@ is available (CI has none), so a CPU run neither runs nor counts them.
 import os
 
 COMPILED = os.environ.get("STLLM_TEST_TRITON_COMPILED") == "1"
-if not COMPILED:
+if not COMPILED and os.environ.get("STLLM_TEST_CUDA") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402

@@ -83,6 +83,19 @@ def test_greedy_tokens_match_reference_on_cuda(folders, video, vit, vi):
     eng.block_manager.check()
     assert eng.block_manager.stats()["used_blocks"] == 0
     assert eng.kernels()["decode_attention"] == "triton paged"
+    assert eng.runner.graphs is not None and eng.runner.graphs.replays > 0, eng.kernels()["decode_pass"]
+
+
+def test_enforce_eager_gives_the_graphs_tokens(folders, video):
+    f = folders("eva", "all")
+    ref = ReferenceSTLLM.from_pretrained(f, device=CUDA)
+    p = release_params(ref, max_new_tokens=10)
+    reqs = [(video, Q, p, {}), (video, "which color is the square?", p, {}), (video, "how many shapes?", p, {})]
+    graphs, eager = make_engine(f), make_engine(f, enforce_eager=True)
+    assert eager.runner.graphs is None and eager.kernels()["decode_pass"] == "eager"
+    assert eager.runner.graph_error is None
+    assert [o.token_ids for o in run(graphs, reqs)] == [o.token_ids for o in run(eager, reqs)]
+    assert graphs.runner.graphs.replays > 0
 
 
 def test_beam_search_matches_reference_on_cuda(folders, video):
@@ -132,12 +145,17 @@ def _seq(model, lv, n_text, seed):
     return Sequence(ids, video_embeds=video, video_key=f"v{seed}" if lv else "")
 
 
-@pytest.mark.parametrize("dtype,block_size", [(torch.float32, 4), (torch.float32, 16),
-                                              (torch.bfloat16, 16), (torch.float16, 8)])
-def test_runner_logits_match_hf_on_cuda(gqa_folder, dtype, block_size):
+@pytest.mark.parametrize("dtype,block_size,graphs", [(torch.float32, 4, False), (torch.float32, 16, True),
+                                                     (torch.bfloat16, 16, True), (torch.float16, 8, True),
+                                                     (torch.bfloat16, 8, False)])
+def test_runner_logits_match_hf_on_cuda(gqa_folder, dtype, block_size, graphs):
+    """Decode steps of 3 sequences: eager, or replaying the batch-4 graph with one inert row."""
     model = STLLMModel.from_checkpoint(load_checkpoint(gqa_folder, progress=False), CUDA, dtype)
     model.allocate_kv_cache(NUM_BLOCKS, block_size)
-    runner = ModelRunner(model)
+    runner = ModelRunner(model, graph_batch=4 if graphs else None, graph_blocks=16)
+    assert (runner.graphs is not None) == graphs, runner.graph_error
+    if graphs:
+        assert runner.graphs.sizes == [1, 2, 4]
     hf = ReferenceSTLLM.from_pretrained(gqa_folder, dtype=dtype, device=CUDA).llm
     free = list(range(NUM_BLOCKS))
     random.Random(block_size).shuffle(free)                  # permuted block tables
@@ -167,3 +185,5 @@ def test_runner_logits_match_hf_on_cuda(gqa_folder, dtype, block_size):
             assert err <= tol, f"{dtype}: max diff {err} > {tol}"
             s.append_token(int(logits[i].argmax()))
         logits = step([(s, 1) for s in seqs])
+    if graphs:
+        assert runner.graphs.replays == 3

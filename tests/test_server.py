@@ -75,6 +75,7 @@ def test_health(server):
     assert kernels["prefill_attention"] == cpu_prefill_attention_kernel(getattr(torch, kernels["dtype"]))
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert kernels["malloc"] == ("tuned" if glibc else "unavailable")  # STLLM_CPU_MALLOC unset
+    assert kernels["decode_pass"] == "c++ layer loop"
 
 
 def test_answer_matches_engine(server, files, expected):

@@ -22,7 +22,9 @@ class EngineConfig:
     meanwhile: an idle engine, cached plans, ``frame_workers=0``) may use in parallel over its
     keyframe segments (``stllm_engine/video/segments.py``; None: the CPUs this process may use, at
     most ``MAX_DEFAULT_DECODE_THREADS``, as every reader holds its own decoder; 1: one reader).
-    Background decodes use one reader each, beside the model's threads."""
+    Background decodes use one reader each, beside the model's threads. enforce_eager: on CUDA,
+    decode steps launch their kernels one by one instead of replaying CUDA graphs captured at
+    start (``cuda_graphs.py``; for debugging and comparisons)."""
 
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -36,6 +38,7 @@ class EngineConfig:
     beam_stop_first_row: bool = True
     frame_workers: int = 1
     decode_threads: int | None = None
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_length"):
@@ -52,6 +55,8 @@ class EngineConfig:
         if self.decode_threads is not None and (isinstance(self.decode_threads, bool) or not isinstance(
                 self.decode_threads, int) or self.decode_threads < 1):
             raise ValueError(f"EngineConfig.decode_threads must be a positive int or None, got {self.decode_threads!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"EngineConfig.enforce_eager must be a bool, got {self.enforce_eager!r}")
         if not isinstance(self.vision_cache_bytes, int) or self.vision_cache_bytes < 0:
             raise ValueError(f"EngineConfig.vision_cache_bytes must be >= 0, got {self.vision_cache_bytes!r}")
 

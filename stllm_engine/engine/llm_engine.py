@@ -60,7 +60,8 @@ class LLMEngine(BeamRequests):
             raise ValueError(f"kv_cache_memory={cfg.kv_cache_memory} bytes holds no KV block "
                              f"({self.bytes_per_block} bytes each at block_size {cfg.block_size})")
         model.allocate_kv_cache(num_blocks, cfg.block_size)
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, graph_batch=None if cfg.enforce_eager else cfg.max_num_seqs,
+                                  graph_blocks=-(-cfg.max_length // cfg.block_size))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                           self.bytes_per_block)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
@@ -382,10 +383,13 @@ class LLMEngine(BeamRequests):
 
     def kernels(self) -> dict:
         """Which kernel paths this engine's model runs (for /health and benchmark reports)."""
+        from stllm_engine.model import cpu_decode
         from stllm_engine.ops.attention import cpu_prefill_attention_kernel
 
         device, dtype = self.model.device, self.model.dtype
         on_cpu = device.type == "cpu"
         return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "prefill_attention": cpu_prefill_attention_kernel(dtype) if on_cpu else "triton",
-                "decode_attention": "c++ paged" if on_cpu else "triton paged", "malloc": self.malloc}
+                "decode_attention": "c++ paged" if on_cpu else "triton paged", "malloc": self.malloc,
+                "decode_pass": ("c++ layer loop" if cpu_decode.enabled() else "python layer loop") if on_cpu
+                else self.runner.decode_mode()}

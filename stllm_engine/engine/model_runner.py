@@ -13,12 +13,14 @@ All sequences are packed into one [N, H] pass (no padding):
 
 Logits come back (float32, batch order) only for sequences whose chunk reaches their last known
 token, i.e. the ones that sample. Copy-on-write block copies are made by :meth:`copy_blocks`
-before :meth:`run` (``ScheduledBatch.copies``). On the CPU a pass runs on the model's
+before :meth:`run` (``ScheduledBatch.copies``). On CUDA, decode passes replay CUDA graphs
+(``cuda_graphs.py``) when the runner is built with ``graph_batch``. On the CPU a pass runs on the model's
 ``thread_policy`` threads (decode vs prefill, see ``stllm_engine/model/threads.py``) and the
 LLM's weights are pre-packed for oneDNN (``stllm_engine/model/packed_linear.py``).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -33,10 +35,14 @@ class ModelRunner:
     """Runs an :class:`~stllm_engine.model.STLLMModel` over scheduled steps.
 
     ``config`` (optional) may carry ``block_size`` and ``num_kv_blocks`` (or ``num_blocks``): the KV
-    cache is allocated here when the model has none yet.
+    cache is allocated here when the model has none yet. ``graph_batch`` (CUDA only): capture the
+    decode pass as CUDA graphs for up to that many sequences whose block tables are at most
+    ``graph_blocks`` wide (default: the model's positions); a capture that fails leaves the runner
+    eager, with the reason in ``graph_error``.
     """
 
-    def __init__(self, model, config: Any = None):
+    def __init__(self, model, config: Any = None, graph_batch: int | None = None,
+                 graph_blocks: int | None = None):
         self.model = model
         self.config = config
         if model.kv_cache is None and config is not None:
@@ -53,6 +59,17 @@ class ModelRunner:
         self.num_packed_vision = pack_vision(model)  # CPU: vision GEMMs packed, fc1 + GELU fused
         self.num_packed_qformer = pack_qformer(model)  # the same for the Q-Former and projector
         cpu_decode.enabled()  # a bad STLLM_CPU_COMPILED_DECODE fails here, not in the first decode step
+        self.graphs, self.graph_error = None, None
+        if graph_batch and model.device.type == "cuda":
+            from stllm_engine.engine.cuda_graphs import DecodeGraphs
+
+            blocks = graph_blocks or -(-model.config.llm.max_position_embeddings // self.block_size)
+            try:
+                self.graphs = DecodeGraphs(model, graph_batch, blocks)
+            except Exception as e:  # noqa: BLE001  (eager decoding still works; say why)
+                self.graph_error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph capture of the decode pass failed, decoding eagerly: "
+                              f"{self.graph_error}", RuntimeWarning, stacklevel=2)
 
     def copy_blocks(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write, e.g. beam search forks)."""
@@ -69,6 +86,8 @@ class ModelRunner:
         if not items:
             raise ValueError("ModelRunner.run: empty batch")
         embeds, positions, ctx, sample_rows = self._prepare(items)
+        if self.graphs is not None and not ctx.is_prefill and self.graphs.covers(*ctx.block_tables.shape):
+            return self.graphs.run(embeds, positions, ctx).index_select(0, sample_rows)
         policy = getattr(self.model, "thread_policy", None) or ThreadPolicy(None, None)
         with cpu_threads(policy.threads(decode=not ctx.is_prefill), self.model.device):
             set_context(ctx)
@@ -77,6 +96,12 @@ class ModelRunner:
             finally:
                 reset_context()
             return self.model.compute_logits(hidden)
+
+    def decode_mode(self) -> str:
+        """How decode passes run: "eager", or the captured CUDA graphs (for stats / reports)."""
+        if self.graphs is not None:
+            return self.graphs.describe()
+        return "eager" + (f" (graph capture failed: {self.graph_error})" if self.graph_error else "")
 
     # --- input building ---------------------------------------------------------------------
     def _prepare(self, items):
