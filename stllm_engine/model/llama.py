@@ -110,7 +110,8 @@ class LlamaAttention(nn.Module):
                                "call allocate_kv_cache first")
         elif ctx.is_prefill:
             o = ops.paged_prefill_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
-                                            ctx.cu_seqlens_q, ctx.context_lens, scale=self.scale)
+                                            ctx.cu_seqlens_q, ctx.context_lens, scale=self.scale,
+                                            max_seqlen_q=ctx.max_seqlen_q or None)
         else:
             o = ops.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                            ctx.context_lens, scale=self.scale)

@@ -57,10 +57,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     return _attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
-def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale=None):
-    """q [N, Hq, d], causal, each sequence's queries are the last qlen_b of its context -> [N, Hq, d]."""
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale=None,
+                            max_seqlen_q=None):
+    """q [N, Hq, d], causal, each sequence's queries are the last qlen_b of its context -> [N, Hq, d].
+    ``max_seqlen_q``: the longest chunk, if known (on CUDA it is otherwise read back from the GPU)."""
     if _compiling():
         return library.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q,
                                                context_lens, scale)
     return _attention.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q,
-                                              context_lens, scale)
+                                              context_lens, scale, max_seqlen_q)

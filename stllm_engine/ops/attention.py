@@ -175,12 +175,14 @@ def _paged_prefill_gather(q, k_cache, v_cache, block_tables, cu_seqlens_q, conte
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                            context_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                            context_lens: torch.Tensor, scale: float | None = None,
+                            max_seqlen_q: int | None = None) -> torch.Tensor:
     """q [N, Hq, d]: sequence b's queries are the last qlen_b of its context_lens[b] positions
-    (K/V already in the cache); causal -> [N, Hq, d]."""
+    (K/V already in the cache); causal -> [N, Hq, d]. ``max_seqlen_q`` (the longest chunk) spares
+    the CUDA launcher a read-back from the GPU, i.e. a synchronisation a layer."""
     if on_cuda(q):
         return triton_kernels("paged_prefill").paged_prefill_attention(
-            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_seqlen_q=max_seqlen_q)
     qc, bt, cl = _paged_args("paged_prefill_attention", q, k_cache, v_cache, block_tables, context_lens)
     cu = cu_seqlens_q.to(torch.int32).contiguous()
     if cu.numel() >= 2 and int((cu[1:] - cu[:-1]).max()) >= GATHER_MIN_QUERIES:
