@@ -36,7 +36,7 @@ see ``stllm_engine/model/threads.py``), both reported; the dtype is always the s
 The engine's glibc malloc settings (``stllm_engine/engine/cpu_malloc.py``) are process-wide, so the
 reference runs under them too (``malloc`` in the JSON; ``STLLM_CPU_MALLOC=default`` for neither).
 Targets (ratio = "engine better by"): ttft >= 1/0.7, decode >= 1.5, throughput >= 4,
-cached/follow-up ttft >= 1/0.3. Writes ``benchmarks/results/e2e-<device>[-<dtype>][-720p].json`` (the
+cached/follow-up ttft >= 1/0.3; on CUDA ttft >= 3 and decode >= 2. Writes ``benchmarks/results/e2e-<device>[-<dtype>][-720p].json`` (the
 dtype part for other dtypes than the device default).
 """
 from __future__ import annotations
@@ -60,6 +60,7 @@ QUESTIONS = ("What is the red shape doing while the other objects move across th
              "bounce off the edges?")
 PRESETS = {"tiny": "tiny", "bench-cpu": "bench_cpu", "stllm-7b": None}
 TARGETS = {"ttft": 1 / 0.7, "decode": 1.5, "throughput": 4.0, "cached_video_ttft": 1 / 0.3}
+GPU_TARGETS = dict(TARGETS, ttft=3.0, decode=2.0)  # the issue's GPU targets (ST-LLM-7B shape, bf16)
 REPETITION_PENALTY = 1.5
 VIDEO_SIZES = {"224p": (398, 224), "720p": (1280, 720)}  # BENCHMARKS.md: "720p and 224p"
 VIDEO_FRAMES, VIDEO_FPS = 48, 8
@@ -383,24 +384,25 @@ def main() -> None:
         # built, so the reference, which runs in this process, runs under them too
         base["malloc"] = llm.engine.malloc
     ref_name = "transformers reference"
+    targets = GPU_TARGETS if args.device.startswith("cuda") else TARGETS
     rows = []
     for k in ref_threads:
         rc = dict(base, reference_threads=k)
         rows += [
-            row(dict(rc, videos=reps, target=f">={TARGETS['ttft']:.2f}x"), "ttft", med(e_ttft),
+            row(dict(rc, videos=reps, target=f">={targets['ttft']:.2f}x"), "ttft", med(e_ttft),
                 ref_name + " (max_new_tokens=1)", med(r_t1[k]), "s", False),
-            row(dict(rc, videos=reps, target=f">={TARGETS['decode']:.2f}x"), "decode_tokens_per_s", med(e_rate),
+            row(dict(rc, videos=reps, target=f">={targets['decode']:.2f}x"), "decode_tokens_per_s", med(e_rate),
                 ref_name + " ((N-1)/(t_token(N) - t_token(1)), per-token clock in generate)", med(r_rate[k]), "tokens/s", True),
-            row(dict(rc, requests=conc, target=f">={TARGETS['throughput']:.2f}x"), "requests_per_s",
+            row(dict(rc, requests=conc, target=f">={targets['throughput']:.2f}x"), "requests_per_s",
                 conc / e_wall, ref_name + " (sequential)", conc / r_wall[k], "requests/s", True),
         ]
     rows += [
-        row(dict(base, videos=reps, target=f">={TARGETS['cached_video_ttft']:.2f}x"),
+        row(dict(base, videos=reps, target=f">={targets['cached_video_ttft']:.2f}x"),
             "cached_video_second_question_ttft", med(second),
             "engine, first question on the video (vision cache hit only; KV cannot be reused)", med(first),
             "s", False),
         row(dict(base, videos=reps, follow_up_uncached_prompt_tokens=med(c_new),
-                 target=f">={TARGETS['cached_video_ttft']:.2f}x"), "chat_follow_up_ttft", med(c_second),
+                 target=f">={targets['cached_video_ttft']:.2f}x"), "chat_follow_up_ttft", med(c_second),
             "engine, first chat turn on the video (incl. video preparation; follow-up reuses its KV)",
             med(c_first), "s", False),
     ]
