@@ -2,6 +2,7 @@
 
     STLLM_CPU_THREADS=1 python benchmarks/profile_e2e.py [--preset bench-cpu] [--dtype float32]
                                                           [--threads N] [--repeats 3] [--batch 1]
+    python benchmarks/profile_e2e.py --device cuda --preset stllm-7b --dtype bfloat16
 
 Phases (median over repeats, engine and reference interleaved, torch at ``--threads`` for both):
 frame decode, ViT (+ ln_vision), Q-Former (+ projector), LLM prefill of the chat prompt (one
@@ -9,6 +10,8 @@ packed pass vs ``LlamaForCausalLM`` forward), then the engine's decode step spli
 building (``ModelRunner._prepare``), model forward, LM head, sampler and the rest of
 ``LLMEngine.step`` (scheduler, stop checks, outputs); the reference's decode is
 (t_gen(N) - t_gen(1)) / (N - 1). ``--ops`` adds torch.profiler op tables of both prefills.
+On CUDA every phase is timed between device synchronisations, and a decode step that replays a
+CUDA graph has no separate LM-head time (it is inside the graph).
 """
 from __future__ import annotations
 
@@ -25,10 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
 
 
-def timed(fn, store: dict, key: str):
+def timed(fn, store: dict, key: str, device: str = "cpu"):
     def wrapper(*a, **kw):
+        e2e.sync(device)
         t = time.perf_counter()
         out = fn(*a, **kw)
+        e2e.sync(device)
         store[key].append(time.perf_counter() - t)
         return out
     return wrapper
@@ -37,8 +42,9 @@ def timed(fn, store: dict, key: str):
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="bench-cpu", choices=("tiny", "bench-cpu"))
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--preset", default="bench-cpu", choices=tuple(e2e.PRESETS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both sides (the engine's policy "
                     "is overridden to the same count)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -47,6 +53,9 @@ def main() -> None:
     ap.add_argument("--video", default="224p", choices=tuple(e2e.VIDEO_SIZES))
     ap.add_argument("--ops", action="store_true", help="print torch.profiler op tables of both prefills")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda requested but CUDA is not available")
+    dev = args.device
     import os
 
     os.environ["STLLM_CPU_THREADS"] = str(args.threads)
@@ -58,10 +67,10 @@ def main() -> None:
     from stllm_engine.video import load_video
 
     cache = cache_dir() / "bench"
-    folder = e2e.checkpoint_for(args.preset, cache)
+    folder = e2e.checkpoint_for(args.preset, cache, dev)
     videos = e2e.bench_videos(cache, 1 + args.repeats + args.batch, args.video)
-    ref = ReferenceSTLLM.from_pretrained(folder, dtype=dtype, device="cpu")
-    llm = STLLM.from_pretrained(folder, device="cpu", dtype=dtype, max_num_seqs=max(8, args.batch))
+    ref = ReferenceSTLLM.from_pretrained(folder, dtype=dtype, device=dev)
+    llm = STLLM.from_pretrained(folder, device=dev, dtype=dtype, max_num_seqs=max(8, args.batch))
     m, q = llm.engine.model, e2e.QUESTIONS[0]
     ids = llm.engine.prompt_ids(q)
 
@@ -78,36 +87,38 @@ def main() -> None:
         t = time.perf_counter()
         ref_frames = ref.load_frames(str(v), 16)
         T["frame decode (reference)"].append(time.perf_counter() - t)
-        emb = timed(m.encode_vision, T, "ViT (engine)")(frames)
-        remb = timed(ref.encode_vision, T, "ViT (reference)")(ref_frames)
-        tok = timed(m.encode_video, T, "Q-Former+proj (engine)")(emb, q)
-        rtok = timed(lambda: ref.frame_tokens(remb, q).reshape(-1, tok.shape[-1]), T, "Q-Former+proj (reference)")()
-        timed(engine_prefill, T, "LLM prefill (engine)")(tok)
+        emb = timed(m.encode_vision, T, "ViT (engine)", dev)(frames)
+        remb = timed(ref.encode_vision, T, "ViT (reference)", dev)(ref_frames)
+        tok = timed(m.encode_video, T, "Q-Former+proj (engine)", dev)(emb, q)
+        rtok = timed(lambda: ref.frame_tokens(remb, q).reshape(-1, tok.shape[-1]), T, "Q-Former+proj (reference)", dev)()
+        timed(engine_prefill, T, "LLM prefill (engine)", dev)(tok)
         embeds = ref.chat_inputs_embeds(rtok, q)
-        timed(lambda: ref.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1), T, "LLM prefill (reference)")()
+        timed(lambda: ref.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1), T, "LLM prefill (reference)", dev)()
         n = args.new_tokens
-        g1 = e2e.reference_run(ref, v, q, 1, 16, "cpu")[1]
-        gn = e2e.reference_run(ref, v, q, n, 16, "cpu")[1]
+        g1 = e2e.reference_run(ref, v, q, 1, 16, dev)[1]
+        gn = e2e.reference_run(ref, v, q, n, 16, dev)[1]
         T["decode step (reference)"].append((gn - g1) / (n - 1))
     print(f"{args.preset} {args.dtype}, {args.threads} thread(s), {len(ids) + tok.shape[0]} prompt positions")
     for k, vals in T.items():
         print(f"  {k:32s} {statistics.median(vals) * 1e3:9.2f} ms")
 
     eng, D = llm.engine, defaultdict(list)
-    eng.runner._prepare = timed(eng.runner._prepare, D, "input building")
+    eng.runner._prepare = timed(eng.runner._prepare, D, "input building", dev)
     eng.runner.model = m
-    m.compute_logits = timed(m.compute_logits, D, "LM head")
+    m.compute_logits = timed(m.compute_logits, D, "LM head", dev)
     run = eng.runner.run
-    eng.runner.run = timed(run, D, "runner.run (forward + LM head)")
-    eng._sample = timed(eng._sample, D, "sampler")
-    eng.step = timed(eng.step, D, "LLMEngine.step")
+    eng.runner.run = timed(run, D, "runner.run (forward + LM head)", dev)
+    eng._sample = timed(eng._sample, D, "sampler", dev)
+    eng.step = timed(eng.step, D, "LLMEngine.step", dev)
     reqs = [{"video": str(v), "question": q, "num_frames": 16} for v in videos[-args.batch:]]
     llm.generate(reqs, e2e.engine_params(llm, args.new_tokens))
     last = args.new_tokens - 2  # decode steps only (the first steps prefill)
     med = {k: statistics.median(v[-last:]) * 1e3 for k, v in D.items()}
-    print(f"engine decode step, batch {args.batch} (median of the last {last} steps):")
+    print(f"engine decode step, batch {args.batch} (median of the last {last} steps; "
+          f"{eng.kernels()['decode_pass']}):")
     for k in ("LLMEngine.step", "runner.run (forward + LM head)", "LM head", "input building", "sampler"):
-        print(f"  {k:32s} {med[k]:9.2f} ms")
+        if k in med and len(D[k]) > last:  # LM head: not called outside a CUDA graph's capture
+            print(f"  {k:32s} {med[k]:9.2f} ms")
     other = med["LLMEngine.step"] - med["runner.run (forward + LM head)"] - med["sampler"]
     print(f"  {'scheduler/stop checks/outputs':32s} {other:9.2f} ms")
     if args.ops:
@@ -115,9 +126,12 @@ def main() -> None:
 
         for name, fn in (("engine", lambda: engine_prefill(tok)),
                          ("reference", lambda: ref.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1))):
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
+            with profile(activities=acts) as prof:
                 fn()
-            print(f"{name} prefill ops\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+                e2e.sync(dev)
+            key = "self_cuda_time_total" if dev.startswith("cuda") else "self_cpu_time_total"
+            print(f"{name} prefill ops\n" + prof.key_averages().table(sort_by=key, row_limit=12))
 
 
 if __name__ == "__main__":

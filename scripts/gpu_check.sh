@@ -11,6 +11,8 @@
 #   e2e      benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 (random ST-LLM-7B)
 #   triton   the Triton kernel tests compiled (STLLM_TEST_TRITON_COMPILED=1, bf16 included)
 #   kernels  benchmarks/kernels.py --no-cpu (GPU rows)
+#   profile  benchmarks/profile_e2e.py --device cuda at the 7B shape: both sides' stages, the
+#            decode step's parts and the prefills' GPU op tables
 # Writes $OUT/log.txt (every step's output) and the result JSON files to $OUT. E2E_ARGS: more
 # arguments for e2e.py (e.g. "--repeats 5").
 set -u
@@ -22,7 +24,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
-STEPS=${*:-setup engine e2e triton kernels}
+STEPS=${*:-setup engine e2e triton kernels profile}
 
 run_step() {  # name limit command...
     local name=$1 limit=$2 left rc t0
@@ -59,6 +61,8 @@ for s in $STEPS; do
         e2e) run_step e2e 330 $PY benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 \
                  --out "$OUT/e2e-gpu-bfloat16.json" ${E2E_ARGS:-} ;;
         kernels) run_step kernels 120 $PY benchmarks/kernels.py --no-cpu --out "$OUT/kernels-gpu.json" ;;
+        profile) run_step profile 150 $PY benchmarks/profile_e2e.py --device cuda --preset stllm-7b \
+                     --dtype bfloat16 --repeats 3 --ops ;;
         *) echo "unknown step $s" | tee -a "$LOG" ;;
     esac
 done
