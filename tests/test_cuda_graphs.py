@@ -8,11 +8,11 @@ import random
 
 import pytest
 import torch
+from runner_checks import random_seq, run_step
 
 from stllm_engine.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from stllm_engine.engine.engine_config import EngineConfig
 from stllm_engine.engine.model_runner import ModelRunner
-from stllm_engine.engine.sequence import Sequence
 from stllm_engine.model import STLLMModel
 from stllm_engine.model.context import get_context, reset_context, set_context
 from stllm_engine.testing.checkpoints import write_tiny_checkpoint
@@ -67,13 +67,6 @@ class EagerReplays(DecodeGraphs):
         return replay, pool
 
 
-def _seq(model, lv, n_text, seed):
-    g = torch.Generator().manual_seed(seed)
-    video = torch.randn(lv, model.config.llm.hidden_size, generator=g) if lv else None
-    ids = torch.randint(3, model.config.llm.vocab_size, (n_text,), generator=g).tolist()
-    return Sequence(ids, video_embeds=video, video_key=f"v{seed}" if lv else "")
-
-
 def _decode_run(ckpt, graphs: bool, block_size=4, num_blocks=24):
     """Prefill 3 sequences, then 4 decode steps (3 rows, padded to the batch-4 'graph');
     returns (per-step logits, the KV cache, replays)."""
@@ -84,22 +77,12 @@ def _decode_run(ckpt, graphs: bool, block_size=4, num_blocks=24):
         runner.graphs = EagerReplays(model, 4, 10)
     free = list(range(num_blocks))
     random.Random(0).shuffle(free)
-    seqs = [_seq(model, 5, 4, 1), _seq(model, 0, 2, 2), _seq(model, 9, 3, 3)]
-
-    def step(items):
-        for seq, n in items:
-            while len(seq.block_table) * block_size < seq.num_computed_tokens + n:
-                seq.block_table.append(free.pop())
-        out = runner.run(items)
-        for seq, n in items:
-            seq.num_computed_tokens += n
-        return out
-
-    steps = [step([(s, s.num_tokens) for s in seqs])]
+    seqs = [random_seq(model, 5, 4, 1), random_seq(model, 0, 2, 2), random_seq(model, 9, 3, 3)]
+    steps = [run_step(runner, free, [(s, s.num_tokens) for s in seqs])]
     for _ in range(4):
         for i, s in enumerate(seqs):
             s.append_token(int(steps[-1][i].argmax()))
-        steps.append(step([(s, 1) for s in seqs]))
+        steps.append(run_step(runner, free, [(s, 1) for s in seqs]))
     return steps, model.kv_cache.clone(), runner.graphs.replays if graphs else 0
 
 
@@ -122,7 +105,7 @@ def test_steps_the_graphs_do_not_cover_run_eagerly(ckpt):
     assert graphs.covers(2, 3) and not graphs.covers(3, 3) and not graphs.covers(1, 4)
     runner = ModelRunner(model)
     runner.graphs = graphs
-    seq = _seq(model, 0, 13, 5)                          # 14 positions: 4 blocks > 3
+    seq = random_seq(model, 0, 13, 5)                          # 14 positions: 4 blocks > 3
     seq.block_table.extend(range(4))
     runner.run([(seq, 13)])
     seq.num_computed_tokens = 13

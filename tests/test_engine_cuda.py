@@ -12,10 +12,11 @@ import random
 
 import pytest
 import torch
+from runner_checks import random_seq, run_step
+from test_engine import release_params, run
 
 from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
 from stllm_engine.engine.model_runner import ModelRunner
-from stllm_engine.engine.sequence import Sequence
 from stllm_engine.model.stllm import STLLMModel
 from stllm_engine.reference.model import ReferenceSTLLM
 from stllm_engine.sampling_params import SamplingParams
@@ -45,25 +46,6 @@ def make_engine(folder, dtype=torch.float32, **cfg):
     cfg.setdefault("block_size", 8)
     cfg.setdefault("num_kv_blocks", 96)
     return LLMEngine(model, load_llama_tokenizer(folder), EngineConfig(**cfg))
-
-
-def run(engine, reqs):
-    """reqs: list of (video, question, params, kw); finished outputs in order."""
-    rids = [engine.add_request(v, q, p, **kw) for v, q, p, kw in reqs]
-    done = {}
-    for _ in range(10_000):
-        if not engine.has_unfinished_requests():
-            break
-        for o in engine.step():
-            if o.finished:
-                done[o.request_id] = o
-    assert set(done) == set(rids)
-    return [done[r] for r in rids]
-
-
-def release_params(ref, **kw):
-    kw.setdefault("max_new_tokens", 12)
-    return SamplingParams(min_new_tokens=1, stop=[], stop_token_ids=ref.stop_sequences, **kw)
 
 
 def frames_of(video, ref):
@@ -138,13 +120,6 @@ def gqa_folder(tmp_path_factory):
                                  video_input="all", seed=1, llm_num_kv_heads=2, llm_vocab_size=512)
 
 
-def _seq(model, lv, n_text, seed):
-    g = torch.Generator().manual_seed(seed)
-    video = torch.randn(lv, model.config.llm.hidden_size, generator=g) if lv else None
-    ids = torch.randint(3, model.config.llm.vocab_size, (n_text,), generator=g).tolist()
-    return Sequence(ids, video_embeds=video, video_key=f"v{seed}" if lv else "")
-
-
 @pytest.mark.parametrize("dtype,block_size,graphs", [(torch.float32, 4, False), (torch.float32, 16, True),
                                                      (torch.bfloat16, 16, True), (torch.float16, 8, True),
                                                      (torch.bfloat16, 8, False)])
@@ -160,23 +135,14 @@ def test_runner_logits_match_hf_on_cuda(gqa_folder, dtype, block_size, graphs):
     free = list(range(NUM_BLOCKS))
     random.Random(block_size).shuffle(free)                  # permuted block tables
 
-    def step(items):
-        for seq, n in items:
-            while len(seq.block_table) * block_size < seq.num_computed_tokens + n:
-                seq.block_table.append(free.pop())
-        logits = runner.run(items)
-        for seq, n in items:
-            seq.num_computed_tokens += n
-        return logits
-
     def hf_logits(seq):
         parts = [seq.video_embeds.to(CUDA, dtype)] if seq.num_video_tokens else []
         parts.append(model.embed_tokens(torch.tensor(seq.token_ids, device=CUDA)).to(dtype))
         with torch.no_grad():
             return hf(inputs_embeds=torch.cat(parts)[None]).logits[0, -1].float()
 
-    seqs = [_seq(model, 6, 5, 1), _seq(model, 0, 7, 2), _seq(model, 9, 1, 3)]
-    logits = step([(s, s.num_tokens) for s in seqs])
+    seqs = [random_seq(model, 6, 5, 1), random_seq(model, 0, 7, 2), random_seq(model, 9, 1, 3)]
+    logits = run_step(runner, free, [(s, s.num_tokens) for s in seqs])
     assert logits.shape == (3, 512) and logits.dtype == torch.float32 and logits.device.type == "cuda"
     for _ in range(3):
         for i, s in enumerate(seqs):
@@ -184,6 +150,6 @@ def test_runner_logits_match_hf_on_cuda(gqa_folder, dtype, block_size, graphs):
             err, tol = (logits[i] - want).abs().max().item(), TOL[dtype] * want.abs().max().item()
             assert err <= tol, f"{dtype}: max diff {err} > {tol}"
             s.append_token(int(logits[i].argmax()))
-        logits = step([(s, 1) for s in seqs])
+        logits = run_step(runner, free, [(s, 1) for s in seqs])
     if graphs:
         assert runner.graphs.replays == 3
