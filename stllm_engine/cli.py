@@ -49,6 +49,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="torch device: cpu, cuda, cuda:1 (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="compute dtype; auto = float32 on CPU, float16 on CUDA")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: launch decode steps kernel by kernel instead of replaying CUDA graphs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +174,7 @@ def answer_engine(args, folder: Path, video) -> dict:
     from stllm_engine.outputs import MODEL_FAILURE
 
     llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
-                      qformer_tokenizer=args.qformer_tokenizer)
+                      qformer_tokenizer=args.qformer_tokenizer, enforce_eager=args.enforce_eager)
     try:
         params = llm.params(**_sampling_kw(args))
     except (TypeError, ValueError) as e:
@@ -300,7 +302,7 @@ def cmd_serve(args) -> int:
     args.device = check_device(args.device)
     llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
                       kv_cache_memory=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs,
-                      qformer_tokenizer=args.qformer_tokenizer)
+                      qformer_tokenizer=args.qformer_tokenizer, enforce_eager=args.enforce_eager)
 
     def ready(server) -> None:
         progress(f"serving {folder} on http://{server.host}:{server.port} (GET /health, POST /v1/answer); "

@@ -69,6 +69,18 @@ def test_stream_prints_the_same_answer(files, engine_answer, capsys):
     assert out == engine_answer + "\n"
 
 
+def test_enforce_eager_reaches_the_engine_config(files, engine_answer, capsys, monkeypatch):
+    import stllm_engine.cli as cli
+
+    built = []
+    real = cli.load_engine
+    monkeypatch.setattr(cli, "load_engine", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    code, out, err = run(capsys, *base(files, "--enforce-eager"))
+    assert code == 0, err
+    assert out == engine_answer + "\n"  # on the CPU decode steps never use CUDA graphs anyway
+    assert built[0].engine.config.enforce_eager is True
+
+
 @pytest.mark.parametrize("extra", [["--num-frames", "4"], ["--keep-ratio", "0.5"], ["--num-beams", "2"]])
 def test_request_options_reach_the_engine(files, capsys, extra):
     llm = STLLM.from_pretrained(files[0])
