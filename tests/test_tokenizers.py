@@ -50,6 +50,19 @@ def test_llama_vocab_size_is_exact(tmp_path, vocab_size):
     assert max(ids) < vocab_size
 
 
+def test_llama_filler_ids_round_trip_through_text(tmp_path):
+    """A benchmark-sized vocabulary is mostly ``<extra_i>`` fillers: a random model's answer of
+    fillers and learned pieces decodes to text that encodes back to the same ids (a chat's next
+    prompt then reuses its KV), while ordinary text never produces a filler."""
+    tok = load_llama_tokenizer(write_llama_tokenizer(tmp_path, vocab_size=4000))
+    fillers = [i for t, i in tok.get_vocab().items() if t.startswith("<extra_")]
+    assert len(fillers) > 2000 and len(tok) == 4000
+    ids = [fillers[7], 300, fillers[-1], fillers[1000], 450, 31, fillers[3]]
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert tok(text, add_special_tokens=False)["input_ids"] == ids
+    assert not set(tok.encode(" ".join(PROMPTS))) & set(fillers)
+
+
 def test_llama_vocab_too_small_rejected(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         write_llama_tokenizer(tmp_path, vocab_size=100)

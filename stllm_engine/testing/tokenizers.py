@@ -14,7 +14,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
@@ -97,7 +98,11 @@ def train_llama_tokenizer(vocab_size: int = 1024) -> Tokenizer:
     """A LLaMA-style byte-fallback BPE with exactly ``vocab_size`` entries (training cached per size).
 
     The small corpus yields about 1k learned pieces; larger sizes are filled with ``<extra_i>``
-    pieces that encoding never produces (so big-vocab benchmark models can still decode any id).
+    pieces that ordinary text never produces (so big-vocab benchmark models can still decode any
+    id). They are also added tokens, so the text of any id sequence encodes back to the same ids:
+    a random-weight model's answers, mostly fillers, then come back unchanged in a chat's next
+    prompt (and its prefix-cache hit covers them), as a trained model's text does. As plain pieces
+    each filler re-encoded to ~11 byte-level tokens (64 generated ids -> ~720).
     """
     return Tokenizer.from_str(_train_llama_json(vocab_size))
 
@@ -131,6 +136,9 @@ def _train_llama_json(vocab_size: int) -> str:
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     tok.add_special_tokens(list(LLAMA_SPECIALS))
+    fillers = [t for t in vocab if t.startswith("<extra_")]
+    if fillers:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in fillers])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     return tok.to_str()
