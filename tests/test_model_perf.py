@@ -190,19 +190,29 @@ def _cache(ctx, Hk, d, bs, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("Hq,Hk,d", [(4, 4, 64), (8, 2, 88)])
 @pytest.mark.parametrize("bs", [8, 16])
-def test_paged_prefill_gather_path_matches_twin(dtype, Hq, Hk, d, bs):
-    """Long chunks (>= GATHER_MIN_QUERIES) take the gather + SDPA path; mixed with short chunks and
-    decodes in one call, over permuted block tables; equal to the pure-torch twin."""
+@pytest.mark.parametrize("ctx,qlens", [
+    ([200, 1, 97, 70, 133], [120, 1, 97, 3, 64]),  # history + new turn, decode, full prefill, chunks
+    ([150, 97, 40], [120, 97, 40]),                 # long chunks only (40: short for the SDPA path)
+    ([30, 9, 70], [1, 9, 3]),                       # decodes and small chunks only
+])
+def test_paged_prefill_paths_match_twin(dtype, Hq, Hk, d, bs, ctx, qlens, monkeypatch):
+    """Per sequence: chunks of >= gather_min_queries(dtype) queries gather their K/V and run the
+    flash kernel, shorter ones the C++ paged kernel, both kinds in one call over permuted block
+    tables; equal to the pure-torch twin, and each sequence took its path."""
     from stllm_engine import ops
     from stllm_engine.kernels import reference as twin
-    from stllm_engine.ops.attention import GATHER_MIN_QUERIES
+    from stllm_engine.ops import attention
 
-    ctx = [200, 1, 97, 70, 133]
-    qlens = [120, 1, 97, 3, GATHER_MIN_QUERIES]  # history + new turn, decode, full prefill, chunk
     k_cache, v_cache, table, lens, g = _cache(ctx, Hk, d, bs, dtype, seed=7)
     cu = torch.tensor([0] + qlens).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), Hq, d, generator=g).to(dtype)
+    gathered = []
+    real = attention._paged_prefill_gather
+    monkeypatch.setattr(attention, "_paged_prefill_gather",
+                        lambda qs, kc, vc, bt, cus, cls, sc: gathered.extend(cls.tolist()) or real(qs, kc, vc, bt, cus, cls, sc))
     out = ops.paged_prefill_attention(q, k_cache, v_cache, table, cu, lens, scale=0.2)
+    at = attention.gather_min_queries(dtype)
+    assert gathered == [c for c, n in zip(ctx, qlens) if n >= at]
     want = twin.paged_prefill_attention(q, k_cache, v_cache, table, cu, lens, scale=0.2)
     assert out.shape == q.shape and out.dtype == dtype
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
