@@ -161,31 +161,35 @@ def interleaved_ms(fns, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def elementwise_rows(reps: int) -> list[dict]:
-    """Fused C++ element-wise ops vs the torch op-by-op twins, at a bench-cpu prefill (593 rows of
-    the 1024-wide, 16x64-head, 2816-MLP LLM) and a batch-8 decode step."""
+def elementwise_cases(N: int, hidden: int, head_dim: int, inter: int, dtype: torch.dtype, device: str = "cpu"):
+    """{op: (fused, torch twin)} of the LLM's element-wise ops on N rows of a model ``hidden``
+    wide (MHA heads of ``head_dim``, MLP ``inter``): add+RMSNorm, rotary on the q/k part of a qkv
+    row, SwiGLU. Inputs are drawn on the CPU (seeded by N) and moved to ``device``."""
     from stllm_engine.model.llama import rotary_cos_sin
     from stllm_engine.ops import elementwise as ew
 
+    g = torch.Generator().manual_seed(N)
+    x, res = (torch.randn(N, hidden, generator=g).to(device, dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(device, dtype)
+    qkv = torch.randn(N, 3 * hidden, generator=g).to(device, dtype)
+    heads = 2 * hidden // head_dim  # q and k
+    cos, sin = rotary_cos_sin(torch.arange(N, device=device), head_dim, 10000.0, dtype)
+    gu = torch.randn(N, 2 * inter, generator=g).to(device, dtype)
+    return {
+        "add_rms_norm": (lambda: ew.add_rms_norm(x, res, w, 1e-6), lambda: ew.rms_norm_ref(res + x, w, 1e-6)),
+        "rotary_qk_": (lambda: ew.rotary_qk_(qkv, heads, head_dim, cos, sin),
+                       lambda: ew.rotate_ref(qkv[:, :2 * hidden].view(N, heads, head_dim), cos, sin)),
+        "silu_and_mul": (lambda: ew.silu_and_mul(gu), lambda: ew.silu_and_mul_ref(gu)),
+    }
+
+
+def elementwise_rows(reps: int) -> list[dict]:
+    """Fused C++ element-wise ops vs the torch op-by-op twins, at a bench-cpu prefill (593 rows of
+    the 1024-wide, 16x64-head, 2816-MLP LLM) and a batch-8 decode step."""
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for N in (8, 593):
-            g = torch.Generator().manual_seed(N)
-            x, res = (torch.randn(N, 1024, generator=g).to(dtype) for _ in range(2))
-            w = (1 + 0.1 * torch.randn(1024, generator=g)).to(dtype)
-            qkv = torch.randn(N, 3 * 1024, generator=g).to(dtype)
-            cos, sin = rotary_cos_sin(torch.arange(N), 64, 10000.0, dtype)
-            gu = torch.randn(N, 2 * 2816, generator=g).to(dtype)
-
-            def rot_ref():
-                return ew.rotate_ref(qkv[:, :2048].view(N, 32, 64), cos, sin)
-            cases = {
-                "add_rms_norm": (lambda: ew.add_rms_norm(x, res, w, 1e-6),
-                                 lambda: ew.rms_norm_ref(res + x, w, 1e-6)),
-                "rotary_qk_": (lambda: ew.rotary_qk_(qkv, 32, 64, cos, sin), rot_ref),
-                "silu_and_mul": (lambda: ew.silu_and_mul(gu), lambda: ew.silu_and_mul_ref(gu)),
-            }
-            for op, (fused, twin) in cases.items():
+            for op, (fused, twin) in elementwise_cases(N, 1024, 64, 2816, dtype).items():
                 eng, base = cpu_time_ms(fused, reps * 3), cpu_time_ms(twin, reps * 3)
                 cfg = dict(op=op, rows=N, hidden=1024, dtype=str(dtype).removeprefix("torch."), repeats=reps * 3)
                 rows.append(row(cfg, "latency", eng, "torch op-by-op twin", base, "ms", False))
@@ -233,24 +237,10 @@ def gpu_rows(quick: bool) -> list[dict]:
 def gpu_elementwise_rows() -> list[dict]:
     """Fused Triton element-wise ops vs the torch op-by-op twins at the 7B LLM's widths (4096
     hidden, 32x128 heads, 11008 MLP), bf16: a batch-8 decode step and a 4096-row prefill."""
-    from stllm_engine.model.llama import rotary_cos_sin
-    from stllm_engine.ops import elementwise as ew
-
-    rows, dev, H = [], "cuda", 4096
+    rows = []
     for N in (8, 4096):
-        x, res = (torch.randn(N, H, device=dev, dtype=torch.bfloat16) for _ in range(2))
-        w = (1 + 0.1 * torch.randn(H, device=dev)).to(torch.bfloat16)
-        qkv = torch.randn(N, 3 * H, device=dev, dtype=torch.bfloat16)
-        cos, sin = rotary_cos_sin(torch.arange(N, device=dev), 128, 10000.0, torch.bfloat16)
-        gu = torch.randn(N, 2 * 11008, device=dev, dtype=torch.bfloat16)
-        cases = {
-            "add_rms_norm": (lambda: ew.add_rms_norm(x, res, w, 1e-6), lambda: ew.rms_norm_ref(res + x, w, 1e-6)),
-            "rotary_qk_": (lambda: ew.rotary_qk_(qkv, 64, 128, cos, sin),
-                           lambda: ew.rotate_ref(qkv[:, :2 * H].view(N, 64, 128), cos, sin)),
-            "silu_and_mul": (lambda: ew.silu_and_mul(gu), lambda: ew.silu_and_mul_ref(gu)),
-        }
-        for op, (fused, twin) in cases.items():
-            cfg = dict(op=op, rows=N, hidden=H, dtype="bfloat16")
+        for op, (fused, twin) in elementwise_cases(N, 4096, 128, 11008, torch.bfloat16, "cuda").items():
+            cfg = dict(op=op, rows=N, hidden=4096, dtype="bfloat16")
             rows.append(row(cfg, "latency", gpu_time_ms(fused), "torch op-by-op twin", gpu_time_ms(twin), "ms", False))
     return rows
 

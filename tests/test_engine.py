@@ -23,8 +23,8 @@ def video(tmp_path_factory):
     return write_video(tmp_path_factory.mktemp("vid") / "clip.mp4", num_frames=20, size=(96, 72))
 
 
-def make_engine(folder, **cfg):
-    model = STLLMModel.from_checkpoint(load_checkpoint(folder), "cpu", torch.float32)
+def make_engine(folder, device="cpu", **cfg):
+    model = STLLMModel.from_checkpoint(load_checkpoint(folder), device, torch.float32)
     cfg.setdefault("block_size", 8)
     cfg.setdefault("num_kv_blocks", 96)
     return LLMEngine(model, load_llama_tokenizer(folder), EngineConfig(**cfg))

@@ -13,16 +13,14 @@ import random
 import pytest
 import torch
 from runner_checks import random_seq, run_step
-from test_engine import release_params, run
+from test_engine import make_engine, release_params, run
 
-from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
 from stllm_engine.engine.model_runner import ModelRunner
 from stllm_engine.model.stllm import STLLMModel
 from stllm_engine.reference.model import ReferenceSTLLM
 from stllm_engine.sampling_params import SamplingParams
 from stllm_engine.testing.checkpoints import write_tiny_checkpoint
 from stllm_engine.testing.videos import write_video
-from stllm_engine.tokenizers import load_llama_tokenizer
 from stllm_engine.video import load_video
 from stllm_engine.weights import load_checkpoint
 
@@ -40,14 +38,6 @@ def video(tmp_path_factory):
     return write_video(tmp_path_factory.mktemp("vid") / "clip.mp4", num_frames=20, size=(96, 72))
 
 
-def make_engine(folder, dtype=torch.float32, **cfg):
-    model = STLLMModel.from_checkpoint(load_checkpoint(folder, progress=False), CUDA, dtype)
-    assert model.device.type == "cuda"
-    cfg.setdefault("block_size", 8)
-    cfg.setdefault("num_kv_blocks", 96)
-    return LLMEngine(model, load_llama_tokenizer(folder), EngineConfig(**cfg))
-
-
 def frames_of(video, ref):
     return load_video(video, num_frames=ref.config.num_frames, size=ref.config.vision.image_size).frames
 
@@ -58,13 +48,13 @@ def test_greedy_tokens_match_reference_on_cuda(folders, video, vit, vi):
     ref = ReferenceSTLLM.from_pretrained(f, device=CUDA)
     frames = frames_of(video, ref)
     want = ref.generate_ids(frames, Q, max_new_tokens=12).token_ids
-    eng = make_engine(f, max_num_batched_tokens=24 if vit == "btadapter" else 2048)  # chunked prefill too
+    eng = make_engine(f, CUDA, max_num_batched_tokens=24 if vit == "btadapter" else 2048)  # chunked prefill too
     out, out_file = run(eng, [(frames, Q, release_params(ref), {}), (video, Q, release_params(ref), {})])
     assert out.error is None and out.token_ids == want
     assert out_file.token_ids == want
     eng.block_manager.check()
     assert eng.block_manager.stats()["used_blocks"] == 0
-    assert eng.kernels()["decode_attention"] == "triton paged"
+    assert eng.model.device.type == "cuda" and eng.kernels()["decode_attention"] == "triton paged"
     assert eng.runner.graphs is not None and eng.runner.graphs.replays > 0, eng.kernels()["decode_pass"]
 
 
@@ -73,7 +63,7 @@ def test_enforce_eager_gives_the_graphs_tokens(folders, video):
     ref = ReferenceSTLLM.from_pretrained(f, device=CUDA)
     p = release_params(ref, max_new_tokens=10)
     reqs = [(video, Q, p, {}), (video, "which color is the square?", p, {}), (video, "how many shapes?", p, {})]
-    graphs, eager = make_engine(f), make_engine(f, enforce_eager=True)
+    graphs, eager = make_engine(f, CUDA), make_engine(f, CUDA, enforce_eager=True)
     assert eager.runner.graphs is None and eager.kernels()["decode_pass"] == "eager"
     assert eager.runner.graph_error is None
     assert [o.token_ids for o in run(graphs, reqs)] == [o.token_ids for o in run(eager, reqs)]
@@ -88,7 +78,7 @@ def test_beam_search_matches_reference_on_cuda(folders, video):
     want = ref.generate_from_embeds(embeds, max_new_tokens=8, num_beams=3)
     p = SamplingParams(min_new_tokens=1, stop=[], stop_token_ids=ref.stop_sequences, max_new_tokens=8,
                        num_beams=3)
-    (out,) = run(make_engine(f), [(frames, Q, p, {})])
+    (out,) = run(make_engine(f, CUDA), [(frames, Q, p, {})])
     assert out.token_ids == want.token_ids
 
 
@@ -101,8 +91,8 @@ def test_mixed_batch_equals_each_alone_on_cuda(folders, video, tmp_path):
         (str(tmp_path / "missing.mp4"), Q, SamplingParams(), {}),
         (video, "how many shapes?", SamplingParams(max_new_tokens=8, temperature=1.2, seed=7), {"keep_ratio": 0.5}),
     ]
-    batched = run(make_engine(f, max_num_batched_tokens=40), reqs)
-    solo = make_engine(f)
+    batched = run(make_engine(f, CUDA, max_num_batched_tokens=40), reqs)
+    solo = make_engine(f, CUDA)
     for b, r in zip(batched, reqs):
         (a,) = run(solo, [r])
         assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason and b.error == a.error

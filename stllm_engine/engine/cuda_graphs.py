@@ -60,8 +60,6 @@ class DecodeGraphs:
                 self.replay_fns[bs], pool = self._capture(bs, pool)
             finally:
                 reset_context()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
     @staticmethod
     def _check_device(model) -> None:

@@ -60,16 +60,17 @@ class LLMEngine(BeamRequests):
             raise ValueError(f"kv_cache_memory={cfg.kv_cache_memory} bytes holds no KV block "
                              f"({self.bytes_per_block} bytes each at block_size {cfg.block_size})")
         model.allocate_kv_cache(num_blocks, cfg.block_size)
+        self.max_positions = model.config.llm.max_position_embeddings
+        self.max_length = min(cfg.max_length, self.max_positions)
+        # no sequence outgrows max_length, so no block table is wider than this
         self.runner = ModelRunner(model, graph_batch=None if cfg.enforce_eager else cfg.max_num_seqs,
-                                  graph_blocks=-(-cfg.max_length // cfg.block_size))
+                                  graph_blocks=-(-self.max_length // cfg.block_size))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                           self.bytes_per_block)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.eos_token_id = tokenizer.eos_token_id
         self.sampler = Sampler(self.eos_token_id)
         self.vision_cache = VisionCache(cfg.vision_cache_bytes)
-        self.max_positions = model.config.llm.max_position_embeddings
-        self.max_length = min(cfg.max_length, self.max_positions)
         self.frame_loader = FrameLoader(cfg.frame_workers)
         _import_video_stack()  # decord & co. load now, not inside the first request's TTFT
         # CPU: freed activations stay mapped between passes (process-wide; see cpu_malloc.py)

@@ -222,5 +222,5 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         seqs = torch.tensor(group)
         sub_cu = torch.tensor([0, *accumulate(lens[b] for b in group)], dtype=torch.int32)
         out.index_copy_(0, rows, run(qc.index_select(0, rows), bt.index_select(0, seqs), sub_cu,
-                                     cl.index_select(0, seqs)).to(qc.dtype))
+                                     cl.index_select(0, seqs)))
     return out.to(q.dtype)
