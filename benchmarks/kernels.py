@@ -147,18 +147,9 @@ def gelu_rows(reps: int) -> list[dict]:
 
 def interleaved_ms(fns, repeats: int) -> list[float]:
     """Median ms of each fn, called in turn (rotating the order) ``repeats`` times after a warm-up."""
-    import statistics
-    import time
+    from stllm_engine.model.packed_linear import interleaved_medians
 
-    times: list[list[float]] = [[] for _ in fns]
-    for r in range(repeats + 1):
-        for i in range(len(fns)):
-            j = (i + r) % len(fns)
-            t = time.perf_counter()
-            fns[j]()
-            if r:
-                times[j].append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(t) for t in times]
+    return [t * 1e3 for t in interleaved_medians(fns, repeats)]
 
 
 def elementwise_cases(N: int, hidden: int, head_dim: int, inter: int, dtype: torch.dtype, device: str = "cpu"):

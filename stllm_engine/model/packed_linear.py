@@ -204,17 +204,25 @@ def llm_prefill_rows(config) -> int:
     return bucketed_rows(video + PROMPT_ROWS, torch.device("cpu"))
 
 
-def _second_is_faster(first, second, repeats: int) -> bool:
-    """Whether ``second()`` has the lower median time over ``repeats`` interleaved rounds of both,
-    after one warm-up round (which also sets up oneDNN's primitives for the shape)."""
-    times: list[list[float]] = [[], []]
+def interleaved_medians(fns, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns`` over ``repeats`` rounds that call every one in turn (the
+    order rotating from round to round), after one warm-up round (which also sets up oneDNN's
+    primitives for the shape): side by side, so a host's drift hits them alike."""
+    times: list[list[float]] = [[] for _ in fns]
     for r in range(repeats + 1):
-        for i, fn in enumerate((first, second)):
+        for i in range(len(fns)):
+            j = (i + r) % len(fns)
             t = time.perf_counter()
-            fn()
+            fns[j]()
             if r:
-                times[i].append(time.perf_counter() - t)
-    return statistics.median(times[1]) < statistics.median(times[0])
+                times[j].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def _second_is_faster(first, second, repeats: int) -> bool:
+    """Whether ``second()`` has the lower median time (:func:`interleaved_medians`)."""
+    a, b = interleaved_medians([first, second], repeats)
+    return b < a
 
 
 def _prefill_mode() -> str:
