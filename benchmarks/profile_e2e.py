@@ -98,6 +98,11 @@ def main() -> None:
         g1 = e2e.reference_run(ref, v, q, 1, 16, dev)[1]
         gn = e2e.reference_run(ref, v, q, n, 16, dev)[1]
         T["decode step (reference)"].append((gn - g1) / (n - 1))
+    if dev.startswith("cuda"):  # the ViT's frames attention on the Triton kernel instead of SDPA
+        os.environ["STLLM_CUDA_ATTENTION"] = "triton"
+        for _ in range(1 + args.repeats):
+            timed(m.encode_vision, T, "ViT (engine, triton attention)", dev)(frames)
+        del os.environ["STLLM_CUDA_ATTENTION"]
     print(f"{args.preset} {args.dtype}, {args.threads} thread(s), {len(ids) + tok.shape[0]} prompt positions")
     for k, vals in T.items():
         print(f"  {k:32s} {statistics.median(vals) * 1e3:9.2f} ms")
@@ -111,27 +116,37 @@ def main() -> None:
     eng._sample = timed(eng._sample, D, "sampler", dev)
     eng.step = timed(eng.step, D, "LLMEngine.step", dev)
     reqs = [{"video": str(v), "question": q, "num_frames": 16} for v in videos[-args.batch:]]
-    llm.generate(reqs, e2e.engine_params(llm, args.new_tokens))
+    outs = llm.generate(reqs, e2e.engine_params(llm, args.new_tokens))
+    failed = [o.error for o in outs if getattr(o, "error", None)]
+    if failed:
+        print(f"engine decode step: {len(failed)} request(s) failed: {failed[0]}")
     last = args.new_tokens - 2  # decode steps only (the first steps prefill)
-    med = {k: statistics.median(v[-last:]) * 1e3 for k, v in D.items()}
+    med = {k: statistics.median(v[-last:]) * 1e3 for k, v in D.items() if len(v) > last}
     print(f"engine decode step, batch {args.batch} (median of the last {last} steps; "
-          f"{eng.kernels()['decode_pass']}):")
+          f"{eng.kernels()['decode_pass']}; calls recorded: "
+          f"{', '.join(f'{k} {len(v)}' for k, v in D.items())}):")
     for k in ("LLMEngine.step", "runner.run (forward + LM head)", "LM head", "input building", "sampler"):
-        if k in med and len(D[k]) > last:  # LM head: not called outside a CUDA graph's capture
+        if k in med:  # LM head: not called outside a CUDA graph's capture
             print(f"  {k:32s} {med[k]:9.2f} ms")
-    other = med["LLMEngine.step"] - med["runner.run (forward + LM head)"] - med["sampler"]
-    print(f"  {'scheduler/stop checks/outputs':32s} {other:9.2f} ms")
+    parts = ("LLMEngine.step", "runner.run (forward + LM head)", "sampler")
+    if all(k in med for k in parts):
+        other = med[parts[0]] - med[parts[1]] - med[parts[2]]
+        print(f"  {'scheduler/stop checks/outputs':32s} {other:9.2f} ms")
     if args.ops:
         from torch.profiler import ProfilerActivity, profile
 
-        for name, fn in (("engine", lambda: engine_prefill(tok)),
-                         ("reference", lambda: ref.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1))):
+        for name, fn in (("engine ViT", lambda: m.encode_vision(frames)),
+                         ("reference ViT", lambda: ref.encode_vision(ref_frames)),
+                         ("engine Q-Former+proj", lambda: m.encode_video(emb, q)),
+                         ("reference Q-Former+proj", lambda: ref.frame_tokens(remb, q)),
+                         ("engine prefill", lambda: engine_prefill(tok)),
+                         ("reference prefill", lambda: ref.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1))):
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
             with profile(activities=acts) as prof:
                 fn()
                 e2e.sync(dev)
             key = "self_cuda_time_total" if dev.startswith("cuda") else "self_cpu_time_total"
-            print(f"{name} prefill ops\n" + prof.key_averages().table(sort_by=key, row_limit=12))
+            print(f"{name} ops\n" + prof.key_averages().table(sort_by=key, row_limit=12))
 
 
 if __name__ == "__main__":

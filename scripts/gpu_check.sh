@@ -9,10 +9,12 @@
 #            with the machine's torch (stllm_engine.kernels is a link to kernels/ there)
 #   engine   tests/test_engine_cuda.py: the engine on the GPU vs the reference on the GPU
 #   e2e      benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 (random ST-LLM-7B)
+#   e2e720   the same on the 1280x720 clips
 #   triton   the Triton kernel tests compiled (STLLM_TEST_TRITON_COMPILED=1, bf16 included)
 #   kernels  benchmarks/kernels.py --no-cpu (GPU rows)
-#   profile  benchmarks/profile_e2e.py --device cuda at the 7B shape: both sides' stages, the
-#            decode step's parts and the prefills' GPU op tables
+#   profile  benchmarks/profile_e2e.py --device cuda at the 7B shape (torch at nproc threads):
+#            both sides' stages, the decode step's parts and the prefills' GPU op tables
+#   frames   benchmarks/frames.py --device cuda: decode on 1 / 8 readers, preprocessing CPU vs GPU
 # Writes $OUT/log.txt (every step's output) and the result JSON files to $OUT. E2E_ARGS: more
 # arguments for e2e.py (e.g. "--repeats 5").
 set -u
@@ -24,7 +26,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
-STEPS=${*:-setup engine e2e triton kernels profile}
+STEPS=${*:-setup engine e2e e2e720 triton kernels profile frames}
 
 run_step() {  # name limit command...
     local name=$1 limit=$2 left rc t0
@@ -60,9 +62,12 @@ for s in $STEPS; do
                     tests/test_kernels_triton.py tests/test_kernels_triton_paged.py tests/test_kernels_triton_elementwise.py ;;
         e2e) run_step e2e 330 $PY benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 \
                  --out "$OUT/e2e-gpu-bfloat16.json" ${E2E_ARGS:-} ;;
+        e2e720) run_step e2e720 240 $PY benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 \
+                 --video 720p --out "$OUT/e2e-gpu-bfloat16-720p.json" ${E2E_ARGS:-} ;;
         kernels) run_step kernels 120 $PY benchmarks/kernels.py --no-cpu --out "$OUT/kernels-gpu.json" ;;
         profile) run_step profile 150 $PY benchmarks/profile_e2e.py --device cuda --preset stllm-7b \
-                     --dtype bfloat16 --repeats 3 --ops ;;
+                     --dtype bfloat16 --repeats 3 --threads "$(nproc)" --ops ;;
+        frames) run_step frames 60 $PY benchmarks/frames.py --device cuda --out "$OUT/frames-gpu.json" ;;
         *) echo "unknown step $s" | tee -a "$LOG" ;;
     esac
 done

@@ -51,6 +51,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype; auto = float32 on CPU, float16 on CUDA")
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: launch decode steps kernel by kernel instead of replaying CUDA graphs")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="CUDA: skip the warm-up requests at load (the first request then pays the "
+                        "Triton compiles)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +139,8 @@ def load_engine(folder: Path, device: str, dtype, **kw):
         llm = STLLM.from_pretrained(folder, device=device, dtype=dtype, **kw)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CLIError(f"cannot load model {folder}: {one_line(e)}") from None
-    progress(f"loaded in {time.perf_counter() - t:.1f}s")
+    warm = llm.engine.warmup_s
+    progress(f"loaded in {time.perf_counter() - t:.1f}s" + (f" (warm-up {warm:.1f}s)" if warm is not None else ""))
     return llm
 
 
@@ -174,7 +178,8 @@ def answer_engine(args, folder: Path, video) -> dict:
     from stllm_engine.outputs import MODEL_FAILURE
 
     llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
-                      qformer_tokenizer=args.qformer_tokenizer, enforce_eager=args.enforce_eager)
+                      qformer_tokenizer=args.qformer_tokenizer, enforce_eager=args.enforce_eager,
+                      warmup=False if args.no_warmup else None)
     try:
         params = llm.params(**_sampling_kw(args))
     except (TypeError, ValueError) as e:
@@ -231,7 +236,8 @@ def answer_reference(args, folder: Path, video) -> dict:
                                              device=args.device, qformer_tokenizer=args.qformer_tokenizer)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CLIError(f"cannot load model {folder}: {one_line(e)}") from None
-    progress(f"loaded in {time.perf_counter() - t:.1f}s")
+    warm = llm.engine.warmup_s
+    progress(f"loaded in {time.perf_counter() - t:.1f}s" + (f" (warm-up {warm:.1f}s)" if warm is not None else ""))
     kw = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "top_p": args.top_p,
           "repetition_penalty": args.repetition_penalty, "seed": args.seed}
     kw = {k: v for k, v in kw.items() if v is not None}
@@ -302,7 +308,8 @@ def cmd_serve(args) -> int:
     args.device = check_device(args.device)
     llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
                       kv_cache_memory=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs,
-                      qformer_tokenizer=args.qformer_tokenizer, enforce_eager=args.enforce_eager)
+                      qformer_tokenizer=args.qformer_tokenizer, enforce_eager=args.enforce_eager,
+                      warmup=False if args.no_warmup else None)
 
     def ready(server) -> None:
         progress(f"serving {folder} on http://{server.host}:{server.port} (GET /health, POST /v1/answer); "

@@ -143,3 +143,24 @@ def test_runner_logits_match_hf_on_cuda(gqa_folder, dtype, block_size, graphs):
         logits = run_step(runner, free, [(s, 1) for s in seqs])
     if graphs:
         assert runner.graphs.replays == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("frames,seqlen,head_dim", [(3, 257, 88), (1, 1, 64), (5, 50, 40)])
+def test_uniform_attention_paths_agree_on_cuda(dtype, frames, seqlen, head_dim, monkeypatch):
+    """The ViT's frames attention (``uniform=True``): torch SDPA (default) and the Triton kernel
+    (``STLLM_CUDA_ATTENTION=triton``) both match a float32 twin within the dtype's tolerance."""
+    from stllm_engine import ops
+
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    q, k, v = (torch.randn(frames * seqlen, 4, head_dim, device=CUDA, generator=g).to(dtype) for _ in range(3))
+    cu = torch.arange(0, frames + 1, device=CUDA, dtype=torch.int32) * seqlen
+    qh, kh, vh = (t.float().view(frames, seqlen, 4, head_dim).transpose(1, 2) for t in (q, k, v))
+    want = torch.softmax(qh @ kh.transpose(-1, -2) * head_dim ** -0.5, -1) @ vh
+    want = want.transpose(1, 2).reshape(q.shape)
+    tol = {torch.float32: 2e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    for backend in ("auto", "triton"):
+        monkeypatch.setenv("STLLM_CUDA_ATTENTION", backend)
+        got = ops.varlen_attention(q, k, v, cu, cu, seqlen, seqlen, False, uniform=True)
+        err = ((got.float() - want).abs().max() / want.abs().max()).item()
+        assert got.dtype == dtype and err < tol, (backend, err)

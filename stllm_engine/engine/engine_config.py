@@ -24,7 +24,9 @@ class EngineConfig:
     most ``MAX_DEFAULT_DECODE_THREADS``, as every reader holds its own decoder; 1: one reader).
     Background decodes use one reader each, beside the model's threads. enforce_eager: on CUDA,
     decode steps launch their kernels one by one instead of replaying CUDA graphs captured at
-    start (``cuda_graphs.py``; for debugging and comparisons)."""
+    start (``cuda_graphs.py``; for debugging and comparisons). warmup: run two short synthetic
+    requests when the engine is built, so Triton compiles and library set-up are paid at load and
+    not by the first request (``warmup.py``); None: on CUDA only."""
 
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -39,6 +41,7 @@ class EngineConfig:
     frame_workers: int = 1
     decode_threads: int | None = None
     enforce_eager: bool = False
+    warmup: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_length"):
@@ -57,8 +60,14 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.decode_threads must be a positive int or None, got {self.decode_threads!r}")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"EngineConfig.enforce_eager must be a bool, got {self.enforce_eager!r}")
+        if self.warmup is not None and not isinstance(self.warmup, bool):
+            raise ValueError(f"EngineConfig.warmup must be a bool or None, got {self.warmup!r}")
         if not isinstance(self.vision_cache_bytes, int) or self.vision_cache_bytes < 0:
             raise ValueError(f"EngineConfig.vision_cache_bytes must be >= 0, got {self.vision_cache_bytes!r}")
+
+    def resolved_warmup(self, device: torch.device) -> bool:
+        """warmup, None resolved to whether ``device`` is a GPU (where first calls compile)."""
+        return device.type == "cuda" if self.warmup is None else self.warmup
 
     def resolved_decode_threads(self) -> int:
         """decode_threads, None resolved to the CPUs this process may run on (at most

@@ -29,6 +29,7 @@ from stllm_engine.engine.sequence import Sequence
 from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, decode_video, finish_frames,
                                             needs_decoding, plan_hit, prepare_video, record_plan)
 from stllm_engine.engine.vision_cache import VisionCache
+from stllm_engine.engine.warmup import warm_up
 from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
 from stllm_engine.prompts import MVBENCH_SYSTEM, chat_prompt, mvbench_prompt_segments, mvbench_question
 from stllm_engine.sampling_params import SamplingParams
@@ -65,16 +66,26 @@ class LLMEngine(BeamRequests):
         # no sequence outgrows max_length, so no block table is wider than this
         self.runner = ModelRunner(model, graph_batch=None if cfg.enforce_eager else cfg.max_num_seqs,
                                   graph_blocks=-(-self.max_length // cfg.block_size))
-        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching,
-                                          self.bytes_per_block)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.num_kv_blocks = num_blocks
         self.eos_token_id = tokenizer.eos_token_id
         self.sampler = Sampler(self.eos_token_id)
-        self.vision_cache = VisionCache(cfg.vision_cache_bytes)
         self.frame_loader = FrameLoader(cfg.frame_workers)
         _import_video_stack()  # decord & co. load now, not inside the first request's TTFT
         # CPU: freed activations stay mapped between passes (process-wide; see cpu_malloc.py)
         self.malloc = tune_malloc() if model.device.type == "cpu" else "default"
+        self.reset_state()
+        self.warmup_s = warm_up(self) if cfg.resolved_warmup(model.device) else None
+
+    def reset_state(self) -> None:
+        """Empty KV pool (no cached prefixes), empty vision cache, zero counters; only while no
+        request is live (e.g. after :func:`~stllm_engine.engine.warmup.warm_up`)."""
+        if getattr(self, "_requests", None):
+            raise RuntimeError("reset_state needs an idle engine (requests are live)")
+        cfg = self.config
+        self.block_manager = BlockManager(self.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching,
+                                          self.bytes_per_block)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.vision_cache = VisionCache(cfg.vision_cache_bytes)
         self._requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self._pending: list[RequestOutput] = []
@@ -385,12 +396,13 @@ class LLMEngine(BeamRequests):
     def kernels(self) -> dict:
         """Which kernel paths this engine's model runs (for /health and benchmark reports)."""
         from stllm_engine.model import cpu_decode
-        from stllm_engine.ops.attention import cpu_prefill_attention_kernel
+        from stllm_engine.ops.attention import cpu_prefill_attention_kernel, cuda_attention_kernel
 
         device, dtype = self.model.device, self.model.dtype
         on_cpu = device.type == "cpu"
         return {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "prefill_attention": cpu_prefill_attention_kernel(dtype) if on_cpu else "triton",
+                "vision_attention": cpu_prefill_attention_kernel(dtype) if on_cpu else cuda_attention_kernel(uniform=True),
                 "decode_attention": "c++ paged" if on_cpu else "triton paged", "malloc": self.malloc,
                 "decode_pass": ("c++ layer loop" if cpu_decode.enabled() else "python layer loop") if on_cpu
                 else self.runner.decode_mode()}

@@ -117,7 +117,8 @@ def _frames_of(model, video, num_frames: int, sampling: str, bound=None, decode_
         digest = hashlib.sha256(video.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
         return video, list(range(video.shape[0])), "frames:" + digest
     vf = load_video(video, num_frames=num_frames, sampling=sampling, bound=bound,
-                    size=model.config.vision.image_size, decode_workers=decode_workers)
+                    size=model.config.vision.image_size, decode_workers=decode_workers,
+                    device=preprocess_device(model))
     return vf.frames, list(vf.indices), vf.content_hash
 
 
@@ -168,11 +169,19 @@ def decode_video(model, video, num_frames: int, sampling: str = "uniform", bound
                       size=model.config.vision.image_size, preprocess=False)
 
 
+def preprocess_device(model) -> torch.device | None:
+    """Where a video's frames are preprocessed: on the model's GPU (the uint8 frames go up and are
+    resized there; 16 frames of 1280x720 on an H100 host: 5.9 ms against 18.4 ms on 16 CPU
+    threads, ``benchmarks/frames.py``), else on the CPU (None)."""
+    return model.device if model.device.type == "cuda" else None
+
+
 def finish_frames(model, frames):
-    """Preprocess the uint8 frames of :func:`decode_video` at the model's image size."""
+    """Preprocess the uint8 frames of :func:`decode_video` at the model's image size (on
+    :func:`preprocess_device`)."""
     from stllm_engine.video import preprocessed
 
-    return preprocessed(frames, model.config.vision.image_size)
+    return preprocessed(frames, model.config.vision.image_size, device=preprocess_device(model))
 
 
 def prepare_video(model, cache: VisionCache | None, video, question: str, *, num_frames: int | None = None,

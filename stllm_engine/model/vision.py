@@ -30,7 +30,7 @@ class EVAAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         o = ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                 causal=False, scale=self.head_dim ** -0.5)
+                                 causal=False, scale=self.head_dim ** -0.5, uniform=True)
         return o.reshape(n, -1)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:

@@ -66,6 +66,20 @@ def cpu_attention_backend() -> str:
     return value
 
 
+_CUDA_ATTENTION_CHOICES = ("auto", "triton")
+
+
+def cuda_attention_backend() -> str:
+    """``STLLM_CUDA_ATTENTION`` (read per call): ``auto`` (default) runs attention over batches of
+    equal-length sequences (the ViT's frames) on torch's SDPA, which picks cuDNN / FlashAttention-2
+    kernels for any head dim (the ViT-g's 88 included), and everything else (packed causal
+    prefill, paged attention) on the Triton kernels; ``triton`` keeps every attention on Triton."""
+    value = os.environ.get("STLLM_CUDA_ATTENTION", "auto").strip().lower() or "auto"
+    check(value in _CUDA_ATTENTION_CHOICES,
+          f"STLLM_CUDA_ATTENTION={value!r}: expected one of {', '.join(_CUDA_ATTENTION_CHOICES)}")
+    return value
+
+
 _AMX: bool | None = None
 
 

@@ -19,7 +19,8 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from ._backend import amx_attention, check, check_cpu, cpp, cpu_attention_backend, on_cuda, plain, triton_kernels
+from ._backend import (amx_attention, check, check_cpu, cpp, cpu_attention_backend, cuda_attention_backend, on_cuda,
+                       plain, triton_kernels)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
@@ -57,13 +58,27 @@ def _prefix_causal(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, prefix:
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, uniform: bool = False) -> torch.Tensor:
     """q [N, Hq, d], k/v [Nk, Hk, d], cu_seqlens_q/k int32 [B+1] -> [N, Hq, d] (differentiable).
+
+    ``uniform``: the caller promises every sequence has ``max_seqlen_q`` queries and
+    ``max_seqlen_k`` keys (video frames), so CUDA can run one dense batched call without reading
+    ``cu_seqlens`` back: torch SDPA unless ``STLLM_CUDA_ATTENTION=triton``
+    (:func:`cuda_attention_kernel`); elsewhere it changes nothing.
 
     CPU: bfloat16 outside autograd on an AMX CPU -> one call of the C++ AMX flash kernel for the
     whole batch (``csrc/flash_attention_amx_cpu.cpp``; ``STLLM_CPU_ATTENTION=torch`` turns it off);
     else torch SDPA, one call for equal-length batches (e.g. vision frames), else per sequence."""
     if on_cuda(q):
+        if uniform and cuda_attention_kernel(uniform=True) == "torch-sdpa":
+            B, Lq, Lk = cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k)
+            check(B * Lq == q.shape[0] and B * Lk == k.shape[0] and (not causal or Lq <= Lk),
+                  f"varlen_attention(uniform=True): {B} sequences of {Lq}/{Lk} rows do not make "
+                  f"q {tuple(q.shape)} / k {tuple(k.shape)}")
+            s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            out = _sdpa(q.view(B, Lq, q.shape[1], -1), k.view(B, Lk, k.shape[1], -1),
+                        v.view(B, Lk, v.shape[1], -1), causal, s)
+            return out.reshape(q.shape)
         return triton_kernels("flash_attention").varlen_attention(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
     check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k.shape[2] == q.shape[2],
@@ -100,6 +115,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if nq > blind:
             outs.append(_sdpa(qb[blind:].unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0), causal, scale)[0])
     return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+
+
+def cuda_attention_kernel(uniform: bool) -> str:
+    """The kernel CUDA varlen attention runs: "torch-sdpa" for ``uniform`` batches (the ViT's
+    frames) unless ``STLLM_CUDA_ATTENTION=triton``, else "triton" (for reports)."""
+    return "torch-sdpa" if uniform and cuda_attention_backend() == "auto" else "triton"
 
 
 def cpu_prefill_attention_kernel(dtype: torch.dtype) -> str:

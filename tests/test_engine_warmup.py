@@ -1,0 +1,81 @@
+"""Warm-up at load (``stllm_engine/engine/warmup.py``): it runs the engine's real paths (packed
+prefill, then a prefix-cache hit's paged prefill), leaves no trace in caches or counters, changes
+no later answer, refuses a busy engine and fails loudly when the engine cannot serve."""
+import pytest
+import torch
+
+from stllm_engine.engine.engine_config import EngineConfig
+from stllm_engine.engine.warmup import warm_up, warmup_video
+from stllm_engine.sampling_params import SamplingParams
+from test_engine import Q, assert_clean, make_engine, run, video  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def folder(folders):
+    return folders("eva", "all")
+
+
+def test_default_is_cuda_only():
+    cfg = EngineConfig()
+    assert cfg.resolved_warmup(torch.device("cuda")) and not cfg.resolved_warmup(torch.device("cpu"))
+    assert EngineConfig(warmup=True).resolved_warmup(torch.device("cpu"))
+    assert not EngineConfig(warmup=False).resolved_warmup(torch.device("cuda"))
+    with pytest.raises(ValueError, match="warmup must be a bool or None"):
+        EngineConfig(warmup="yes")
+
+
+def test_cpu_engine_skips_it_by_default(folder):
+    assert make_engine(folder).warmup_s is None
+
+
+def test_warmup_runs_both_paths_then_leaves_no_trace(folder, video, monkeypatch):
+    seen = {}
+    from stllm_engine.engine.llm_engine import LLMEngine
+
+    reset = LLMEngine.reset_state
+
+    def spy(self):
+        if hasattr(self, "block_manager"):  # the reset after the warm-up requests
+            seen.update(kv=self.block_manager.stats(), vision=self.vision_cache.stats())
+        reset(self)
+    monkeypatch.setattr(LLMEngine, "reset_state", spy)
+    warm = make_engine(folder, warmup=True)
+    assert warm.warmup_s is not None and warm.warmup_s > 0
+    # the second warm-up request reused the first one's KV (the paged prefill path ran)
+    assert seen["kv"]["prefix_hit_tokens"] > 0 and seen["vision"]["hits"] == 1
+    s = warm.stats()
+    assert s["kv"]["prefix_hit_tokens"] == 0 and s["kv"]["prefix_queried_blocks"] == 0
+    assert s["vision_cache"] == dict(s["vision_cache"], hits=0, misses=0, entries=0, bytes=0)
+    assert_clean(warm)
+    cold = make_engine(folder)
+    p = SamplingParams(max_new_tokens=8)
+    (a,) = run(warm, [(video, Q, p, {})])
+    (b,) = run(cold, [(video, Q, p, {})])
+    assert a.request_id == b.request_id == "req-0"  # warm-up ids do not shift the user's
+    assert a.token_ids == b.token_ids and a.num_cached_tokens == 0
+
+
+def test_refuses_a_busy_engine(folder, video):
+    eng = make_engine(folder)
+    eng.add_request(video, Q, SamplingParams(max_new_tokens=2))
+    with pytest.raises(RuntimeError, match="idle engine"):
+        warm_up(eng)
+    with pytest.raises(RuntimeError, match="idle engine"):
+        eng.reset_state()
+
+
+def test_a_failing_model_fails_the_load(folder, monkeypatch):
+    from stllm_engine.engine.model_runner import ModelRunner
+
+    def broken(self, batch):
+        raise RuntimeError("kernel launch failed")
+    monkeypatch.setattr(ModelRunner, "run", broken)
+    with pytest.raises(RuntimeError, match="engine warm-up request failed: .*kernel launch failed"):
+        make_engine(folder, warmup=True)
+
+
+def test_warmup_video_matches_the_model(folder):
+    eng = make_engine(folder)
+    v = warmup_video(eng.model)
+    c = eng.model.config
+    assert v.dtype.name == "uint8" and v.shape == (c.num_frames, c.vision.image_size, c.vision.image_size, 3)
