@@ -79,3 +79,17 @@ def test_warmup_video_matches_the_model(folder):
     v = warmup_video(eng.model)
     c = eng.model.config
     assert v.dtype.name == "uint8" and v.shape == (c.num_frames, c.vision.image_size, c.vision.image_size, 3)
+
+
+def test_a_small_kv_pool_warms_up_on_fewer_frames(folder):
+    """A pool too small for the model's frames of video tokens (room for 2 frames beside the
+    prompt) still warms up, on the frames that fit, instead of failing the load."""
+    from stllm_engine.engine.warmup import PROMPT_ROOM, warmup_frames
+
+    big = make_engine(folder)
+    c = big.model.config
+    assert warmup_frames(big) == c.num_frames > 2
+    blocks = -(-(PROMPT_ROOM + 2 * c.tokens_per_frame) // 8)
+    small = make_engine(folder, num_kv_blocks=blocks, warmup=True)
+    assert warmup_frames(small) == 2
+    assert small.warmup_s is not None and small.stats()["kv"]["used_blocks"] == 0

@@ -93,8 +93,8 @@ def test_split_runs_uses_fewer_parts_than_asked_when_runs_would_be_short():
     assert 2 <= len(runs) <= total // 100 and all(decode_cost(r, keys) >= 100 for r in runs)
 
 
-@pytest.mark.parametrize("pixels,want", [(None, MIN_RUN_FRAMES), (0, MIN_RUN_FRAMES), (398 * 224, 68),
-                                          (854 * 480, 15), (1280 * 720, 7), (1920 * 1080, 4), (3840 * 2160, 4)])
+@pytest.mark.parametrize("pixels,want", [(None, MIN_RUN_FRAMES), (0, MIN_RUN_FRAMES), (398 * 224, 12),
+                                          (854 * 480, 4), (1280 * 720, 4), (1920 * 1080, 4), (3840 * 2160, 4)])
 def test_min_run_frames_scales_with_the_frame_size(pixels, want):
     assert min_run_frames(pixels) == want
 

@@ -21,9 +21,20 @@ WARMUP_QUESTION = "What happens in the video?"
 WARMUP_TOKENS = 2
 
 
-def warmup_video(model, seed: int = 0) -> np.ndarray:
-    """uint8 noise frames [T, S, S, 3] at the model's image size and frame count."""
-    s, t = model.config.vision.image_size, model.config.num_frames
+PROMPT_ROOM = 128  # KV positions kept for the chat prompt's text and the new tokens
+
+
+def warmup_frames(engine) -> int:
+    """The model's frame count, or fewer when a small KV pool (or max length) cannot hold that
+    many frames' video tokens: the kernels compiled do not depend on the frame count."""
+    cfg = engine.model.config
+    room = min(engine.num_kv_blocks * engine.config.block_size, engine.max_length) - PROMPT_ROOM
+    return max(1, min(cfg.num_frames, room // cfg.tokens_per_frame))
+
+
+def warmup_video(model, frames: int | None = None, seed: int = 0) -> np.ndarray:
+    """uint8 noise frames [T, S, S, 3] at the model's image size (T: the model's frame count)."""
+    s, t = model.config.vision.image_size, frames or model.config.num_frames
     return np.random.default_rng(seed).integers(0, 256, (t, s, s, 3), dtype=np.uint8)
 
 
@@ -33,10 +44,11 @@ def warm_up(engine) -> float:
     if engine.has_unfinished_requests():
         raise RuntimeError("warm_up needs an idle engine (requests are running)")
     t = time.perf_counter()
-    video = warmup_video(engine.model)
+    n = warmup_frames(engine)
+    video = warmup_video(engine.model, n)
     params = SamplingParams(max_new_tokens=WARMUP_TOKENS, min_new_tokens=WARMUP_TOKENS, stop=[])
     for i in range(2):  # the second request hits the first one's cached prefix
-        rid = engine.add_request(video, WARMUP_QUESTION, params, request_id=f"warmup-{i}")
+        rid = engine.add_request(video, WARMUP_QUESTION, params, request_id=f"warmup-{i}", num_frames=n)
         final = None
         while engine.has_unfinished_requests():
             for out in engine.step():

@@ -16,14 +16,16 @@ import bisect
 from typing import Sequence
 
 MIN_RUN_FRAMES = 32  # decoded frames a run needs when the frame size is unknown
-MIN_RUN_PIXELS = 6_000_000  # decoded pixels a run needs to pay for its own reader (see min_run_frames)
+MIN_RUN_PIXELS = 1_000_000  # decoded pixels a run needs to pay for its own reader (see min_run_frames)
 
 
 def min_run_frames(pixels: int | None) -> int:
     """Decoded frames a run needs for a frame of ``pixels`` (None: unknown): an extra reader costs
-    an open and a seek (~1.5 ms at 224p, ~3 ms at 720p). 48-frame clips, 16 sampled (runs of ~21
-    decoded frames): two readers were no faster at 398x224 (13.7 vs 13.8 ms, 1.9 Mpx a run) and
-    1.26x faster at 1280x720 (88.8 -> 70.5 ms, 19 Mpx a run)."""
+    an open and a seek (~1.5 ms at 224p, ~3 ms at 720p). 48-frame clips, 16 sampled, 8 readers
+    allowed, on the 16-core host of an H100 (``benchmarks/frames.py``): at 398x224 one reader took
+    21.0 ms, runs of >= 12 or >= 4 frames 13.2 / 13.3 ms; at 1280x720 runs of >= 7 frames 57.9 ms,
+    >= 4 54.7 ms, >= 12 76.7 ms (fewer readers). 1 Mpx: 12 frames at 398x224, 4 from 480p up. On
+    a 2-core host two readers took 12.6-14.7 ms against 16.8 ms for one (224p)."""
     if not pixels or pixels <= 0:
         return MIN_RUN_FRAMES
     return max(4, -(-MIN_RUN_PIXELS // pixels))
