@@ -57,13 +57,14 @@ class STLLM:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None, kv_cache_memory: int = 256 << 20,
+                        dtype: torch.dtype | str | None = None, kv_cache_memory: int | None = None,
                         block_size: int = 16, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                         vision_cache_bytes: int = 256 << 20, num_kv_blocks: int | None = None,
                         enable_prefix_caching: bool = True, qformer_tokenizer: str | Path | None = None,
                         **engine_kw) -> "STLLM":
         """Load an official-layout folder; the KV pool holds ``kv_cache_memory`` bytes
-        (or ``num_kv_blocks`` blocks) of ``block_size`` positions. ``qformer_tokenizer``: the
+        (None: 256 MiB on the CPU, the free GPU memory less 8 GiB on a GPU; see
+        ``default_kv_cache_memory``) or ``num_kv_blocks`` blocks of ``block_size`` positions. ``qformer_tokenizer``: the
         Q-Former's BERT tokenizer (folder or vocab.txt) when the checkpoint has no
         ``qformer_tokenizer/`` (the release's folders do not ship it: use bert-base-uncased)."""
         from stllm_engine.model.stllm import STLLMModel

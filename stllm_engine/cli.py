@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
-    s.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache size in MiB (default 256)")
+    s.add_argument("--kv-cache-mib", type=int, default=None,
+                   help="KV cache size in MiB (default: 256 on the CPU, the free GPU memory less 8 GiB on a GPU)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)")
     return ap
 
@@ -236,8 +237,7 @@ def answer_reference(args, folder: Path, video) -> dict:
                                              device=args.device, qformer_tokenizer=args.qformer_tokenizer)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CLIError(f"cannot load model {folder}: {one_line(e)}") from None
-    warm = llm.engine.warmup_s
-    progress(f"loaded in {time.perf_counter() - t:.1f}s" + (f" (warm-up {warm:.1f}s)" if warm is not None else ""))
+    progress(f"loaded in {time.perf_counter() - t:.1f}s")
     kw = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "top_p": args.top_p,
           "repetition_penalty": args.repetition_penalty, "seed": args.seed}
     kw = {k: v for k, v in kw.items() if v is not None}
@@ -302,12 +302,13 @@ def cmd_serve(args) -> int:
 
     for name in ("port", "kv_cache_mib", "max_num_seqs"):
         v = getattr(args, name)
-        if v < (0 if name == "port" else 1) or (name == "port" and v > 65535):
+        if v is not None and (v < (0 if name == "port" else 1) or (name == "port" and v > 65535)):
             raise CLIError(f"bad --{name.replace('_', '-')}: {v}")
     folder = resolve_model(args.model)
     args.device = check_device(args.device)
     llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
-                      kv_cache_memory=args.kv_cache_mib << 20, max_num_seqs=args.max_num_seqs,
+                      kv_cache_memory=None if args.kv_cache_mib is None else args.kv_cache_mib << 20,
+                      max_num_seqs=args.max_num_seqs,
                       qformer_tokenizer=args.qformer_tokenizer, enforce_eager=args.enforce_eager,
                       warmup=False if args.no_warmup else None)
 

@@ -13,7 +13,8 @@ RELEASE_MAX_LENGTH = 2000  # Chat.answer: prompt + max_new_tokens beyond this cu
 @dataclass
 class EngineConfig:
     """block_size: KV positions per block; num_kv_blocks or kv_cache_memory (bytes) sizes the
-    pool; max_length: prompt + new tokens cap (the release's 2000, bounded by the model's
+    pool (None: :func:`default_kv_cache_memory` - 256 MiB on the CPU, most of the free memory on a
+    GPU); max_length: prompt + new tokens cap (the release's 2000, bounded by the model's
     positions); truncate_prompt: cut longer prompts from the left like the release (else error);
     beam_stop_first_row: stop ids/strings end beams as the release's criterion does (judged on the
     best candidate, applied to all), else per candidate; frame_workers: threads decoding new
@@ -30,7 +31,7 @@ class EngineConfig:
 
     block_size: int = 16
     num_kv_blocks: int | None = None
-    kv_cache_memory: int = 256 << 20
+    kv_cache_memory: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     vision_cache_bytes: int = 256 << 20
@@ -50,7 +51,9 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be a positive int, got {v!r}")
         if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks <= 0):
             raise ValueError(f"EngineConfig.num_kv_blocks must be a positive int, got {self.num_kv_blocks!r}")
-        if self.num_kv_blocks is None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0):
+        if self.num_kv_blocks is None and self.kv_cache_memory is not None and (
+                isinstance(self.kv_cache_memory, bool) or not isinstance(self.kv_cache_memory, int)
+                or self.kv_cache_memory <= 0):
             raise ValueError(f"EngineConfig.kv_cache_memory must be a positive number of bytes, "
                              f"got {self.kv_cache_memory!r}")
         if isinstance(self.frame_workers, bool) or not isinstance(self.frame_workers, int) or self.frame_workers < 0:
@@ -84,3 +87,23 @@ class EngineConfig:
 def kv_bytes_per_block(model, block_size: int) -> int:
     c = model.config.llm
     return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
+
+
+CPU_KV_CACHE_MEMORY = 256 << 20
+GPU_HEADROOM = 8 << 30  # GPU memory left beside the KV pool: activations, ViT passes, graphs, vision cache
+MAX_BLOCKS_PER_SLOT = 4  # pool cap: this many full-length sequences per max_num_seqs slot
+
+
+def default_kv_cache_memory(device: torch.device, bytes_per_block: int, max_useful_blocks: int,
+                            free_bytes: int | None = None) -> int:
+    """The KV pool's bytes when ``kv_cache_memory`` is None. CPU: 256 MiB. GPU: what is free after
+    the weights (``torch.cuda.mem_get_info``, or ``free_bytes``) less 8 GiB of headroom, at least
+    half of it (a small card), at most ``max_useful_blocks`` blocks (a tiny model would otherwise
+    get millions of blocks). The 7B model on an 80 GB H100 had 32 blocks (512 positions) at the
+    old fixed 256 MiB: one 16-frame request did not fit."""
+    if device.type != "cuda":
+        return CPU_KV_CACHE_MEMORY
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    budget = max(free_bytes // 2, free_bytes - GPU_HEADROOM)
+    return max(bytes_per_block, min(budget, max_useful_blocks * bytes_per_block))

@@ -20,7 +20,8 @@ import torch
 from stllm_engine.engine.beam_requests import BeamRequests
 from stllm_engine.engine.block_manager import BlockManager
 from stllm_engine.engine.cpu_malloc import tune_malloc
-from stllm_engine.engine.engine_config import EngineConfig, kv_bytes_per_block  # noqa: F401 (re-exported)
+from stllm_engine.engine.engine_config import (MAX_BLOCKS_PER_SLOT, EngineConfig, default_kv_cache_memory,  # noqa: F401
+                                                kv_bytes_per_block)
 from stllm_engine.engine.frame_loader import FrameLoader
 from stllm_engine.engine.request import Request, truncate_left  # noqa: F401 (re-exported)
 from stllm_engine.engine.sampler import Sampler, StopChecker
@@ -56,16 +57,19 @@ class LLMEngine(BeamRequests):
         self.tokenizer = tokenizer
         self.config = cfg = config or EngineConfig()
         self.bytes_per_block = kv_bytes_per_block(model, cfg.block_size)
-        num_blocks = cfg.num_kv_blocks or cfg.kv_cache_memory // self.bytes_per_block
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={cfg.kv_cache_memory} bytes holds no KV block "
-                             f"({self.bytes_per_block} bytes each at block_size {cfg.block_size})")
-        model.allocate_kv_cache(num_blocks, cfg.block_size)
         self.max_positions = model.config.llm.max_position_embeddings
         self.max_length = min(cfg.max_length, self.max_positions)
+        blocks_per_seq = -(-self.max_length // cfg.block_size)
+        memory = cfg.kv_cache_memory or default_kv_cache_memory(
+            model.device, self.bytes_per_block, MAX_BLOCKS_PER_SLOT * cfg.max_num_seqs * blocks_per_seq)
+        num_blocks = cfg.num_kv_blocks or memory // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={memory} bytes holds no KV block "
+                             f"({self.bytes_per_block} bytes each at block_size {cfg.block_size})")
+        model.allocate_kv_cache(num_blocks, cfg.block_size)
         # no sequence outgrows max_length, so no block table is wider than this
         self.runner = ModelRunner(model, graph_batch=None if cfg.enforce_eager else cfg.max_num_seqs,
-                                  graph_blocks=-(-self.max_length // cfg.block_size))
+                                  graph_blocks=blocks_per_seq)
         self.num_kv_blocks = num_blocks
         self.eos_token_id = tokenizer.eos_token_id
         self.sampler = Sampler(self.eos_token_id)
