@@ -18,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   stllm::register_paged_attention(m);
   stllm::register_packing(m);
   stllm::register_rms_norm(m);
+  stllm::register_layer_norm(m);
   stllm::register_rotary(m);
   stllm::register_activation(m);
   stllm::register_llama_decode(m);

@@ -9,6 +9,7 @@ void register_kv_cache(pybind11::module_& m);
 void register_paged_attention(pybind11::module_& m);
 void register_packing(pybind11::module_& m);
 void register_rms_norm(pybind11::module_& m);
+void register_layer_norm(pybind11::module_& m);
 void register_rotary(pybind11::module_& m);
 void register_activation(pybind11::module_& m);
 void register_llama_decode(pybind11::module_& m);

@@ -260,6 +260,8 @@ def test_vision_packing_keeps_features(tmp_path, vit, monkeypatch):
         assert sum(isinstance(m, PackedLinearGELU) for m in linears) == sum(
             1 for m in fused.visual_encoder.modules() if type(m).__name__ == "EVAMlp")
         assert pack_vision(fused) == 0  # idempotent
+        marked = {id(m) for m in linears if m.residual_add}  # calibrated with their residual add
+        assert marked == {id(m) for b in fused.visual_encoder.blocks for m in (b.attn.proj, b.mlp.fc2)}
         got = fused.encode_vision(frames)
         assert got.dtype == dtype and got.shape == want.shape
         if dtype == torch.float32:
@@ -332,6 +334,8 @@ def test_qformer_packing_keeps_video_tokens(tmp_path, video_input, monkeypatch):
         assert not any(type(m) is nn.Linear for m in mods)
         assert sum(isinstance(m, PackedLinearGELU) for m in mods) == sum(isinstance(m, _FFN) for m in mods)
         assert pack_qformer(fused) == 0  # idempotent
+        marked = [m for m in mods if isinstance(m, PackedLinear) and m.residual_add]
+        assert len(marked) == sum(type(m).__name__ in ("_FFN", "_Attention") for m in mods) > 0
         got = fused.encode_video(embeds, ids)
         assert got.dtype == dtype and got.shape == want.shape
         if dtype == torch.float32:
@@ -405,10 +409,13 @@ def test_calibrate_prefill_modes(monkeypatch, mode):
 
     monkeypatch.setenv("STLLM_CPU_PACKED_PREFILL", mode)
     torch.manual_seed(0)
-    lins = [PackedLinear(nn.Linear(k, n)) for k, n in ((64, 96), (64, 96), (96, 64))]
+    lins = [PackedLinear(nn.Linear(k, n)) for k, n in ((64, 96), (64, 96), (96, 64), (96, 64))]
+    lins[3].residual_add = True  # timed with its residual add (packed post-op vs F.linear + add)
     choice = calibrate_prefill(lins, rows=64, repeats=1)
-    assert set(choice) == {(64, 96, torch.float32), (96, 64, torch.float32)}
-    assert lins[0].prefill_packed == lins[1].prefill_packed == choice[(64, 96, torch.float32)]
+    assert set(choice) == {(64, 96, torch.float32, False), (96, 64, torch.float32, False),
+                           (96, 64, torch.float32, True)}
+    assert lins[0].prefill_packed == lins[1].prefill_packed == choice[(64, 96, torch.float32, False)]
+    assert lins[3].prefill_packed == choice[(96, 64, torch.float32, True)]
     if mode != "auto":
         assert all(lin.prefill_packed == (mode == "1") for lin in lins)
     x = torch.randn(MAX_PACKED_ROWS + 5, 64)

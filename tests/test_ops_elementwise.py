@@ -39,6 +39,43 @@ def test_rms_norm_and_fused_add(dtype, rows, hidden):
     _close(out, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (7, 88), (593, 1024), (4112, 256), (3, 33, 768), (2, 1408)])
+def test_layer_norm_matches_torch(dtype, shape):
+    """The C++ LayerNorm against torch's on float32 copies (the definition: one rounding at the
+    end) and torch's own op in the dtype; an offset mean checks the two-pass variance."""
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (40 + 3 * torch.randn(*shape, generator=g)).to(dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(dtype)
+    b = (0.5 * torch.randn(shape[-1], generator=g)).to(dtype)
+    got = ew.layer_norm(x, w, b, 1e-6)
+    assert got.shape == x.shape and got.dtype == dtype
+    want = torch.nn.functional.layer_norm(x.float(), shape[-1:], w.float(), b.float(), 1e-6)
+    # float32: the mean of values near 40 carries ~1e-7 relative error from the summation order,
+    # which x - mean turns into ~1e-5 of a unit-variance output; bfloat16: a flipped last bit
+    tol = dict(rtol=1e-5, atol=3e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), **tol)
+    torch.testing.assert_close(got.float(), torch.nn.functional.layer_norm(x, shape[-1:], w, b, 1e-6).float(), **tol)
+
+
+def test_layer_norm_strided_rows_and_fallbacks():
+    x = torch.randn(9, 2 * 96)[:, :96]  # row stride 192: the kernel reads it in place
+    w, b = torch.rand(96) + 0.5, torch.randn(96)
+    want = torch.nn.functional.layer_norm(x, (96,), w, b, 1e-5)
+    _close(ew.layer_norm(x, w, b, 1e-5), want, torch.float32)
+    # float16 (no C++ path) and mixed dtypes (float32 weights, bfloat16 x) go to torch
+    h = x.half()
+    torch.testing.assert_close(ew.layer_norm(h, w.half(), b.half(), 1e-5).float(), want, rtol=1e-2, atol=1e-2)
+    xb = x.bfloat16()
+    up = ew.layer_norm(xb, w, b, 1e-5, upcast=True)
+    assert up.dtype == torch.bfloat16
+    _close(up, torch.nn.functional.layer_norm(xb.float(), (96,), w, b, 1e-5).bfloat16(), torch.bfloat16)
+    # autograd goes to torch and keeps the graph
+    xg = x.clone().requires_grad_()
+    ew.layer_norm(xg, w, b, 1e-5).sum().backward()
+    assert xg.grad is not None
+
+
 def test_rms_norm_strided_rows():
     x = torch.randn(9, 2 * 96)[:, :96]  # row stride 192
     w = torch.rand(96) + 0.5

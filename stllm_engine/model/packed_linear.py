@@ -121,6 +121,7 @@ class PackedLinear(nn.Module):
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS_HINT)
         self.prefill_packed = False  # above MAX_PACKED_ROWS rows too (see calibrate_prefill)
+        self.residual_add = False  # its callers add a residual through linear_add (calibrate_prefill)
         if drop_plain:
             self.drop_plain()
 
@@ -241,16 +242,26 @@ def calibrate_prefill(linears: list[PackedLinear], rows: int = CALIBRATION_ROWS,
     returns {shape: choice}. Both paths compute the same product (they differ by GEMM rounding
     only). ``rows`` matters: oneDNN splits a GEMM over the threads by row blocks, and which path
     wins can flip with the row count (bf16 [1024 -> 1024], 2 threads: packed 0.70 vs 0.79 ms at
-    512 rows, 1.22 vs 0.85 ms at 608), so callers pass their typical prefill's row count."""
+    512 rows, 1.22 vs 0.85 ms at 608), so callers pass their typical prefill's row count.
+    A module marked ``residual_add`` (used through :func:`linear_add`) is timed as it runs there:
+    the packed GEMM with the add as a post-op against ``F.linear`` plus a separate add (bench-cpu
+    ViT proj/fc2, 4112 rows, bf16: 0.40 vs 0.59 ms and 1.09 vs 1.35 ms, where the bare GEMMs were
+    close enough for the noise to pick ``F.linear``)."""
     mode = _prefill_mode()
     choice: dict[tuple, bool] = {}
     for lin in linears:
         if lin.weight is None:  # only the packed copy is left
             continue
-        key = (lin.in_features, lin.out_features, lin.dtype)
+        key = (lin.in_features, lin.out_features, lin.dtype, lin.residual_add)
         if key not in choice:
             if mode != "auto":
                 choice[key] = mode == "1"
+            elif lin.residual_add:
+                x = torch.randn(rows, lin.in_features).to(lin.dtype)
+                r = torch.randn(rows, lin.out_features).to(lin.dtype)
+                choice[key] = _second_is_faster(
+                    lambda: r + F.linear(x, lin.weight, lin.bias),
+                    lambda: torch.ops.mkldnn._linear_pointwise.binary(x, r, lin.packed, lin.bias, "add"), repeats)
             else:
                 x = torch.randn(rows, lin.in_features).to(lin.dtype)
                 choice[key] = _second_is_faster(lambda: F.linear(x, lin.weight, lin.bias),
@@ -378,6 +389,13 @@ def _pack_children(root: nn.Module, gelu_parent: type | None = None) -> list[Pac
     return swapped
 
 
+def _mark_residual_adds(mods) -> None:
+    """Mark the packed modules whose output gets a residual added through :func:`linear_add`."""
+    for m in mods:
+        if isinstance(m, PackedLinear):
+            m.residual_add = True
+
+
 def _calibrate(swapped: list[nn.Module], rows: int) -> None:
     """Both load-time choices for newly packed modules at ``rows`` rows: the prefill GEMM path of
     the plain :class:`PackedLinear` ones, the GELU of the :class:`PackedLinearGELU` ones."""
@@ -394,6 +412,7 @@ def pack_vision(model) -> int:
     from stllm_engine.model.vision import EVAMlp
 
     swapped: list[nn.Module] = _pack_children(model.visual_encoder, EVAMlp)
+    _mark_residual_adds(b for blk in model.visual_encoder.blocks for b in (blk.attn.proj, blk.mlp.fc2))
     embed = model.visual_encoder.patch_embed
     if type(embed.proj) is nn.Conv2d and embed.proj.weight.dtype == torch.bfloat16 \
             and packing_available(embed.proj.weight):
@@ -409,9 +428,11 @@ def pack_qformer(model) -> int:
     ``fc2`` take their residual add as a post-op through :func:`linear_add`) and the projector:
     bench-cpu, bf16, 16 frames, 2 threads, ``encode_video`` 6.4 -> 5.7 ms (float32: no measurable
     change, 13.9 vs 13.6 ms). Returns how many were swapped."""
-    from stllm_engine.model.qformer import _FFN
+    from stllm_engine.model.qformer import _FFN, _Attention
 
     swapped = _pack_children(model.qformer, _FFN) + _pack_children(model.projector)
+    _mark_residual_adds(m.out if isinstance(m, _Attention) else m.fc2 for m in model.qformer.modules()
+                        if isinstance(m, (_Attention, _FFN)))
     cfg = model.config  # rows: the query tokens of the default frame count
     _calibrate(swapped, cfg.num_frames * cfg.tokens_per_frame)
     return len(swapped)

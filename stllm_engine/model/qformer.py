@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from stllm_engine.config import QFormerConfig
 from stllm_engine.model.packed_linear import linear_add, linear_gelu
+from stllm_engine.ops import elementwise as ew
 
 
 class _Attention(nn.Module):
@@ -43,7 +44,8 @@ class _Attention(nn.Module):
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         o = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
         o = o.transpose(1, 2).reshape(x.shape)
-        return self.norm(linear_add(self.out, o, x))
+        n = self.norm
+        return ew.layer_norm(linear_add(self.out, o, x), n.weight, n.bias, n.eps)
 
 
 class _FFN(nn.Module):
@@ -53,7 +55,8 @@ class _FFN(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(linear_add(self.fc2, linear_gelu(self.fc1, x), x))
+        n = self.norm
+        return ew.layer_norm(linear_add(self.fc2, linear_gelu(self.fc1, x), x), n.weight, n.bias, n.eps)
 
 
 class QFormerLayer(nn.Module):
@@ -106,7 +109,8 @@ class QFormer(nn.Module):
         ids = text_ids.to(self.word_embeddings.weight.device, torch.long).view(1, n)
         pos = torch.arange(n, device=ids.device).view(1, n)
         text = self.word_embeddings(ids) + self.position_embeddings(pos)
-        x = self.emb_norm(torch.cat([self.query_tokens, text], dim=1))
+        n = self.emb_norm
+        x = ew.layer_norm(torch.cat([self.query_tokens, text], dim=1), n.weight, n.bias, n.eps)
         image = image_embeds.to(dtype)
         nq, frames = self.cfg.num_query_tokens, image.shape[0]
         for i, layer in enumerate(self.layers):

@@ -21,6 +21,7 @@ from stllm_engine.model.projector import VideoProjector
 from stllm_engine.model.qformer import QFormer
 from stllm_engine.model.threads import ThreadPolicy, cpu_threads
 from stllm_engine.model.vision import EVAVisionTransformer
+from stllm_engine.ops import elementwise as ew
 
 LN_VISION_EPS = 1e-5  # the release's ln_vision is a torch LayerNorm with the default eps
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -82,8 +83,7 @@ class STLLMModel(nn.Module):
         with cpu_threads(self.thread_policy.threads(decode=False), self.device):
             x = self.visual_encoder(frames.to(self.device, self.dtype))
             ln = self.ln_vision
-            return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(),
-                                ln.eps).to(self.dtype)
+            return ew.layer_norm(x, ln.weight, ln.bias, ln.eps, upcast=True).to(self.dtype)
 
     def qformer_ids(self, question: str) -> torch.Tensor:
         """The question's Q-Former token ids [n] (truncated from the left to max_txt_len)."""
