@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from stllm_engine import ops
 from stllm_engine.config import QFormerConfig
 from stllm_engine.model.packed_linear import linear_add, linear_gelu
 from stllm_engine.ops import elementwise as ew
@@ -33,17 +33,20 @@ class _Attention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, H] -> [B, heads, L, d]
-        b, l, _ = x.shape
-        return x.view(b, l, self.num_heads, -1).transpose(1, 2)
-
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, Lq, hidden] (B frames, or 1 before any image), context [B, Lk, kv_width]."""
         if self.cross:
             q, (k, v) = self.q(x), self.kv(context).chunk(2, dim=-1)
         else:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
-        o = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
-        o = o.transpose(1, 2).reshape(x.shape)
+        # every frame attends within itself: B equal-length sequences for ops.varlen_attention
+        # (on a bfloat16 AMX CPU the C++ AMX kernel; else torch SDPA, one batched call)
+        b, lq, lk = x.shape[0], q.shape[1], k.shape[1]
+        heads = lambda t: t.reshape(b * t.shape[1], self.num_heads, -1)  # noqa: E731 - views
+        cu = torch.arange(b + 1, dtype=torch.int32, device=x.device)
+        o = ops.varlen_attention(heads(q), heads(k), heads(v), cu * lq, cu * lk, lq, lk, causal=False,
+                                 uniform=True)
+        o = o.reshape(x.shape)
         n = self.norm
         return ew.layer_norm(linear_add(self.out, o, x), n.weight, n.bias, n.eps)
 
