@@ -78,6 +78,26 @@ def test_chunking_and_input_types_agree(chunk):
     assert torch.equal(preprocess_frames(torch.from_numpy(frames), chunk_size=chunk), base)
 
 
+@pytest.mark.parametrize("threads,frames", [(1, 5), (2, 5), (3, 5), (4, 2), (8, 1)])
+@pytest.mark.parametrize("chunk", [1, 2, 16])
+def test_parallel_frame_groups_equal_one_thread(threads, frames, chunk):
+    """On the CPU frames that need resizing split into one group a torch thread (ragged groups,
+    more threads than frames, chunks inside groups): the same tensor as one group."""
+    from stllm_engine.video.preprocess import cpu_resize_parts
+
+    x = render_frames(frames, (200, 120), seed=frames)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = preprocess_frames(x, chunk_size=chunk)
+        torch.set_num_threads(threads)
+        assert cpu_resize_parts(frames, True) == min(threads, frames)
+        assert cpu_resize_parts(frames, False) == 1
+        assert torch.equal(preprocess_frames(x, chunk_size=chunk), want)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_alpha_and_gray_channels():
     rgb = render_frames(2, (80, 64), seed=5)
     rgba = np.concatenate([rgb, np.full(rgb.shape[:3] + (1,), 7, np.uint8)], axis=-1)
