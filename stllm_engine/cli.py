@@ -52,8 +52,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: launch decode steps kernel by kernel instead of replaying CUDA graphs")
     p.add_argument("--no-warmup", action="store_true",
-                   help="CUDA: skip the warm-up requests at load (the first request then pays the "
-                        "Triton compiles)")
+                   help="skip the warm-up requests at load (answer: on CUDA; serve: always), so the first "
+                        "request pays the Triton compiles and library set-up instead")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,7 +310,7 @@ def cmd_serve(args) -> int:
                       kv_cache_memory=None if args.kv_cache_mib is None else args.kv_cache_mib << 20,
                       max_num_seqs=args.max_num_seqs,
                       qformer_tokenizer=args.qformer_tokenizer, enforce_eager=args.enforce_eager,
-                      warmup=False if args.no_warmup else None)
+                      warmup=not args.no_warmup)
 
     def ready(server) -> None:
         progress(f"serving {folder} on http://{server.host}:{server.port} (GET /health, POST /v1/answer); "

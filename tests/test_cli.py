@@ -164,3 +164,41 @@ def test_answer_with_a_separate_qformer_tokenizer(tmp_path, capsys):
     assert main(args) == 2                       # no Q-Former tokenizer: one clear error
     assert "tokenizer" in capsys.readouterr().err.lower()
     assert main(args + ["--qformer-tokenizer", str(bert)]) == 0
+
+
+@pytest.mark.parametrize("no_warmup", [False, True])
+def test_serve_command_warms_up_then_answers(files, engine_answer, no_warmup):
+    """``stllm serve`` in a subprocess: it warms up at load (on the CPU too) unless
+    ``--no-warmup``, says where it serves, answers /health with clean stats (the warm-up left no
+    cache entries) and then a question, as the engine does."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "stllm_engine", "serve", "--model", str(files[0]), "--port", str(port)]
+    proc = subprocess.Popen(cmd + (["--no-warmup"] if no_warmup else []), stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving" in line:
+                break
+        log = "".join(lines)
+        assert "serving" in log, log
+        assert ("warm-up" in log) != no_warmup, log
+        base_url = f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(base_url + "/health", timeout=30) as r:
+            health = json.loads(r.read())
+        assert health["stats"]["vision_cache"]["entries"] == 0, health
+        assert health["stats"]["kv"]["prefix_hit_tokens"] == 0, health
+        body = json.dumps({"video": str(files[1]), "question": QUESTION,
+                           "params": {"max_new_tokens": MAX_NEW}}).encode()
+        req = urllib.request.Request(base_url + "/v1/answer", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read())["text"] == engine_answer
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
