@@ -365,7 +365,10 @@ class PackedPatchEmbed(nn.Module):
         if dtype != torch.bfloat16 or h % p or w % p or not _cpu_inference(frames, self.weight):
             return self(frames.to(dtype)).flatten(2).transpose(1, 2)
         gh, gw = h // p, w // p
-        x = frames.to(dtype).view(t, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(t * gh * gw, c * p * p)
+        # the patches gathered and cast to bfloat16 in one copy (float32 frames: no separate cast pass)
+        x = torch.empty((t, gh, gw, c, p, p), dtype=dtype)
+        x.copy_(frames.reshape(t, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5))
+        x = x.view(t * gh * gw, c * p * p)
         out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return out.view(t, gh * gw, self.out_channels)
 

@@ -81,7 +81,8 @@ class STLLMModel(nn.Module):
     def encode_vision(self, frames: torch.Tensor) -> torch.Tensor:
         """frames [T, 3, S, S] (normalised) -> image_embeds [T, Nv, Wv] in the model dtype."""
         with cpu_threads(self.thread_policy.threads(decode=False), self.device):
-            x = self.visual_encoder(frames.to(self.device, self.dtype))
+            # the patch embedding casts the frames (on the bf16 CPU path inside its patch gather)
+            x = self.visual_encoder(frames.to(self.device))
             ln = self.ln_vision
             return ew.layer_norm(x, ln.weight, ln.bias, ln.eps, upcast=True).to(self.dtype)
 
