@@ -16,7 +16,10 @@
 // operand of S = Q K^T) and its V in pairs of rows (the B operand of O = P V), zero-padded and
 // blocked so that every B tile is contiguous (pack_k / pack_v); then one job per (sequence, head,
 // block of 32 queries) runs an online softmax over key blocks of up to 512, with float32 scores,
-// bf16 P and float32 accumulators. Tiles are all 16 rows x 64 bytes: C 0-3, A 4-5, B 6-7.
+// bf16 P and float32 accumulators. Tiles are all 16 rows x 64 bytes: C 0-3, A 4-5, B 6-7; for
+// head dims up to 64 the scores use C 0-1, Q held in A 2-5 for the whole block, B 6-7 (bench-cpu
+// ViT frames: 1.22x -> 1.33x torch's SDPA, timed side by side), and a block of at most 16
+// queries runs one row of tiles.
 //
 // Built on x86-64 with GCC or Clang only; elsewhere amx_attention_available() is false and the
 // engine keeps torch's SDPA.
@@ -192,29 +195,64 @@ STLLM_AMX void attend_block(const Seq& a, int q0, Scratch& w) {
   if (a.causal) kv_end = std::max(0, std::min(a.Lk, q0 + nrows + off));
   const __m512 vc = _mm512_set1_ps(a.c);
   bool first = true;
+  // A last block of at most 16 queries (e.g. the 257th token of a ViT frame) runs one row of tiles.
+  const bool two = nrows > 16;
   for (int k0 = 0; k0 < kv_end; k0 += KB) {
     const int kb = std::min(KB, round32(kv_end - k0));
-    // S = Q K^T for keys k0..k0+kb: 32 keys (two 16-key tiles) per step.
-    for (int j = 0; j < kb; j += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int d = 0; d < Dp; d += 32) {
-        _tile_loadd(4, qa + d, qstride);
-        _tile_loadd(5, (const char*)(qa + d) + 16 * qstride, qstride);
-        const uint32_t* b = a.kt + (int64_t)(k0 + j) * (Dp / 2) + (d / 2) * 16;
-        _tile_loadd(6, b, 64);
-        _tile_loadd(7, b + 8 * Dp, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+    const int kb16 = std::min(kb, (kv_end - k0 + 15) / 16 * 16);  // score columns the softmax reads
+    if (Dp == 64) {
+      // Head dims up to 64: Q stays in four A tiles (2-5) for the whole block, and each step of
+      // 16 keys loads only its two K^T tiles (6-7): half the tile loads of the general loop.
+      _tile_loadd(2, qa, qstride);
+      _tile_loadd(3, qa + 32, qstride);
+      if (two) {
+        _tile_loadd(4, (const char*)qa + 16 * qstride, qstride);
+        _tile_loadd(5, (const char*)(qa + 32) + 16 * qstride, qstride);
       }
-      _tile_stored(0, &w.s[j], SK * 4);
-      _tile_stored(1, &w.s[j + 16], SK * 4);
-      _tile_stored(2, &w.s[16 * SK + j], SK * 4);
-      _tile_stored(3, &w.s[16 * SK + j + 16], SK * 4);
+      for (int j = 0; j < kb16; j += 16) {
+        const uint32_t* b = a.kt + (int64_t)(k0 + j) * 32;
+        _tile_loadd(6, b, 64);
+        _tile_loadd(7, b + 256, 64);
+        _tile_zero(0);
+        _tile_dpbf16ps(0, 2, 6);
+        _tile_dpbf16ps(0, 3, 7);
+        _tile_stored(0, &w.s[j], SK * 4);
+        if (two) {
+          _tile_zero(1);
+          _tile_dpbf16ps(1, 4, 6);
+          _tile_dpbf16ps(1, 5, 7);
+          _tile_stored(1, &w.s[16 * SK + j], SK * 4);
+        }
+      }
+    } else {
+      // S = Q K^T for keys k0..k0+kb: 32 keys (two 16-key tiles) per step.
+      for (int j = 0; j < kb; j += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        if (two) {
+          _tile_zero(2);
+          _tile_zero(3);
+        }
+        for (int d = 0; d < Dp; d += 32) {
+          _tile_loadd(4, qa + d, qstride);
+          const uint32_t* b = a.kt + (int64_t)(k0 + j) * (Dp / 2) + (d / 2) * 16;
+          _tile_loadd(6, b, 64);
+          _tile_loadd(7, b + 8 * Dp, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {
+            _tile_loadd(5, (const char*)(qa + d) + 16 * qstride, qstride);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, &w.s[j], SK * 4);
+        _tile_stored(1, &w.s[j + 16], SK * 4);
+        if (two) {
+          _tile_stored(2, &w.s[16 * SK + j], SK * 4);
+          _tile_stored(3, &w.s[16 * SK + j + 16], SK * 4);
+        }
+      }
     }
     // Online softmax in the log2 domain, row by row.
     for (int r = 0; r < nrows; ++r) {
@@ -269,29 +307,37 @@ STLLM_AMX void attend_block(const Seq& a, int q0, Scratch& w) {
       if (first) {
         _tile_zero(0);
         _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        if (two) {
+          _tile_zero(2);
+          _tile_zero(3);
+        }
       } else {
         _tile_loadd(0, o, Dp * 4);
         _tile_loadd(1, o + 16, Dp * 4);
-        _tile_loadd(2, o + 16 * Dp, Dp * 4);
-        _tile_loadd(3, o + 16 * Dp + 16, Dp * 4);
+        if (two) {
+          _tile_loadd(2, o + 16 * Dp, Dp * 4);
+          _tile_loadd(3, o + 16 * Dp + 16, Dp * 4);
+        }
       }
       for (int j = 0; j < kb; j += 32) {
         _tile_loadd(4, &w.p[j], PK * 2);
-        _tile_loadd(5, &w.p[16 * PK + j], PK * 2);
         const uint32_t* b = a.vv + (int64_t)d * (a.Lkp / 2) + (k0 + j) / 2 * 16;
         _tile_loadd(6, b, 64);
         _tile_loadd(7, b + 8 * a.Lkp, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        if (two) {
+          _tile_loadd(5, &w.p[16 * PK + j], PK * 2);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
       }
       _tile_stored(0, o, Dp * 4);
       _tile_stored(1, o + 16, Dp * 4);
-      _tile_stored(2, o + 16 * Dp, Dp * 4);
-      _tile_stored(3, o + 16 * Dp + 16, Dp * 4);
+      if (two) {
+        _tile_stored(2, o + 16 * Dp, Dp * 4);
+        _tile_stored(3, o + 16 * Dp + 16, Dp * 4);
+      }
     }
     first = false;
   }

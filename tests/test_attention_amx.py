@@ -95,6 +95,9 @@ CASES = [
     ([33], [33], 1, 1, 256, True),                # the largest head dim
     ([31, 32, 33], [31, 32, 33], 2, 2, 2, True),  # head dim 2, lengths around the 32-row block
     ([1100], [1100], 2, 2, 64, False),            # 3 key blocks, non-causal
+    ([700], [700], 2, 1, 64, True),               # causal over two key blocks, GQA (Q held in tiles)
+    ([16, 17, 48], [16, 40, 48], 2, 2, 48, True),  # 16 / 17-row blocks around one tile row, D 48 -> 64
+    ([49], [257], 3, 3, 40, False),               # a 17-row last block, 257 keys (a 16-key tail)
 ]
 
 
