@@ -28,21 +28,34 @@ def test_cpu_engine_skips_it_by_default(folder):
     assert make_engine(folder).warmup_s is None
 
 
-def test_warmup_runs_both_paths_then_leaves_no_trace(folder, video, monkeypatch):
-    seen = {}
+def test_warmup_runs_its_paths_then_leaves_no_trace(folder, video, monkeypatch):
+    seen, outs = {}, {}
     from stllm_engine.engine.llm_engine import LLMEngine
 
-    reset = LLMEngine.reset_state
+    reset, step = LLMEngine.reset_state, LLMEngine.step
 
     def spy(self):
         if hasattr(self, "block_manager"):  # the reset after the warm-up requests
             seen.update(kv=self.block_manager.stats(), vision=self.vision_cache.stats())
         reset(self)
+
+    def record(self):
+        got = step(self)
+        outs.update({o.request_id: o for o in got if o.finished})
+        return got
     monkeypatch.setattr(LLMEngine, "reset_state", spy)
+    monkeypatch.setattr(LLMEngine, "step", record)
     warm = make_engine(folder, warmup=True)
     assert warm.warmup_s is not None and warm.warmup_s > 0
-    # the second warm-up request reused the first one's KV (the paged prefill path ran)
-    assert seen["kv"]["prefix_hit_tokens"] > 0 and seen["vision"]["hits"] == 1
+    assert set(outs) == {"warmup-0", "warmup-1", "warmup-2"} and all(o.error is None for o in outs.values())
+    first, again, follow = outs["warmup-0"], outs["warmup-1"], outs["warmup-2"]
+    # the repeat reused the first request's KV but for a tail shorter than a block (8 positions)
+    assert first.num_cached_tokens == 0 and 0 < again.num_prompt_tokens - again.num_cached_tokens <= 8
+    # the follow-up took the first prompt's full blocks from the cache and prefilled > 8 new tokens
+    assert follow.num_cached_tokens == again.num_cached_tokens
+    assert follow.num_prompt_tokens - follow.num_cached_tokens > 8
+    assert seen["kv"]["prefix_hit_tokens"] == again.num_cached_tokens + follow.num_cached_tokens
+    assert seen["vision"]["hits"] == 2  # the repeat and the follow-up's video tokens
     s = warm.stats()
     assert s["kv"]["prefix_hit_tokens"] == 0 and s["kv"]["prefix_queried_blocks"] == 0
     assert s["vision_cache"] == dict(s["vision_cache"], hits=0, misses=0, entries=0, bytes=0)
@@ -89,7 +102,7 @@ def test_a_small_kv_pool_warms_up_on_fewer_frames(folder):
     big = make_engine(folder)
     c = big.model.config
     assert warmup_frames(big) == c.num_frames > 2
-    blocks = -(-(PROMPT_ROOM + 2 * c.tokens_per_frame) // 8)
+    blocks = -(-(PROMPT_ROOM + 2 * c.tokens_per_frame) // 8)  # 8: make_engine's block size
     small = make_engine(folder, num_kv_blocks=blocks, warmup=True)
     assert warmup_frames(small) == 2
     assert small.warmup_s is not None and small.stats()["kv"]["used_blocks"] == 0
