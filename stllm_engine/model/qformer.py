@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from stllm_engine import ops
 from stllm_engine.config import QFormerConfig
+from stllm_engine.model.layer_norm import LayerNorm
 from stllm_engine.model.packed_linear import linear_add, linear_gelu
-from stllm_engine.ops import elementwise as ew
 
 
 class _Attention(nn.Module):
@@ -31,7 +31,7 @@ class _Attention(nn.Module):
         else:
             self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.norm = LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, Lq, hidden] (B frames, or 1 before any image), context [B, Lk, kv_width]."""
@@ -46,20 +46,17 @@ class _Attention(nn.Module):
         cu = torch.arange(b + 1, dtype=torch.int32, device=x.device)
         o = ops.varlen_attention(heads(q), heads(k), heads(v), cu * lq, cu * lk, lq, lk, causal=False,
                                  uniform=True)
-        o = o.reshape(x.shape)
-        n = self.norm
-        return ew.layer_norm(linear_add(self.out, o, x), n.weight, n.bias, n.eps)
+        return self.norm(linear_add(self.out, o.reshape(x.shape), x))
 
 
 class _FFN(nn.Module):
     def __init__(self, hidden: int, inner: int, eps: float):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(hidden, inner), nn.Linear(inner, hidden)
-        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.norm = LayerNorm(hidden, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.norm
-        return ew.layer_norm(linear_add(self.fc2, linear_gelu(self.fc1, x), x), n.weight, n.bias, n.eps)
+        return self.norm(linear_add(self.fc2, linear_gelu(self.fc1, x), x))
 
 
 class QFormerLayer(nn.Module):
@@ -96,7 +93,7 @@ class QFormer(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, h))
         self.word_embeddings = nn.Embedding(cfg.vocab_size, h)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, h)
-        self.emb_norm = nn.LayerNorm(h, eps=cfg.eps)
+        self.emb_norm = LayerNorm(h, eps=cfg.eps)
         self.layers = nn.ModuleList(
             QFormerLayer(cfg, image_width, i % cfg.cross_attention_freq == 0)
             for i in range(cfg.num_layers))
@@ -112,8 +109,7 @@ class QFormer(nn.Module):
         ids = text_ids.to(self.word_embeddings.weight.device, torch.long).view(1, n)
         pos = torch.arange(n, device=ids.device).view(1, n)
         text = self.word_embeddings(ids) + self.position_embeddings(pos)
-        n = self.emb_norm
-        x = ew.layer_norm(torch.cat([self.query_tokens, text], dim=1), n.weight, n.bias, n.eps)
+        x = self.emb_norm(torch.cat([self.query_tokens, text], dim=1))
         image = image_embeds.to(dtype)
         nq, frames = self.cfg.num_query_tokens, image.shape[0]
         for i, layer in enumerate(self.layers):

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from stllm_engine.config import VisionConfig
 from stllm_engine import ops
-from stllm_engine.ops import elementwise as ew
+from stllm_engine.model.layer_norm import LayerNorm
 from stllm_engine.model.packed_linear import PackedPatchEmbed, linear_add, linear_gelu
 
 
@@ -57,16 +57,14 @@ class EVABlock(nn.Module):
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int, eps: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.norm1 = LayerNorm(width, eps=eps)
         self.attn = EVAAttention(width, num_heads)
-        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.norm2 = LayerNorm(width, eps=eps)
         self.mlp = EVAMlp(width, mlp_dim)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        n1, n2 = self.norm1, self.norm2
-        x = linear_add(self.attn.proj, self.attn.heads(ew.layer_norm(x, n1.weight, n1.bias, n1.eps),
-                                                       cu_seqlens, max_seqlen), x)
-        return linear_add(self.mlp.fc2, self.mlp.hidden(ew.layer_norm(x, n2.weight, n2.bias, n2.eps)), x)
+        x = linear_add(self.attn.proj, self.attn.heads(self.norm1(x), cu_seqlens, max_seqlen), x)
+        return linear_add(self.mlp.fc2, self.mlp.hidden(self.norm2(x)), x)
 
 
 class EVAVisionTransformer(nn.Module):

@@ -75,10 +75,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             check(B * Lq == q.shape[0] and B * Lk == k.shape[0] and (not causal or Lq <= Lk),
                   f"varlen_attention(uniform=True): {B} sequences of {Lq}/{Lk} rows do not make "
                   f"q {tuple(q.shape)} / k {tuple(k.shape)}")
-            s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-            out = _sdpa(q.view(B, Lq, q.shape[1], -1), k.view(B, Lk, k.shape[1], -1),
-                        v.view(B, Lk, v.shape[1], -1), causal, s)
-            return out.reshape(q.shape)
+            return _dense_sdpa(q, k, v, B, Lq, Lk, causal, _resolve_scale(q, scale))
         return triton_kernels("flash_attention").varlen_attention(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
     check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k.shape[2] == q.shape[2],
@@ -90,7 +87,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
           f"varlen_attention: cu_seqlens_q/k must both be [B+1], got {tuple(cu_seqlens_q.shape)}, "
           f"{tuple(cu_seqlens_k.shape)}")
     check_cpu("varlen_attention", ("k", k), ("v", v))
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _resolve_scale(q, scale)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     check(cq[-1] == q.shape[0] and ck[-1] == k.shape[0],
           f"varlen_attention: cu_seqlens end at {cq[-1]}/{ck[-1]} but q/k have {q.shape[0]}/{k.shape[0]} rows")
@@ -103,8 +100,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if len(lq) == 1 and len(lk) == 1:
         Lq, Lk = lq.pop(), lk.pop()
         if Lq > 0 and Lk > 0 and (not causal or Lq <= Lk):
-            out = _sdpa(q.view(B, Lq, Hq, -1), k.view(B, Lk, Hk, -1), v.view(B, Lk, Hk, -1), causal, scale)
-            return out.reshape(q.shape)
+            return _dense_sdpa(q, k, v, B, Lq, Lk, causal, scale)
     outs = []
     for b in range(B):
         qb, kb, vb = q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
@@ -115,6 +111,19 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if nq > blind:
             outs.append(_sdpa(qb[blind:].unsqueeze(0), kb.unsqueeze(0), vb.unsqueeze(0), causal, scale)[0])
     return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+
+
+def _resolve_scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, B: int, Lq: int, Lk: int, causal: bool,
+                scale: float) -> torch.Tensor:
+    """B equal-length sequences of packed q [B * Lq, Hq, d], k/v [B * Lk, Hk, d] as one batched
+    SDPA call -> [B * Lq, Hq, d]."""
+    out = _sdpa(q.view(B, Lq, q.shape[1], -1), k.view(B, Lk, k.shape[1], -1), v.view(B, Lk, v.shape[1], -1),
+                causal, scale)
+    return out.reshape(q.shape)
 
 
 def cuda_attention_kernel(uniform: bool) -> str:
