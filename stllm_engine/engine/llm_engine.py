@@ -63,12 +63,14 @@ class LLMEngine(BeamRequests):
         self.max_positions = model.config.llm.max_position_embeddings
         self.max_length = min(cfg.max_length, self.max_positions)
         blocks_per_seq = -(-self.max_length // cfg.block_size)
-        memory = cfg.kv_cache_memory or default_kv_cache_memory(
-            model.device, self.bytes_per_block, MAX_BLOCKS_PER_SLOT * cfg.max_num_seqs * blocks_per_seq)
-        num_blocks = cfg.num_kv_blocks or memory // self.bytes_per_block
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={memory} bytes holds no KV block "
-                             f"({self.bytes_per_block} bytes each at block_size {cfg.block_size})")
+        num_blocks = cfg.num_kv_blocks
+        if num_blocks is None:  # sized from memory (the device's default when not given)
+            memory = cfg.kv_cache_memory or default_kv_cache_memory(
+                model.device, self.bytes_per_block, MAX_BLOCKS_PER_SLOT * cfg.max_num_seqs * blocks_per_seq)
+            num_blocks = memory // self.bytes_per_block
+            if num_blocks < 1:
+                raise ValueError(f"kv_cache_memory={memory} bytes holds no KV block "
+                                 f"({self.bytes_per_block} bytes each at block_size {cfg.block_size})")
         model.allocate_kv_cache(num_blocks, cfg.block_size)
         # no sequence outgrows max_length, so no block table is wider than this
         self.runner = ModelRunner(model, graph_batch=None if cfg.enforce_eager else cfg.max_num_seqs,
