@@ -90,6 +90,10 @@ def main() -> None:
         emb = timed(m.encode_vision, T, "ViT (engine)", dev)(frames)
         remb = timed(ref.encode_vision, T, "ViT (reference)", dev)(ref_frames)
         tok = timed(m.encode_video, T, "Q-Former+proj (engine)", dev)(emb, q)
+        vg = llm.engine.video_graphs  # CUDA: the passes the engine runs (graphs captured per shape)
+        if vg is not None:
+            timed(vg.encode_vision, T, "ViT (engine, cuda graph)", dev)(frames)
+            timed(vg.encode_video, T, "Q-Former+proj (engine, cuda graph)", dev)(emb, q)
         rtok = timed(lambda: ref.frame_tokens(remb, q).reshape(-1, tok.shape[-1]), T, "Q-Former+proj (reference)", dev)()
         timed(engine_prefill, T, "LLM prefill (engine)", dev)(tok)
         embeds = ref.chat_inputs_embeds(rtok, q)

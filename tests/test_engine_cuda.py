@@ -62,12 +62,45 @@ def test_enforce_eager_gives_the_graphs_tokens(folders, video):
     f = folders("eva", "all")
     ref = ReferenceSTLLM.from_pretrained(f, device=CUDA)
     p = release_params(ref, max_new_tokens=10)
-    reqs = [(video, Q, p, {}), (video, "which color is the square?", p, {}), (video, "how many shapes?", p, {})]
+    reqs = [(video, Q, p, {}), (video, "which color is the square?", p, {}), (video, "how many shapes?", p, {}),
+            (video, Q, p, {})]  # the repeat's Q-Former pass replays the first one's graph
     graphs, eager = make_engine(f, CUDA), make_engine(f, CUDA, enforce_eager=True)
     assert eager.runner.graphs is None and eager.kernels()["decode_pass"] == "eager"
     assert eager.runner.graph_error is None
+    assert eager.video_graphs is None and eager.kernels()["video_pass"] == "eager"
     assert [o.token_ids for o in run(graphs, reqs)] == [o.token_ids for o in run(eager, reqs)]
     assert graphs.runner.graphs.replays > 0
+    vg = graphs.video_graphs
+    assert not vg.errors and vg.replays["qformer"] >= 1 and len(vg.graphs["vision"]) >= 1, vg.describe()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vit", ["eva", "btadapter"])
+def test_video_graphs_replay_the_eager_passes_on_cuda(folders, vit, dtype):
+    """ViT and Q-Former graphs (captured on the first call of a shape) against eager passes, on
+    new frames and new questions of a captured length each time."""
+    from stllm_engine.engine.video_graphs import VideoGraphs
+
+    model = STLLMModel.from_checkpoint(load_checkpoint(folders(vit, "all"), progress=False), CUDA, dtype)
+    g = VideoGraphs(model)
+    t, s = model.config.num_frames, model.config.vision.image_size
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    outs = []
+    for _ in range(3):  # eager + capture, then two replays
+        frames = torch.randn(t, 3, s, s, device=CUDA, generator=gen)
+        got, want = g.encode_vision(frames), model.encode_vision(frames)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert (got.float() - want.float()).abs().max() <= TOL[dtype] * want.float().abs().max()
+        outs.append(got)
+    assert not torch.equal(outs[1], outs[2]) and g.replays["vision"] == 2
+    questions = ["what is moving?", "what is red?", "where is it?"]
+    assert len({model.qformer_ids(q).numel() for q in questions}) == 1
+    toks = []
+    for q in questions:
+        got, want = g.encode_video(outs[0], q), model.encode_video(outs[0], q)
+        assert (got.float() - want.float()).abs().max() <= TOL[dtype] * want.float().abs().max()
+        toks.append(got)
+    assert not torch.equal(toks[1], toks[2]) and g.replays["qformer"] == 2 and not g.errors
 
 
 def test_beam_search_matches_reference_on_cuda(folders, video):

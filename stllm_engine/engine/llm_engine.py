@@ -75,6 +75,11 @@ class LLMEngine(BeamRequests):
         # no sequence outgrows max_length, so no block table is wider than this
         self.runner = ModelRunner(model, graph_batch=None if cfg.enforce_eager else cfg.max_num_seqs,
                                   graph_blocks=blocks_per_seq)
+        self.video_graphs = None  # CUDA: the ViT and Q-Former passes as graphs, captured per shape
+        if model.device.type == "cuda" and not cfg.enforce_eager:
+            from stllm_engine.engine.video_graphs import VideoGraphs
+
+            self.video_graphs = VideoGraphs(model)
         self.num_kv_blocks = num_blocks
         self.eos_token_id = tokenizer.eos_token_id
         self.sampler = Sampler(self.eos_token_id)
@@ -121,7 +126,8 @@ class LLMEngine(BeamRequests):
         """Video tokens for ``question`` now, on this thread: decoding (if any) may use
         ``config.decode_threads`` parallel readers, as no model pass runs meanwhile."""
         return prepare_video(self.model, self.vision_cache, video, question,
-                             decode_workers=self.config.resolved_decode_threads(), **kw)
+                             decode_workers=self.config.resolved_decode_threads(),
+                             graphs=self.video_graphs, **kw)
 
     def add_request(self, video, question: str, params: SamplingParams | None = None, *,
                     request_id: str | None = None, system: str | None = None,
@@ -414,4 +420,5 @@ class LLMEngine(BeamRequests):
                 "vision_attention": cpu_prefill_attention_kernel(dtype) if on_cpu else cuda_attention_kernel(uniform=True),
                 "decode_attention": "c++ paged" if on_cpu else "triton paged", "malloc": self.malloc,
                 "decode_pass": ("c++ layer loop" if cpu_decode.enabled() else "python layer loop") if on_cpu
-                else self.runner.decode_mode()}
+                else self.runner.decode_mode(),
+                "video_pass": "eager" if self.video_graphs is None else self.video_graphs.describe()}

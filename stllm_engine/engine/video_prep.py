@@ -187,11 +187,13 @@ def finish_frames(model, frames):
 def prepare_video(model, cache: VisionCache | None, video, question: str, *, num_frames: int | None = None,
                   keep_ratio: float = 1.0, keep_mode: str = "even", keep_seed: int = 0,
                   sampling: str = "uniform", bound=None, video_tokens: str = "own",
-                  decode_workers: int = 1) -> PreparedVideo:
+                  decode_workers: int = 1, graphs=None) -> PreparedVideo:
     """Video tokens [Lv, H] and their prefix-cache key for ``question`` (see the module doc).
 
     ``bound``: (start, end) seconds for MVBench sampling (ignored for given frame tensors);
-    ``decode_workers``: parallel decord readers for a video file (see ``load_video``)."""
+    ``decode_workers``: parallel decord readers for a video file (see ``load_video``); ``graphs``:
+    a :class:`~stllm_engine.engine.video_graphs.VideoGraphs` of the model (CUDA) that runs its ViT
+    and Q-Former passes, or None (eager)."""
     cfg = model.config
     n = check_prepare_args(model, num_frames=num_frames, keep_ratio=keep_ratio, keep_mode=keep_mode,
                            video_tokens=video_tokens)
@@ -213,12 +215,12 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
         embeds = cache.get(key)
     hit = embeds is not None
     if embeds is None:
-        embeds = model.encode_vision(frames)
+        embeds = (graphs or model).encode_vision(frames)
         if cache is not None:
             cache.put(key, embeds)
     t2 = time.perf_counter()
     if video_tokens == "own":
-        tokens = model.encode_video(embeds, question)
+        tokens = (graphs or model).encode_video(embeds, question)
     else:
         tokens = frame_tokens(model, embeds, question)
     t3 = time.perf_counter()
