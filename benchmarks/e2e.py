@@ -196,12 +196,13 @@ def stages(out) -> str:
 
 
 @torch.no_grad()
-def prefill_logits(m, x: torch.Tensor) -> torch.Tensor:
+def prefill_logits(m, x: torch.Tensor, graphs=None) -> torch.Tensor:
     """One LLM prefill pass of the engine's model over x [n, H] as a single sequence (no
-    scheduler): the last position's logits (``stllm_engine.testing.prefill``)."""
+    scheduler; through ``graphs``, a PrefillGraphs, when given): the last position's logits
+    (``stllm_engine.testing.prefill``)."""
     from stllm_engine.testing.prefill import prefill_logits as run
 
-    return run(m, x)
+    return run(m, x, graphs)
 
 
 @torch.no_grad()

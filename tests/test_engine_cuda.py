@@ -70,6 +70,8 @@ def test_enforce_eager_gives_the_graphs_tokens(folders, video):
     assert eager.video_graphs is None and eager.kernels()["video_pass"] == "eager"
     assert [o.token_ids for o in run(graphs, reqs)] == [o.token_ids for o in run(eager, reqs)]
     assert graphs.runner.graphs.replays > 0
+    assert eager.runner.prefill_graphs is None and graphs.runner.prefill_graphs.error is None
+    assert graphs.runner.prefill_graphs.replays > 0, graphs.kernels()["prefill_pass"]
     vg = graphs.video_graphs
     assert not vg.errors and vg.replays["qformer"] >= 1 and len(vg.graphs["vision"]) >= 1, vg.describe()
 
@@ -150,8 +152,11 @@ def test_runner_logits_match_hf_on_cuda(gqa_folder, dtype, block_size, graphs):
     """Decode steps of 3 sequences: eager, or replaying the batch-4 graph with one inert row."""
     model = STLLMModel.from_checkpoint(load_checkpoint(gqa_folder, progress=False), CUDA, dtype)
     model.allocate_kv_cache(NUM_BLOCKS, block_size)
-    runner = ModelRunner(model, graph_batch=4 if graphs else None, graph_blocks=16)
+    runner = ModelRunner(model, graph_batch=4 if graphs else None, graph_blocks=16,
+                         prefill_graph_tokens=128 if graphs else None)
     assert (runner.graphs is not None) == graphs, runner.graph_error
+    if graphs:  # the fresh prefill below replays a captured bucket (64 rows: 28 tokens + padding)
+        assert runner.prefill_graphs.capture_all() == 2 and not model.kv_cache.any()
     if graphs:
         assert runner.graphs.sizes == [1, 2, 4]
     hf = ReferenceSTLLM.from_pretrained(gqa_folder, dtype=dtype, device=CUDA).llm
@@ -175,7 +180,8 @@ def test_runner_logits_match_hf_on_cuda(gqa_folder, dtype, block_size, graphs):
             s.append_token(int(logits[i].argmax()))
         logits = run_step(runner, free, [(s, 1) for s in seqs])
     if graphs:
-        assert runner.graphs.replays == 3
+        assert runner.graphs.replays == 3 and runner.prefill_graphs.replays == 1
+        assert runner.prefill_graphs.error is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -74,7 +74,8 @@ class LLMEngine(BeamRequests):
         model.allocate_kv_cache(num_blocks, cfg.block_size)
         # no sequence outgrows max_length, so no block table is wider than this
         self.runner = ModelRunner(model, graph_batch=None if cfg.enforce_eager else cfg.max_num_seqs,
-                                  graph_blocks=blocks_per_seq)
+                                  graph_blocks=blocks_per_seq,
+                                  prefill_graph_tokens=None if cfg.enforce_eager else cfg.max_num_batched_tokens)
         self.video_graphs = None  # CUDA: the ViT and Q-Former passes as graphs, captured per shape
         if model.device.type == "cuda" and not cfg.enforce_eager:
             from stllm_engine.engine.video_graphs import VideoGraphs
@@ -421,4 +422,5 @@ class LLMEngine(BeamRequests):
                 "decode_attention": "c++ paged" if on_cpu else "triton paged", "malloc": self.malloc,
                 "decode_pass": ("c++ layer loop" if cpu_decode.enabled() else "python layer loop") if on_cpu
                 else self.runner.decode_mode(),
+                "prefill_pass": "eager" if on_cpu else self.runner.prefill_mode(),
                 "video_pass": "eager" if self.video_graphs is None else self.video_graphs.describe()}

@@ -14,7 +14,9 @@ All sequences are packed into one [N, H] pass (no padding):
 Logits come back (float32, batch order) only for sequences whose chunk reaches their last known
 token, i.e. the ones that sample. Copy-on-write block copies are made by :meth:`copy_blocks`
 before :meth:`run` (``ScheduledBatch.copies``). On CUDA, decode passes replay CUDA graphs
-(``cuda_graphs.py``) when the runner is built with ``graph_batch``. On the CPU a pass runs on the model's
+(``cuda_graphs.py``) when the runner is built with ``graph_batch``, and fresh prefill passes (no
+cached prefix) replay graphs per padded token count (``prefill_graphs.py``) when it is built with
+``prefill_graph_tokens``. On the CPU a pass runs on the model's
 ``thread_policy`` threads (decode vs prefill, see ``stllm_engine/model/threads.py``) and the
 LLM's weights are pre-packed for oneDNN (``stllm_engine/model/packed_linear.py``).
 """
@@ -30,6 +32,7 @@ from stllm_engine.model.context import AttentionContext, reset_context, set_cont
 from stllm_engine.model.packed_linear import pack_linears, pack_qformer, pack_vision
 from stllm_engine.model.threads import ThreadPolicy, cpu_threads
 
+MAX_PREFILL_GRAPH_TOKENS = 4096  # longer fresh prefill passes run eagerly (graph memory grows with it)
 
 class ModelRunner:
     """Runs an :class:`~stllm_engine.model.STLLMModel` over scheduled steps.
@@ -38,11 +41,13 @@ class ModelRunner:
     cache is allocated here when the model has none yet. ``graph_batch`` (CUDA only): capture the
     decode pass as CUDA graphs for up to that many sequences whose block tables are at most
     ``graph_blocks`` wide (default: the model's positions); a capture that fails leaves the runner
-    eager, with the reason in ``graph_error``.
+    eager, with the reason in ``graph_error``. ``prefill_graph_tokens`` (CUDA only): fresh prefill
+    passes of up to that many tokens (at most ``MAX_PREFILL_GRAPH_TOKENS``) replay graphs
+    captured per 64 tokens on first use (``prefill_graphs``).
     """
 
     def __init__(self, model, config: Any = None, graph_batch: int | None = None,
-                 graph_blocks: int | None = None):
+                 graph_blocks: int | None = None, prefill_graph_tokens: int | None = None):
         self.model = model
         self.config = config
         if model.kv_cache is None and config is not None:
@@ -70,6 +75,11 @@ class ModelRunner:
                 self.graph_error = f"{type(e).__name__}: {e}"
                 warnings.warn(f"CUDA graph capture of the decode pass failed, decoding eagerly: "
                               f"{self.graph_error}", RuntimeWarning, stacklevel=2)
+        self.prefill_graphs = None
+        if prefill_graph_tokens and model.device.type == "cuda":
+            from stllm_engine.engine.prefill_graphs import PrefillGraphs
+
+            self.prefill_graphs = PrefillGraphs(model, min(prefill_graph_tokens, MAX_PREFILL_GRAPH_TOKENS))
 
     def copy_blocks(self, pairs: Iterable[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write, e.g. beam search forks)."""
@@ -88,6 +98,9 @@ class ModelRunner:
         embeds, positions, ctx, sample_rows = self._prepare(items)
         if self.graphs is not None and not ctx.is_prefill and self.graphs.covers(*ctx.block_tables.shape):
             return self.graphs.run(embeds, positions, ctx).index_select(0, sample_rows)
+        pg = self.prefill_graphs
+        if pg is not None and pg.covers(ctx, embeds.shape[0], len(items)):
+            return pg.run(embeds, positions, ctx, sample_rows)
         policy = getattr(self.model, "thread_policy", None) or ThreadPolicy(None, None)
         with cpu_threads(policy.threads(decode=not ctx.is_prefill), self.model.device):
             set_context(ctx)
@@ -96,6 +109,10 @@ class ModelRunner:
             finally:
                 reset_context()
             return self.model.compute_logits(hidden)
+
+    def prefill_mode(self) -> str:
+        """How fresh prefill passes run: "eager", or their CUDA graphs (for stats / reports)."""
+        return "eager" if self.prefill_graphs is None else self.prefill_graphs.describe()
 
     def decode_mode(self) -> str:
         """How decode passes run: "eager", or the captured CUDA graphs (for stats / reports)."""

@@ -10,7 +10,8 @@ from the cache, then a paged prefill of a few dozen new tokens: on the H100 the 
 of a process took 56-85 ms against ~20 ms later, the warm-up having covered only the short tail)
 - and then forgets them: the KV pool's prefix index, the vision cache and every counter start
 empty, so ``stats()`` and the first user's results are as if the engine had just been built.
-CUDA-graph decode capture happens earlier, at construction.
+CUDA-graph decode capture happens earlier, at construction; the fresh-prefill graphs of every
+token bucket are captured here, first (``prefill_graphs.py``).
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def warm_up(engine) -> float:
     if engine.has_unfinished_requests():
         raise RuntimeError("warm_up needs an idle engine (requests are running)")
     t = time.perf_counter()
+    if engine.runner.prefill_graphs is not None:  # CUDA: every fresh-prefill bucket, before the requests
+        engine.runner.prefill_graphs.capture_all()
     n = warmup_frames(engine)
     video = warmup_video(engine.model, n)
     params = SamplingParams(max_new_tokens=WARMUP_TOKENS, min_new_tokens=WARMUP_TOKENS, stop=[])

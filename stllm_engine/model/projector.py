@@ -44,6 +44,8 @@ class VideoProjector(nn.Module):
             return x.reshape(-1, h)
         if self.mode == "mean":
             return x.mean(0)
-        local = x[residual_frame_indices(t, self.residual_size)]
+        # frames picked by slices, not by an index list: a list becomes a host tensor copied to
+        # the GPU, which a CUDA-graph capture of this pass (``video_graphs.py``) cannot hold
+        local = torch.stack([x[i] for i in residual_frame_indices(t, self.residual_size)])
         glob = self.up_proj(F.relu(self.down_proj(x.mean(0))))
         return (local + glob).reshape(-1, h)
