@@ -318,6 +318,8 @@ class LLMEngine(BeamRequests):
                     if req is not None:
                         self._fail(req, RuntimeError(f"{MODEL_FAILURE}: {type(e).__name__}: {e}"))
                 return outs + self._drain()
+            if logits.is_cuda:  # the pass's kernels, not their launches (the sampler waits anyway)
+                torch.cuda.synchronize(logits.device)
             dt = time.perf_counter() - t0
             for seq, n in batch.items:
                 if seq.num_output_tokens == 0 or n > 1:

@@ -184,6 +184,14 @@ def finish_frames(model, frames):
     return preprocessed(frames, model.config.vision.image_size, device=preprocess_device(model))
 
 
+def _synced(model) -> float:
+    """perf_counter once the model's GPU work so far has finished (stage timings on CUDA measure
+    the kernels, not their asynchronous launches; the next stage waits on them anyway)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
+
+
 def prepare_video(model, cache: VisionCache | None, video, question: str, *, num_frames: int | None = None,
                   keep_ratio: float = 1.0, keep_mode: str = "even", keep_seed: int = 0,
                   sampling: str = "uniform", bound=None, video_tokens: str = "own",
@@ -208,7 +216,7 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
     if cfg.vision.btadapter and len(indices) > cfg.vision.btadapter_max_frames:
         raise ValueError(f"the BT-Adapter handles at most {cfg.vision.btadapter_max_frames} frames, "
                          f"got {len(indices)}")
-    t1 = time.perf_counter()
+    t1 = _synced(model)
     variant = variant_name(cfg)
     key = vision_key(chash, indices, variant, model.dtype)
     if embeds is None and cache is not None:
@@ -218,12 +226,12 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
         embeds = (graphs or model).encode_vision(frames)
         if cache is not None:
             cache.put(key, embeds)
-    t2 = time.perf_counter()
+    t2 = _synced(model)
     if video_tokens == "own":
         tokens = (graphs or model).encode_video(embeds, question)
     else:
         tokens = frame_tokens(model, embeds, question)
-    t3 = time.perf_counter()
+    t3 = _synced(model)
     ident = f"{chash}|{','.join(map(str, indices))}|{variant}|{model.dtype}|q={question}"
     if video_tokens != "own":
         ident += f"|tokens={video_tokens}"
