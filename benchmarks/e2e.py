@@ -380,7 +380,8 @@ def main() -> None:
                 engine_threads=f"decode {thread_label(policy.decode)}, prefill/vision {thread_label(policy.prefill)}"
                 + (" (while the host is oversubscribed, else torch's)" if policy.only_when_busy else ""),
                 host_oversubscribed_at_start_end=busy, engine_decode_pass=llm.engine.kernels()["decode_pass"],
-                agreement=agreement)
+                engine_prefill_pass=llm.engine.kernels()["prefill_pass"],
+                engine_video_pass=llm.engine.kernels()["video_pass"], agreement=agreement)
     if args.device == "cpu":
         from stllm_engine.ops.attention import cpu_prefill_attention_kernel
 
@@ -423,7 +424,8 @@ def main() -> None:
           f"engine threads {base['engine_threads']}"
           + (f"; engine prefill attention {base['engine_prefill_attention']}" if "engine_prefill_attention" in base else "")
           + (f"; malloc {base['malloc']} (both sides: one process)" if "malloc" in base else "")
-          + f"; engine decode pass: {base['engine_decode_pass']}")
+          + f"; engine decode pass: {base['engine_decode_pass']}; prefill pass: {base['engine_prefill_pass']}"
+          + f"; video passes: {base['engine_video_pass']}")
     print(format_table(rows, ["reference_threads", "target"]))
     print(f"wrote {out}")
 
