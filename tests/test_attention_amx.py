@@ -116,6 +116,23 @@ def test_amx_matches_oracle(lq, lk, Hq, Hk, d, causal):
 
 
 @needs_amx
+@pytest.mark.parametrize("causal", [False, True])
+def test_amx_large_scores_and_the_callers_float_mode(causal):
+    """Scores spread wide enough that most exp2 terms fall below 2^-126 (the kernel flushes them
+    to zero instead of computing denormals) stay as accurate as torch's, and the calling thread's
+    MXCSR (flush-to-zero / denormals-are-zero) is as it was afterwards: a denormal still survives."""
+    lens = [257, 70]
+    q, k, v = make(lens, lens, 4, 4, 64)
+    scale = 16.0 / math.sqrt(64)
+    out = C.flash_attention_amx(q, k, v, cu(lens), cu(lens), causal, scale)
+    ref = oracle(q, k, v, lens, lens, causal, scale)
+    torch_err = (sdpa_bf16(q, k, v, lens, lens, causal, scale) - ref).abs().max().item()
+    assert (out.float() - ref).abs().max().item() <= torch_err + 4e-3
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    assert (tiny * 1.0).item() != 0.0
+
+
+@needs_amx
 def test_amx_rows_without_keys_are_zero():
     lq, lk = [50], [20]
     q, k, v = make(lq, lk, 2, 2, 64)
