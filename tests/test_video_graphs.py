@@ -34,9 +34,9 @@ class EagerReplays(VideoGraphs):
     def _check_device(model) -> None:
         pass
 
-    def _capture(self, fn, args):
+    def _capture(self, fn, inputs):
         self.captures += 1
-        g = CapturedPass(replay=lambda: None, inputs=tuple(a.clone() for a in args), output=None)
+        g = CapturedPass(replay=lambda: None, inputs=inputs, output=None)
 
         def replay():
             g.output = fn(*g.inputs)
@@ -75,6 +75,14 @@ def test_replays_read_their_inputs_and_equal_eager_passes(model):
         torch.testing.assert_close(out, model.encode_video(embeds, q), rtol=0, atol=0)
     assert not torch.equal(outs[0], outs[1])
     assert len(g.graphs["qformer"]) == 2 and g.replays["qformer"] == 2 and g.captures == 3
+    # the two Q-Former graphs share one image-embeddings buffer; replaying the first after the
+    # second was captured still reads this call's embeddings
+    (k1, g1), (k2, g2) = g.graphs["qformer"].items()
+    assert g1.inputs[0] is g2.inputs[0] and g1.inputs[1] is not g2.inputs[1]
+    other = model.encode_vision(frames_like(model, t, 10))
+    torch.testing.assert_close(g.encode_video(other, questions[0]), model.encode_video(other, questions[0]),
+                               rtol=0, atol=0)
+    assert g.replays["qformer"] == 3
     # another frame count is another graph; returned outputs are copies, not the static buffer
     a = g.encode_vision(frames_like(model, t - 1, 0))
     b = g.encode_vision(frames_like(model, t - 1, 1))
@@ -98,10 +106,10 @@ def test_shapes_past_the_limits_run_eagerly(model):
 
 def test_a_failed_capture_leaves_that_side_eager(model):
     class Failing(EagerReplays):
-        def _capture(self, fn, args):
+        def _capture(self, fn, inputs):
             if fn == self.model.encode_vision:
                 raise RuntimeError("operation not permitted when stream is capturing")
-            return super()._capture(fn, args)
+            return super()._capture(fn, inputs)
 
     g = Failing(model)
     frames = frames_like(model, model.config.num_frames, 0)
