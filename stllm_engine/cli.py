@@ -50,7 +50,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="compute dtype; auto = float32 on CPU, float16 on CUDA")
     p.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: launch decode steps kernel by kernel instead of replaying CUDA graphs")
+                   help="CUDA: launch the decode, prefill, ViT and Q-Former passes kernel by kernel "
+                        "instead of replaying CUDA graphs")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the warm-up requests at load (answer: on CUDA; serve: always), so the first "
                         "request pays the Triton compiles and library set-up instead")
