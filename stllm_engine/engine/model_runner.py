@@ -34,6 +34,7 @@ from stllm_engine.model.threads import ThreadPolicy, cpu_threads
 
 MAX_PREFILL_GRAPH_TOKENS = 4096  # longer fresh prefill passes run eagerly (graph memory grows with it)
 
+
 class ModelRunner:
     """Runs an :class:`~stllm_engine.model.STLLMModel` over scheduled steps.
 
