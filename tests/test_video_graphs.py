@@ -91,8 +91,14 @@ def test_replays_read_their_inputs_and_equal_eager_passes(model):
 
 
 def test_shapes_past_the_limits_run_eagerly(model):
-    g = EagerReplays(model, max_vision=1, max_qformer=0)
     t = model.config.num_frames
+    g = EagerReplays(model)
+    assert g.max_frames == 2 * t
+    long = frames_like(model, 2 * t + 1, 0)
+    for _ in range(2):
+        torch.testing.assert_close(g.encode_vision(long), model.encode_vision(long), rtol=0, atol=0)
+    assert g.graphs["vision"] == {} and g.captures == 0
+    g = EagerReplays(model, max_vision=1, max_qformer=0)
     for n in (t, t - 1, t - 1):
         frames = frames_like(model, n, n)
         torch.testing.assert_close(g.encode_vision(frames), model.encode_vision(frames), rtol=0, atol=0)

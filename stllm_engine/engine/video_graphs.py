@@ -12,7 +12,9 @@ the shape (costing about one more pass of launches, once per process and shape).
 their inputs into the graph's static buffers, replay it and return a clone of its output. Keys: the
 ViT by the frames' shape and dtype, the Q-Former by the image embeddings' shape and the number of
 question tokens (the question's ids are an input, so one graph serves every question of that
-length); graphs reading inputs of one shape share their static buffer. At most ``max_vision`` / ``max_qformer`` graphs; shapes past those run eagerly. All
+length); graphs reading inputs of one shape share their static buffer. Frame counts above
+``max_frames`` (default: twice the model's) run eagerly: a pool keeps the activations of the
+largest pass captured into it. At most ``max_vision`` / ``max_qformer`` graphs; shapes past those run eagerly. All
 graphs share one memory pool: a replay may overwrite another graph's intermediates, never an
 output still to be read, as each output is cloned before the next replay. A capture that fails
 turns that side's graphs off (eager from then on), with the reason in ``errors``.
@@ -44,12 +46,14 @@ class CapturedPass:
 class VideoGraphs:
     """The captured video-side passes of ``model`` (an STLLMModel on CUDA)."""
 
-    def __init__(self, model, max_vision: int = 4, max_qformer: int = 128):
+    def __init__(self, model, max_vision: int = 4, max_qformer: int = 128, max_frames: int | None = None):
         self._check_device(model)
         if max_vision < 0 or max_qformer < 0:
             raise ValueError(f"VideoGraphs: max_vision / max_qformer must be >= 0, got {max_vision}, {max_qformer}")
         self.model = model
         self.limits = {"vision": max_vision, "qformer": max_qformer}
+        # a graph's memory pool keeps its largest pass's activations: no graphs for long videos
+        self.max_frames = 2 * model.config.num_frames if max_frames is None else max_frames
         self.graphs: dict[str, dict[tuple, CapturedPass]] = {"vision": {}, "qformer": {}}
         self.errors: dict[str, str] = {}
         self.replays = {"vision": 0, "qformer": 0}
@@ -85,7 +89,8 @@ class VideoGraphs:
             self.replays[side] += 1
             return g.run(*args)
         out = fn(*args)  # eager: the answer, and the warm-up pass of a capture
-        if side not in self.errors and len(self.graphs[side]) < self.limits[side]:
+        if (side not in self.errors and len(self.graphs[side]) < self.limits[side]
+                and args[0].shape[0] <= self.max_frames):
             try:
                 self.graphs[side][key] = self._capture(fn, tuple(self._static(a) for a in args))
             except Exception as e:  # noqa: BLE001  (eager still works; say why)
