@@ -294,8 +294,11 @@ def main() -> None:
     ref = ReferenceSTLLM.from_pretrained(folder, dtype=dtype, device=args.device)
     cfg = ref.config
     prompt_est = args.num_frames * cfg.tokens_per_frame + 200
+    t_load = time.perf_counter()
     llm = STLLM.from_pretrained(folder, device=args.device, dtype=dtype, max_num_seqs=max(conc, 8),
                                 kv_cache_memory=kv_memory(cfg, dtype, conc + 3, prompt_est + 2 * n))
+    load_s, warmup_s = time.perf_counter() - t_load, llm.engine.warmup_s
+    log(f"engine loaded in {load_s:.1f}s" + (f" (warm-up at load {warmup_s:.1f}s)" if warmup_s is not None else ""))
     policy = llm.engine.model.thread_policy
     # reference settings: torch's threads (as a user runs it), and the engine's decode thread count
     ref_threads = {"torch": None}
@@ -381,7 +384,8 @@ def main() -> None:
                 + (" (while the host is oversubscribed, else torch's)" if policy.only_when_busy else ""),
                 host_oversubscribed_at_start_end=busy, engine_decode_pass=llm.engine.kernels()["decode_pass"],
                 engine_prefill_pass=llm.engine.kernels()["prefill_pass"],
-                engine_video_pass=llm.engine.kernels()["video_pass"], agreement=agreement)
+                engine_video_pass=llm.engine.kernels()["video_pass"], engine_load_s=round(load_s, 2),
+                engine_warmup_s=None if warmup_s is None else round(warmup_s, 2), agreement=agreement)
     if args.device == "cpu":
         from stllm_engine.ops.attention import cpu_prefill_attention_kernel
 
