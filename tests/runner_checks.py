@@ -1,10 +1,12 @@
 """Helpers shared by the model-runner tests on CPU and CUDA: random sequences (video embeddings +
-prompt ids) and one runner step that grows block tables from a pool of free blocks first."""
+prompt ids), one runner step that grows block tables from a pool of free blocks first, and the
+CPU stand-in for a captured CUDA-graph pass."""
 from __future__ import annotations
 
 import torch
 
 from stllm_engine.engine.sequence import Sequence
+from stllm_engine.model.context import get_context, reset_context, set_context
 
 
 def random_seq(model, lv: int, n_text: int, seed: int) -> Sequence:
@@ -26,3 +28,18 @@ def run_step(runner, free: list[int], items) -> torch.Tensor:
     for seq, n in items:
         seq.num_computed_tokens += n
     return logits
+
+
+def eager_replay(graphs, key: int):
+    """Stand-in for the replay of ``graphs``' (DecodeGraphs / PrefillGraphs) pass ``key`` captured
+    now: reruns ``graphs._forward(key)`` eagerly into ``graphs.logits[key]`` under the attention
+    context current at 'capture' (what a capture bakes in: views of the static buffers)."""
+    ctx = get_context()
+
+    def replay():
+        set_context(ctx)
+        try:
+            graphs.logits[key] = graphs._forward(key)
+        finally:
+            reset_context()
+    return replay

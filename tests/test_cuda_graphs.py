@@ -8,13 +8,12 @@ import random
 
 import pytest
 import torch
-from runner_checks import random_seq, run_step
+from runner_checks import eager_replay, random_seq, run_step
 
 from stllm_engine.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from stllm_engine.engine.engine_config import EngineConfig
 from stllm_engine.engine.model_runner import ModelRunner
 from stllm_engine.model import STLLMModel
-from stllm_engine.model.context import get_context, reset_context, set_context
 from stllm_engine.testing.checkpoints import write_tiny_checkpoint
 from stllm_engine.weights import load_checkpoint
 
@@ -56,15 +55,7 @@ class EagerReplays(DecodeGraphs):
         pass
 
     def _capture(self, bs, pool):
-        ctx = get_context()  # what the capture would bake in: views of the static buffers
-
-        def replay():
-            set_context(ctx)
-            try:
-                self.logits[bs] = self._forward(bs)
-            finally:
-                reset_context()
-        return replay, pool
+        return eager_replay(self, bs), pool
 
 
 def _decode_run(ckpt, graphs: bool, block_size=4, num_blocks=24):

@@ -9,13 +9,13 @@ import random
 
 import pytest
 import torch
-from runner_checks import random_seq, run_step
+from runner_checks import eager_replay, random_seq, run_step
 from test_engine import make_engine
 
 from stllm_engine.engine.model_runner import ModelRunner
 from stllm_engine.engine.prefill_graphs import PrefillGraphs
 from stllm_engine.model import STLLMModel
-from stllm_engine.model.context import AttentionContext, get_context, reset_context, set_context
+from stllm_engine.model.context import AttentionContext
 from stllm_engine.testing.checkpoints import write_tiny_checkpoint
 from stllm_engine.weights import load_checkpoint
 
@@ -41,15 +41,7 @@ class EagerReplays(PrefillGraphs):
         pass
 
     def _capture(self, nb):
-        ctx = get_context()  # what the capture would bake in: views of the static buffers
-
-        def replay():
-            set_context(ctx)
-            try:
-                self.logits[nb] = self._forward(nb)
-            finally:
-                reset_context()
-        return replay
+        return eager_replay(self, nb)
 
 
 def runner_of(ckpt, graphs: bool, **kw):

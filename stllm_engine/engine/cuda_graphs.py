@@ -14,6 +14,9 @@ context 0: attention gives zeros). Block tables are copied into the first column
 table; columns past a sequence's blocks are never read (its context length bounds the kernel).
 Steps the graphs do not cover (more rows than ``max_batch``, a wider block table, prefill) run
 eagerly. All batch sizes share one memory pool, captured largest first.
+
+Also the capture step and device check the other graphs (``prefill_graphs.py``,
+``video_graphs.py``) share: :func:`capture_graph`, :func:`require_cuda`.
 """
 from __future__ import annotations
 
@@ -22,6 +25,22 @@ from typing import Callable
 import torch
 
 from stllm_engine.model.context import AttentionContext, reset_context, set_context
+
+
+def require_cuda(model, owner: str) -> None:
+    """Raise unless ``model`` runs on a CUDA device (``owner``: who needs it, for the message)."""
+    if model.device.type != "cuda":
+        raise ValueError(f"{owner} needs a CUDA model, got one on {model.device}")
+
+
+def capture_graph(fn: Callable[[], torch.Tensor], pool, capture_error_mode: str = "thread_local"):
+    """``fn()`` captured into a new CUDA graph that allocates from memory pool ``pool`` (None: a
+    new pool): (replay function, ``fn``'s output tensor, the pool for the next capture). The
+    default error mode lets other threads (the engine's frame decoders) use CUDA meanwhile."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=capture_error_mode):
+        out = fn()
+    return graph.replay, out, (graph.pool() if pool is None else pool)  # the bound replay keeps the graph
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -63,17 +82,14 @@ class DecodeGraphs:
 
     @staticmethod
     def _check_device(model) -> None:
-        if model.device.type != "cuda":
-            raise ValueError(f"DecodeGraphs needs a CUDA model, got one on {model.device}")
+        require_cuda(model, "DecodeGraphs")
 
     def _capture(self, bs: int, pool):
         """Capture batch size ``bs`` (its context is set): (replay function, the shared pool)."""
         self._forward(bs)  # warm-up outside the capture: Triton compiles, cuBLAS chooses
         torch.cuda.synchronize(self.model.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.logits[bs] = self._forward(bs)
-        return graph.replay, (graph.pool() if pool is None else pool)
+        replay, self.logits[bs], pool = capture_graph(lambda: self._forward(bs), pool, "global")
+        return replay, pool
 
     def _forward(self, bs: int) -> torch.Tensor:
         return self.model.compute_logits(self.model(self.embeds[:bs], self.positions[:bs]))

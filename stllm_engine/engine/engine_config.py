@@ -24,9 +24,10 @@ class EngineConfig:
     keyframe segments (``stllm_engine/video/segments.py``; None: the CPUs this process may use, at
     most ``MAX_DEFAULT_DECODE_THREADS``, as every reader holds its own decoder; 1: one reader).
     Background decodes use one reader each, beside the model's threads. enforce_eager: on CUDA,
-    decode steps, ViT and Q-Former passes launch their kernels one by one instead of replaying
-    CUDA graphs (decode: captured at start, ``cuda_graphs.py``; ViT / Q-Former: per shape on first
-    use, ``video_graphs.py``; for debugging and comparisons). warmup: run three short synthetic
+    decode steps, fresh prefills, ViT and Q-Former passes launch their kernels one by one instead
+    of replaying CUDA graphs (decode: captured at start, ``cuda_graphs.py``; prefill: per 64-token
+    bucket at warm-up, ``prefill_graphs.py``; ViT / Q-Former: per shape on first use,
+    ``video_graphs.py``; for debugging and comparisons). warmup: run three short synthetic
     requests when the engine is built, so Triton compiles and library set-up are paid at load and
     not by the first request (``warmup.py``); None: on CUDA only."""
 

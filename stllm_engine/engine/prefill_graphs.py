@@ -28,6 +28,7 @@ import warnings
 
 import torch
 
+from stllm_engine.engine.cuda_graphs import capture_graph, require_cuda
 from stllm_engine.model.context import AttentionContext, reset_context, set_context
 
 
@@ -53,8 +54,7 @@ class PrefillGraphs:
 
     @staticmethod
     def _check_device(model) -> None:
-        if model.device.type != "cuda":
-            raise ValueError(f"PrefillGraphs needs a CUDA model, got one on {model.device}")
+        require_cuda(model, "PrefillGraphs")
 
     def bucket(self, n: int) -> int:
         return -(-n // self.step) * self.step
@@ -88,19 +88,17 @@ class PrefillGraphs:
 
     def capture_all(self) -> int:
         """Capture every bucket not captured yet (at load: ``warmup.py``), each over a dummy pass
-        that writes no KV (slots -1); returns how many were captured."""
-        done = len(self.replay_fns)
+        of one sequence that writes no KV (slots -1); returns how many were captured."""
+        done, dev = len(self.replay_fns), self.model.device
         for nb in range(self.step, self.max_tokens + 1, self.step):
             if self.error is not None:
                 break
             if nb not in self.replay_fns:
-                self.embeds[:nb].zero_()
-                torch.arange(nb, out=self.positions[:nb])
-                self.slots[:nb].fill_(-1)
-                self.cu.fill_(nb)
-                self.cu[0] = 0
-                self.out_rows.zero_()
-                self._first_pass(nb)
+                cu = torch.tensor([0, nb], dtype=torch.int32, device=dev)
+                ctx = AttentionContext(is_prefill=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=nb,
+                                       max_seqlen_k=nb, slot_mapping=self.slots.new_full((nb,), -1))
+                self.run(self.embeds.new_zeros(nb, self.embeds.shape[1]), torch.arange(nb, device=dev), ctx,
+                         self.out_rows[:0])
         return len(self.replay_fns) - done
 
     def _first_pass(self, nb: int) -> torch.Tensor:
@@ -122,12 +120,8 @@ class PrefillGraphs:
 
     def _capture(self, nb: int):
         """Capture bucket ``nb`` (its context is set): the replay function."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self.logits[nb] = self._forward(nb)
-        if self._pool is None:
-            self._pool = graph.pool()
-        return graph.replay
+        replay, self.logits[nb], self._pool = capture_graph(lambda: self._forward(nb), self._pool)
+        return replay
 
     def _context(self, nb: int) -> AttentionContext:
         return AttentionContext(is_prefill=True, cu_seqlens_q=self.cu, cu_seqlens_k=self.cu,

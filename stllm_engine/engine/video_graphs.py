@@ -12,9 +12,9 @@ the shape (costing about one more pass of launches, once per process and shape).
 their inputs into the graph's static buffers, replay it and return a clone of its output. Keys: the
 ViT by the frames' shape and dtype, the Q-Former by the image embeddings' shape and the number of
 question tokens (the question's ids are an input, so one graph serves every question of that
-length); graphs reading inputs of one shape share their static buffer. Frame counts above
-``max_frames`` (default: twice the model's) run eagerly: a pool keeps the activations of the
-largest pass captured into it. At most ``max_vision`` / ``max_qformer`` graphs; shapes past those run eagerly. All
+length); graphs reading inputs of one shape share their static buffer. At most ``max_vision`` /
+``max_qformer`` graphs, and frame counts up to ``max_frames`` (default: twice the model's, as a
+pool keeps the activations of the largest pass captured into it); other shapes run eagerly. All
 graphs share one memory pool: a replay may overwrite another graph's intermediates, never an
 output still to be read, as each output is cloned before the next replay. A capture that fails
 turns that side's graphs off (eager from then on), with the reason in ``errors``.
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from stllm_engine.engine.cuda_graphs import capture_graph, require_cuda
 
 
 @dataclass
@@ -62,8 +64,7 @@ class VideoGraphs:
 
     @staticmethod
     def _check_device(model) -> None:
-        if model.device.type != "cuda":
-            raise ValueError(f"VideoGraphs needs a CUDA model, got one on {model.device}")
+        require_cuda(model, "VideoGraphs")
 
     # --- the two passes -------------------------------------------------------------------
     def encode_vision(self, frames: torch.Tensor) -> torch.Tensor:
@@ -111,13 +112,8 @@ class VideoGraphs:
 
     def _capture(self, fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> CapturedPass:
         """Capture ``fn`` over the static ``inputs`` (filled)."""
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: frame-decoding threads of the engine may touch CUDA meanwhile
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            output = fn(*inputs)
-        if self._pool is None:
-            self._pool = graph.pool()
-        return CapturedPass(graph.replay, inputs, output)  # the bound replay keeps the graph alive
+        replay, output, self._pool = capture_graph(lambda: fn(*inputs), self._pool)
+        return CapturedPass(replay, inputs, output)
 
     def describe(self) -> str:
         parts = []
