@@ -55,37 +55,12 @@ void lookup16(uint16_t* x, const uint16_t* table, int64_t n) {
 }
 
 #ifdef STLLM_X86_SIMD
-// exp_approx (vec_math.h) on 16 lanes: the same steps, with explicit FMAs.
-STLLM_BF16_TARGET inline __m512 exp_approx16(__m512 x) {
-  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
-                                                        _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), p, _mm512_castsi512_ps(bits));
-}
-
 // bfloat16 SwiGLU row with the CPU's own float -> bfloat16 rounding (round_bf16x16).
 STLLM_BF16_TARGET void silu_mul_row_bf16(const c10::BFloat16* __restrict g, const c10::BFloat16* __restrict u,
                                           c10::BFloat16* __restrict out, int64_t I) {
   int64_t i = 0;
-  const __m512 one = _mm512_set1_ps(1.0f);
   for (; i + 16 <= I; i += 16) {
-    const __m512 x = load_bf16x16(g + i);
-    const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-    const __m512 s = round_bf16x16(_mm512_div_ps(x, _mm512_add_ps(one, e)));
-    const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(s, load_bf16x16(u + i)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)o);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), silu_mul_bf16x16(load_bf16x16(g + i), load_bf16x16(u + i)));
   }
   silu_mul_row(g + i, u + i, out + i, I - i);
 }

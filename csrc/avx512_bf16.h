@@ -43,5 +43,33 @@ STLLM_BF16_TARGET inline __m512 round_bf16x16(__m512 x) {
   return bf16x16_to_f32((__m256i)_mm512_cvtneps_pbh(x));
 }
 
+// exp_approx (vec_math.h: e^x, ~2 float ulp; 0 below -87.3) on 16 lanes: the same steps, with explicit FMAs.
+STLLM_BF16_TARGET inline __m512 exp_approx16(__m512 x) {
+  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
+                                                        _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~under), p, _mm512_castsi512_ps(bits));
+}
+
+// T(T(silu(g)) * u) on 16 lanes of bfloat16 values given as floats, as 16 bfloat16: torch's
+// `F.silu(gate) * up` in bfloat16 (silu in float32 through exp_approx16, rounded, times up, rounded).
+STLLM_BF16_TARGET inline __m256i silu_mul_bf16x16(__m512 g, __m512 u) {
+  const __m512 e = exp_approx16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  const __m512 s = round_bf16x16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, u));
+}
+
 }  // namespace stllm
 #endif

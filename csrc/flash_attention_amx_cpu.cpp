@@ -25,14 +25,6 @@
 // engine keeps torch's SDPA.
 #include <ATen/Parallel.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define STLLM_HAVE_AMX_KERNEL 1
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -40,6 +32,7 @@
 #include <limits>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "avx512_bf16.h"
 #include "checks.h"
 #include "ops.h"
@@ -48,7 +41,9 @@ namespace stllm {
 #ifdef STLLM_HAVE_AMX_KERNEL
 namespace {
 
-#define STLLM_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+using amx::configure_tiles;
+using amx::DenormalsAreZero;
+using amx::release_tiles;
 
 constexpr int QB = 32;   // query rows per job (two 16-row tiles)
 constexpr int KB = 512;  // keys per softmax block (a multiple of 32)
@@ -58,26 +53,6 @@ constexpr int SK = KB + 16, PK = KB + 32;
 
 // Key counts and head dims are padded to whole 32-wide tiles (a bf16 tile row holds 32 values).
 inline int round32(int n) { return (n + 31) / 32 * 32; }
-
-struct alignas(64) TileConfig {
-  uint8_t palette;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-bool cpu_has_amx_bf16() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool amx = (d >> 24 & 1) && (d >> 22 & 1);                 // AMX-TILE, AMX-BF16
-  const bool avx512 = (b >> 16 & 1) && (b >> 30 & 1) && (b >> 31 & 1) && (b >> 17 & 1);  // F BW VL DQ
-  if (!amx || !avx512 || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-  const bool bf16 = a >> 5 & 1;  // AVX512_BF16
-  // The OS must enable the tile state for this process (Linux >= 5.16: arch_prctl permission).
-  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-  return bf16 && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
 
 // 2^x for x <= 0 (the softmax's shifted scores): degree-5 Taylor polynomial of 2^f on |f| <= 1/2
 // (relative error < 3e-6, far below the bf16 rounding of P) scaled by 2^round(x) with vscalefps,
@@ -352,32 +327,11 @@ STLLM_AMX void attend_block(const Seq& a, int q0, Scratch& w) {
   }
 }
 
-STLLM_AMX void configure_tiles() {
-  TileConfig cfg{};
-  cfg.palette = 1;
-  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-  // GCC 12 does not see the builtin read cfg and drops the stores above without this barrier.
-  asm volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
-STLLM_AMX void release_tiles() { _tile_release(); }
-
-// Flush-to-zero + denormals-are-zero for this thread's SSE/AVX math while in scope. Scores far
-// below a row's max give exp2 results under 2^-126: as denormals, every vscalefps / vaddps on them
-// took a microcode assist, and the bench-cpu ViT's attention (random weights, large scores) ran
-// 1.6x slower than on unit-scale scores (3.4 vs 2.2 ms). As zeros they change nothing: the tiles
-// already read bf16 denormals as zero, and the row sums lose less than 2^-126 each.
-class DenormalsAreZero {
- public:
-  DenormalsAreZero() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ (bit 15) | DAZ (bit 6)
-  ~DenormalsAreZero() { _mm_setcsr(saved_); }
-  DenormalsAreZero(const DenormalsAreZero&) = delete;
-  DenormalsAreZero& operator=(const DenormalsAreZero&) = delete;
-
- private:
-  unsigned saved_;
-};
+// DenormalsAreZero (amx_tiles.h) on the worker threads: scores far below a row's max give exp2
+// results under 2^-126: as denormals, every vscalefps / vaddps on them took a microcode assist, and
+// the bench-cpu ViT's attention (random weights, large scores) ran 1.6x slower than on unit-scale
+// scores (3.4 vs 2.2 ms). As zeros they change nothing: the tiles already read bf16 denormals as
+// zero, and the row sums lose less than 2^-126 each.
 
 // Space for the packed K and V: kept per thread up to 32 MiB, since a fresh buffer of a few MB
 // per call costs its page faults every time (~6 ms of a 14 ms call at 16 ViT frames x 16 heads);
@@ -396,10 +350,7 @@ uint32_t* packed_workspace(int64_t dwords, at::Tensor& fresh) {
 
 }  // namespace
 
-bool amx_attention_available() {
-  static const bool ok = cpu_has_amx_bf16();
-  return ok;
-}
+bool amx_attention_available() { return amx::cpu_has_amx_bf16(); }
 
 // See the header comment for layouts. Returns out [Nq, Hq, D] bfloat16.
 at::Tensor flash_attention_amx_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
