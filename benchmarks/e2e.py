@@ -384,6 +384,7 @@ def main() -> None:
                 + (" (while the host is oversubscribed, else torch's)" if policy.only_when_busy else ""),
                 host_oversubscribed_at_start_end=busy, engine_decode_pass=llm.engine.kernels()["decode_pass"],
                 engine_prefill_pass=llm.engine.kernels()["prefill_pass"],
+                engine_prefill_mlp=llm.engine.kernels()["prefill_mlp"],
                 engine_video_pass=llm.engine.kernels()["video_pass"], engine_load_s=round(load_s, 2),
                 engine_warmup_s=None if warmup_s is None else round(warmup_s, 2), agreement=agreement)
     if args.device == "cpu":
@@ -429,6 +430,7 @@ def main() -> None:
           + (f"; engine prefill attention {base['engine_prefill_attention']}" if "engine_prefill_attention" in base else "")
           + (f"; malloc {base['malloc']} (both sides: one process)" if "malloc" in base else "")
           + f"; engine decode pass: {base['engine_decode_pass']}; prefill pass: {base['engine_prefill_pass']}"
+          + f" (mlp: {base['engine_prefill_mlp']})"
           + f"; video passes: {base['engine_video_pass']}")
     print(format_table(rows, ["reference_threads", "target"]))
     print(f"wrote {out}")

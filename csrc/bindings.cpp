@@ -23,4 +23,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   stllm::register_activation(m);
   stllm::register_llama_decode(m);
   stllm::register_flash_attention_amx(m);
+  stllm::register_amx_swiglu(m);
 }

@@ -14,4 +14,5 @@ void register_rotary(pybind11::module_& m);
 void register_activation(pybind11::module_& m);
 void register_llama_decode(pybind11::module_& m);
 void register_flash_attention_amx(pybind11::module_& m);
+void register_amx_swiglu(pybind11::module_& m);
 }  // namespace stllm

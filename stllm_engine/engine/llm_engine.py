@@ -413,7 +413,7 @@ class LLMEngine(BeamRequests):
 
     def kernels(self) -> dict:
         """Which kernel paths this engine's model runs (for /health and benchmark reports)."""
-        from stllm_engine.model import cpu_decode
+        from stllm_engine.model import cpu_decode, fused_swiglu
         from stllm_engine.ops.attention import cpu_prefill_attention_kernel, cuda_attention_kernel
 
         device, dtype = self.model.device, self.model.dtype
@@ -425,4 +425,5 @@ class LLMEngine(BeamRequests):
                 "decode_pass": ("c++ layer loop" if cpu_decode.enabled() else "python layer loop") if on_cpu
                 else self.runner.decode_mode(),
                 "prefill_pass": "eager" if on_cpu else self.runner.prefill_mode(),
+                "prefill_mlp": fused_swiglu.describe(self.model) if on_cpu else "gate_up gemm + triton swiglu",
                 "video_pass": "eager" if self.video_graphs is None else self.video_graphs.describe()}

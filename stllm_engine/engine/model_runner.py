@@ -29,6 +29,7 @@ import torch
 
 from stllm_engine.model import cpu_decode
 from stllm_engine.model.context import AttentionContext, reset_context, set_context
+from stllm_engine.model.fused_swiglu import pack_swiglu
 from stllm_engine.model.packed_linear import pack_linears, pack_qformer, pack_vision
 from stllm_engine.model.threads import ThreadPolicy, cpu_threads
 
@@ -62,6 +63,7 @@ class ModelRunner:
         self.block_size = model.block_size
         self.num_blocks = model.kv_cache.shape[2]
         self.num_packed = pack_linears(model)  # CPU: LLM weights pre-packed for oneDNN (inference)
+        self.num_fused_swiglu = pack_swiglu(model)  # CPU bf16 + AMX: prefill gate_up GEMM + SwiGLU in one kernel
         self.num_packed_vision = pack_vision(model)  # CPU: vision GEMMs packed, fc1 + GELU fused
         self.num_packed_qformer = pack_qformer(model)  # the same for the Q-Former and projector
         cpu_decode.enabled()  # a bad STLLM_CPU_COMPILED_DECODE fails here, not in the first decode step

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from stllm_engine.config import LLMConfig
 from stllm_engine import ops
-from stllm_engine.model import cpu_decode
+from stllm_engine.model import cpu_decode, fused_swiglu
 from stllm_engine.model.context import get_context
 from stllm_engine.ops import elementwise as ew
 
@@ -124,13 +124,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """down(silu(gate) * up) with gate and up from one fused ``gate_up_proj``; CPU bfloat16
+    prefills may run gate_up + SwiGLU as one AMX kernel (:mod:`stllm_engine.model.fused_swiglu`)."""
+
     def __init__(self, cfg: LLMConfig):
         super().__init__()
+        self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.swiglu_packed: torch.Tensor | None = None  # set by fused_swiglu.pack_swiglu
+        self.swiglu_prefill = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ew.silu_and_mul(self.gate_up_proj(x)))
+        h = fused_swiglu.swiglu(self, x)
+        return self.down_proj(ew.silu_and_mul(self.gate_up_proj(x)) if h is None else h)
 
 
 class LlamaDecoderLayer(nn.Module):
