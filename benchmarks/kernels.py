@@ -1,8 +1,9 @@
 """Kernel benchmark: the engine's ops vs the plain-torch way, CPU (and GPU when CUDA is present).
 
 CPU rows: C++ paged decode vs gather-then-SDPA, C++ pack vs ``x[keep]``, C++ KV write vs
-``index_copy_``. GPU rows: Triton varlen flash attention TFLOP/s vs torch SDPA (and flash-attn if
-importable), paged decode GB/s vs measured copy bandwidth. Prints a table and writes
+``index_copy_``, the fused element-wise ops, the AMX gate_up + SwiGLU kernel, the GELU paths.
+GPU rows: Triton varlen flash attention TFLOP/s vs torch SDPA (and flash-attn if importable),
+paged decode GB/s vs measured copy bandwidth. Prints a table and writes
 ``benchmarks/results/kernels-<device>.json`` (BENCHMARKS.md format; ratio = engine is better by).
 
     python benchmarks/kernels.py [--quick] [--no-gpu | --no-cpu] [--out FILE]
@@ -103,7 +104,47 @@ def cpu_rows(quick: bool) -> list[dict]:
         rows.append(row(dict(op="write_kv_cache", tokens=N, kv_heads=32, head_dim=128, block_size=16,
                              dtype="float32", repeats=reps * 3), "latency", eng, "torch index_copy_", base, "ms", False))
     rows += elementwise_rows(reps)
+    rows += swiglu_gemm_rows(reps)
     rows += gelu_rows(reps)
+    return rows
+
+
+def swiglu_gemm_rows(reps: int) -> list[dict]:
+    """The CPU prefill MLP's gate_up GEMM + SwiGLU in one AMX kernel (``csrc/amx_swiglu_cpu.cpp``)
+    vs the unfused path it replaces (oneDNN's packed GEMM, then the C++ SwiGLU) and vs torch
+    (``F.linear``, then ``F.silu(gate) * up``), bfloat16: bench-cpu ([rows, 1024] -> 2 x 2816) at a
+    prefill's 608 rows and a 2048-row chunk, over 8 weights in turn (as a prefill meets its layers:
+    weights from memory), and ST-LLM-7B ([608, 4096] -> 2 x 11008, one 180 MB weight)."""
+    from stllm_engine.model import fused_swiglu
+    from stllm_engine.model.packed_linear import PACK_ROWS_HINT, packing_available
+    from stllm_engine.ops import elementwise as ew
+    from stllm_engine.ops._backend import cpp
+
+    if not fused_swiglu.available():
+        return []
+    rows = []
+    for name, n, k, inter, nw in (("bench-cpu LLM", 608, 1024, 2816, 8), ("bench-cpu LLM", 2048, 1024, 2816, 8),
+                                  ("ST-LLM-7B LLM", 608, 4096, 11008, 1)):
+        g = torch.Generator().manual_seed(n + inter)
+        x = torch.randn(n, k, generator=g).bfloat16()
+        ws = [(torch.randn(2 * inter, k, generator=g) / k ** 0.5).bfloat16() for _ in range(nw)]
+        if not packing_available(ws[0]):
+            continue
+        fused_w = [cpp().amx_swiglu_pack(w) for w in ws]
+        onednn_w = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) for w in ws]
+
+        def each(fn):
+            return lambda: [fn(i) for i in range(nw)]
+
+        fused = each(lambda i: cpp().amx_swiglu(x, fused_w[i], k, inter))
+        unfused = each(lambda i: ew.silu_and_mul(torch.ops.mkldnn._linear_pointwise(x, onednn_w[i], None, "none", [], "")))
+        twin = each(lambda i: ew.silu_and_mul_ref(F.linear(x, ws[i])))
+        r = max(3, reps // nw)
+        t_fused, t_unfused, t_twin = (t / nw for t in interleaved_ms([fused, unfused, twin], r))
+        cfg = dict(op="gate_up gemm + swiglu (amx, bf16)", shape=name, rows=n, hidden=k, intermediate=inter,
+                   weights_in_turn=nw, dtype="bfloat16", repeats=r)
+        rows.append(row(cfg, "latency", t_fused, "oneDNN packed GEMM + C++ SwiGLU", t_unfused, "ms", False))
+        rows.append(row(cfg, "latency", t_fused, "torch F.linear + F.silu(gate) * up", t_twin, "ms", False))
     return rows
 
 

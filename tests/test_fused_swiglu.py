@@ -155,3 +155,20 @@ def test_pack_swiglu_modes(ckpt, monkeypatch):
     monkeypatch.setenv(fused_swiglu.ENV, "sometimes")
     with pytest.raises(ValueError, match="STLLM_CPU_FUSED_SWIGLU"):
         fused_swiglu.mode()
+
+
+def test_wide_models_are_not_offered_the_kernel(monkeypatch):
+    """Above MAX_IN_FEATURES the kernel would re-read each weight many times (see the module):
+    ``auto`` leaves such a model unfused; ``1`` still forces it where AMX runs."""
+    from stllm_engine.model.llama import LlamaDecoderLayer
+
+    cfg = LLMConfig(vocab_size=64, hidden_size=fused_swiglu.MAX_IN_FEATURES + 32, intermediate_size=48,
+                    num_layers=1, num_heads=4, num_kv_heads=4)
+    model = torch.nn.Module()
+    model.llm = torch.nn.Module()
+    model.llm.layers = torch.nn.ModuleList([LlamaDecoderLayer(cfg).to(torch.bfloat16)])
+    monkeypatch.setenv(fused_swiglu.ENV, "auto")
+    assert fused_swiglu.pack_swiglu(model) == 0
+    assert model.llm.layers[0].mlp.swiglu_packed is None
+    monkeypatch.setenv(fused_swiglu.ENV, "1")
+    assert fused_swiglu.pack_swiglu(model) == (1 if AMX else 0)

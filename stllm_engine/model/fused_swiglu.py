@@ -4,16 +4,18 @@ Unfused, a prefill's MLP writes the [rows, 2I] gate_up output to memory and read
 ``silu(gate) * up``; the fused kernel keeps a block's gate and up accumulators in tiles side by side
 and writes only the [rows, I] result, rounded as the unfused path rounds (gate and up to bfloat16,
 then ``T(T(silu(gate)) * up)``). bench-cpu, [608 x 1024] -> 2 x 2816, 2 threads, over 8 layers'
-weights in turn (cold, as in a prefill): 5.51 ms (oneDNN GEMM + the C++ SwiGLU) -> 4.24 ms; 2048
-rows: 21.7 -> 12.2 ms; 96 rows: even.
+weights in turn (cold, as in a prefill; ``benchmarks/kernels.py``): 5.52 ms (oneDNN GEMM + the C++
+SwiGLU) -> 4.20 ms; a 2048-row chunk: 17.2 -> 14.4 ms. A whole bench-cpu prefill (interleaved):
+123.9 -> 114.4 ms.
 
 :func:`pack_swiglu` packs each LLaMA MLP's gate_up weight once for the kernel (bfloat16 CPU models
 where it runs) and decides at load whether prefills use it: ``STLLM_CPU_FUSED_SWIGLU=auto`` (the
-default) times both paths over the first layers' weights at the model's typical prefill row count,
-``1`` always, ``0`` never. The packed copy sits beside oneDNN's (decode steps keep that one); it is
-made only while the plain weight is still loaded and the copy fits in memory
-(:func:`~stllm_engine.model.packed_linear.keep_plain_copies`). :func:`swiglu` is the MLP's entry:
-inputs of more than :data:`MIN_ROWS` rows (CPU, bfloat16, outside autograd) take the fused kernel.
+default) times both paths over the first layers' weights at the model's typical prefill row count
+(models at most :data:`MAX_IN_FEATURES` wide), ``1`` always, ``0`` never. The packed copy sits
+beside oneDNN's (decode steps keep that one); it is made only while the plain weight is still
+loaded and the copy fits in memory (:func:`~stllm_engine.model.packed_linear.keep_plain_copies`).
+:func:`swiglu` is the MLP's entry: inputs of more than :data:`MIN_ROWS` rows (CPU, bfloat16,
+outside autograd) take the fused kernel.
 """
 from __future__ import annotations
 
@@ -24,6 +26,11 @@ import torch
 from stllm_engine.model.packed_linear import interleaved_medians, keep_plain_copies, llm_prefill_rows
 
 ENV = "STLLM_CPU_FUSED_SWIGLU"  # auto (default) | 1 | 0
+# The kernel keeps 640 KB of x's rows in L2 while the weight streams past them, so it reads the
+# weight rows / (640 KB / 2K) times: once or twice at K = 1024, ten times at ST-LLM-7B's K = 4096,
+# where it took 149 ms against 76 ms unfused ([608, 4096] -> 2 x 11008, benchmarks/kernels.py).
+# Wider inputs are not offered it (``auto``; ``1`` still forces it).
+MAX_IN_FEATURES = 1280
 MIN_ROWS = 32  # decode-sized inputs keep oneDNN's packed GEMM (the fused kernel works on 32-row blocks)
 CALIBRATION_LAYERS = 4  # timed in turn, so their weights come from memory as in a prefill
 
@@ -72,13 +79,16 @@ def _plain_weight(lin) -> torch.Tensor | None:
 @torch.no_grad()
 def pack_swiglu(model) -> int:
     """Pack the gate_up weight of every LLaMA MLP of an STLLMModel for the fused kernel and set
-    ``swiglu_prefill`` (see the module doc); returns how many MLPs were packed (0: not a bfloat16
-    CPU model, no AMX, ``STLLM_CPU_FUSED_SWIGLU=0``, already packed, plain weights already freed,
-    or no room)."""
+    ``swiglu_prefill`` (see the module doc); returns how many MLPs use the fused kernel (0: not a
+    bfloat16 CPU model, no AMX, ``STLLM_CPU_FUSED_SWIGLU=0``, already packed, plain weights already
+    freed, no room, or the timing chose the unfused path, whose packed copies are then freed)."""
     layers = list(model.llm.layers)
     weights = [_plain_weight(layer.mlp.gate_up_proj) for layer in layers]
-    if (mode() == "0" or not layers or any(layer.mlp.swiglu_packed is not None for layer in layers) or any(w is None for w in weights) or weights[0].device.type != "cpu"
-            or weights[0].dtype != torch.bfloat16 or not available()):
+    if mode() == "0" or not layers or any(layer.mlp.swiglu_packed is not None for layer in layers):
+        return 0
+    if any(w is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 for w in weights) or not available():
+        return 0
+    if mode() == "auto" and weights[0].shape[1] > MAX_IN_FEATURES:
         return 0
     if not keep_plain_copies(sum(w.numel() * w.element_size() for w in weights)):
         return 0
@@ -89,9 +99,10 @@ def pack_swiglu(model) -> int:
         layer.mlp.swiglu_prefill = True
     use = mode() == "1" or _fused_is_faster([layer.mlp for layer in layers[:CALIBRATION_LAYERS]],
                                             llm_prefill_rows(model.config))
-    for layer in layers:
+    for layer in layers:  # not chosen: the packed copies go (their memory would only sit there)
         layer.mlp.swiglu_prefill = use
-    return len(layers)
+        layer.mlp.swiglu_packed = layer.mlp.swiglu_packed if use else None
+    return len(layers) if use else 0
 
 
 def _fused_is_faster(mlps, rows: int, repeats: int = 3) -> bool:
