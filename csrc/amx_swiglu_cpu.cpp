@@ -22,6 +22,12 @@
 // prefetched into L2 meanwhile); per panel, for k chunks of 256, every 32 rows of the block run a
 // microkernel (C tiles 0/2: gate of rows 0-15/16-31, 1/3: up; A tiles 4-5, B tiles 6-7), the C
 // tiles carried between chunks in a per-thread float buffer, and the SwiGLU after the last chunk.
+// Wider inputs (K > 1024: ST-LLM-7B's 4096) would leave blocks of only 64-80 rows that way, each
+// re-reading the whole weight from memory (155 ms against 102 ms unfused at 7B's [608, 4096] ->
+// 2 x 11008); there the k chunks of 1024 columns go outermost instead (run_rows_chunked): the
+// threads split the rows (or, with fewer than 64 rows a thread, the panels), a chunk of up to 320
+// rows stays in L2 while every panel streams past it once, and the partial sums of all the
+// thread's panels wait in a float buffer between chunks (7B: 67 vs 86 ms unfused, benchmarks/kernels.py).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -38,6 +44,9 @@ namespace {
 
 constexpr int64_t KC = 8;                  // k steps of 32 per chunk (256 columns of x)
 constexpr int64_t BLOCK_BYTES = 640 << 10;  // rows of x per block: MB * Kp * 2 bytes at most this
+constexpr int64_t WIDE_K = 1024;            // wider inputs: k chunks outermost (run_rows_chunked)
+constexpr int64_t WIDE_KC = 32;             // k steps of 32 per chunk there (1024 columns of x)
+constexpr int64_t WIDE_MB = 320;            // rows per block there (a chunk of them: 640 KB)
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -141,6 +150,59 @@ STLLM_AMX void run_panels(const uint16_t* a, const uint16_t* w, int64_t M, int64
   }
 }
 
+// Wide inputs (K > WIDE_K): rows [m0, m1) of x (at most WIDE_MB) against every panel, k in chunks
+// of WIDE_KC steps (outermost), so the rows' chunk of x (<= 640 KB) stays in L2 while all panels
+// stream past it once per chunk; the panels' partial sums wait in cbig (per panel, 32 x 32 floats
+// per 32 rows) between chunks, and the SwiGLU runs after the last chunk.
+STLLM_AMX void run_rows_chunked(const uint16_t* a, const uint16_t* w, int64_t M, int64_t KB, int64_t I, int64_t p0,
+                                int64_t p1, int64_t m0, int64_t m1, float* cbig, uint16_t* out) {
+  const int64_t steps = (m1 - m0) / 32;
+  for (int64_t k0 = 0; k0 < KB; k0 += WIDE_KC) {
+    const int64_t k1 = std::min(k0 + WIDE_KC, KB);
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint16_t* b = w + p * KB * 1024;
+      const char* next = p + 1 < p1 ? reinterpret_cast<const char*>(b + KB * 1024 + k0 * 1024) : nullptr;
+      const int64_t lines = (k1 - k0) * 32, per = (lines + steps * (k1 - k0) - 1) / (steps * (k1 - k0));
+      int64_t line = 0;
+      for (int64_t m = m0; m < m1; m += 32) {
+        float* c = cbig + ((p - p0) * steps + (m - m0) / 32) * 1024;
+        if (k0 == 0) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        } else {
+          _tile_loadd(0, c, 128);
+          _tile_loadd(1, c + 16, 128);
+          _tile_loadd(2, c + 512, 128);
+          _tile_loadd(3, c + 528, 128);
+        }
+        const uint16_t* a0 = a + (m / 16) * KB * 512;
+        const uint16_t* a1 = a0 + KB * 512;
+        for (int64_t kb = k0; kb < k1; ++kb) {
+          if (next != nullptr && line < lines) {
+            for (int64_t i = 0; i < per; ++i) _mm_prefetch(next + (line + i) * 64, _MM_HINT_T1);
+            line += per;
+          }
+          _tile_loadd(4, a0 + kb * 512, 64);
+          _tile_loadd(5, a1 + kb * 512, 64);
+          _tile_loadd(6, b + kb * 1024, 64);
+          _tile_loadd(7, b + kb * 1024 + 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, c, 128);
+        _tile_stored(1, c + 16, 128);
+        _tile_stored(2, c + 512, 128);
+        _tile_stored(3, c + 528, 128);
+        if (k1 == KB) swiglu_block(c, m, p * 16, M, I, out);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 bool amx_swiglu_available() { return amx::cpu_has_amx_bf16(); }
@@ -195,9 +257,29 @@ at::Tensor amx_swiglu(const at::Tensor& x, const at::Tensor& packed, int64_t in_
   at::parallel_for(0, Mp / 16, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) pack_a_tile(xp, xs, M, K, KB, i * 16, a + i * KB * 512);
   });
-  const int64_t MB = std::clamp<int64_t>(BLOCK_BYTES / (KB * 64) / 32 * 32, 32, Mp);
   const uint16_t* w = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  if (KB * 32 > WIDE_K) {
+    // Wide: k chunk by chunk; the threads split the rows (32-row steps) when there are enough of
+    // them, else the panels.
+    const int64_t steps = Mp / 32, threads = at::get_num_threads();
+    const bool by_rows = steps >= 2 * threads;
+    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(threads, by_rows ? steps : NP));
+    at::parallel_for(0, nth, 1, [&](int64_t begin, int64_t end) {
+      thread_local AlignedScratch c_scratch;
+      amx::configure_tiles();
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r0 = by_rows ? steps * t / nth * 32 : 0, r1 = by_rows ? steps * (t + 1) / nth * 32 : Mp;
+        const int64_t p0 = by_rows ? 0 : NP * t / nth, p1 = by_rows ? NP : NP * (t + 1) / nth;
+        float* cbig = static_cast<float*>(c_scratch.get((p1 - p0) * std::min(WIDE_MB, r1 - r0) * 32 * (int64_t)sizeof(float)));
+        for (int64_t m0 = r0; m0 < r1; m0 += WIDE_MB)
+          run_rows_chunked(a, w, M, KB, I, p0, p1, m0, std::min(m0 + WIDE_MB, r1), cbig, o);
+      }
+      amx::release_tiles();
+    });
+    return out;
+  }
+  const int64_t MB = std::clamp<int64_t>(BLOCK_BYTES / (KB * 64) / 32 * 32, 32, Mp);
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), NP));
   at::parallel_for(0, nth, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedScratch c_scratch;

@@ -157,18 +157,30 @@ def test_pack_swiglu_modes(ckpt, monkeypatch):
         fused_swiglu.mode()
 
 
-def test_wide_models_are_not_offered_the_kernel(monkeypatch):
-    """Above MAX_IN_FEATURES the kernel would re-read each weight many times (see the module):
-    ``auto`` leaves such a model unfused; ``1`` still forces it where AMX runs."""
-    from stllm_engine.model.llama import LlamaDecoderLayer
 
-    cfg = LLMConfig(vocab_size=64, hidden_size=fused_swiglu.MAX_IN_FEATURES + 32, intermediate_size=48,
-                    num_layers=1, num_heads=4, num_kv_heads=4)
-    model = torch.nn.Module()
-    model.llm = torch.nn.Module()
-    model.llm.layers = torch.nn.ModuleList([LlamaDecoderLayer(cfg).to(torch.bfloat16)])
-    monkeypatch.setenv(fused_swiglu.ENV, "auto")
-    assert fused_swiglu.pack_swiglu(model) == 0
-    assert model.llm.layers[0].mlp.swiglu_packed is None
-    monkeypatch.setenv(fused_swiglu.ENV, "1")
-    assert fused_swiglu.pack_swiglu(model) == (1 if AMX else 0)
+@needs_amx
+@pytest.mark.parametrize("rows,k,inter", [(160, 1100, 40), (40, 2080, 24), (700, 1056, 16)])
+def test_kernel_wide_inputs(rows, k, inter):
+    """K > 1024 runs k chunk by chunk with partial sums between chunks: threads split the rows
+    (160, 700 rows; 700 also runs several row blocks a thread) or, with few rows, the panels (40)."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    w = (torch.randn(2 * inter, k) / k ** 0.5).to(torch.bfloat16)
+    check(C.amx_swiglu(x, C.amx_swiglu_pack(w), k, inter), oracle(x, w), 0.98)
+
+
+@needs_amx
+def test_wide_models_take_the_kernel_from_more_rows():
+    """Inputs wider than WIDE_FEATURES take the kernel only above MIN_ROWS_WIDE rows (at fewer the
+    weight streaming dominates and the unfused path was as fast or faster)."""
+    from stllm_engine.model.llama import LlamaMLP
+
+    k = fused_swiglu.WIDE_FEATURES + 32
+    cfg = LLMConfig(vocab_size=64, hidden_size=k, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=4)
+    mlp = LlamaMLP(cfg).to(torch.bfloat16)
+    mlp.swiglu_packed = C.amx_swiglu_pack(mlp.gate_up_proj.weight)
+    mlp.swiglu_prefill = True
+    with torch.no_grad():
+        assert fused_swiglu.swiglu(mlp, torch.randn(fused_swiglu.MIN_ROWS_WIDE, k).bfloat16()) is None
+        x = torch.randn(fused_swiglu.MIN_ROWS_WIDE + 1, k).bfloat16()
+        check(fused_swiglu.swiglu(mlp, x), oracle(x, mlp.gate_up_proj.weight), 0.98)

@@ -6,15 +6,16 @@ and writes only the [rows, I] result, rounded as the unfused path rounds (gate a
 then ``T(T(silu(gate)) * up)``). bench-cpu, [608 x 1024] -> 2 x 2816, 2 threads, over 8 layers'
 weights in turn (cold, as in a prefill; ``benchmarks/kernels.py``): 5.52 ms (oneDNN GEMM + the C++
 SwiGLU) -> 4.20 ms; a 2048-row chunk: 17.2 -> 14.4 ms. A whole bench-cpu prefill (interleaved):
-123.9 -> 114.4 ms.
+123.9 -> 114.4 ms. ST-LLM-7B's [608 x 4096] -> 2 x 11008 (inputs wider than 1024 run the kernel
+k chunk by chunk): 85.6 -> 67.0 ms.
 
 :func:`pack_swiglu` packs each LLaMA MLP's gate_up weight once for the kernel (bfloat16 CPU models
 where it runs) and decides at load whether prefills use it: ``STLLM_CPU_FUSED_SWIGLU=auto`` (the
-default) times both paths over the first layers' weights at the model's typical prefill row count
-(models at most :data:`MAX_IN_FEATURES` wide), ``1`` always, ``0`` never. The packed copy sits
-beside oneDNN's (decode steps keep that one); it is made only while the plain weight is still
-loaded and the copy fits in memory (:func:`~stllm_engine.model.packed_linear.keep_plain_copies`).
-:func:`swiglu` is the MLP's entry: inputs of more than :data:`MIN_ROWS` rows (CPU, bfloat16,
+default) times both paths over the first layers' weights at the model's typical prefill row count,
+``1`` always, ``0`` never. The packed copy sits beside oneDNN's (decode steps keep that one); it is
+made only while the plain weight is still loaded and the copy fits in memory
+(:func:`~stllm_engine.model.packed_linear.keep_plain_copies`). :func:`swiglu` is the MLP's entry:
+inputs of more than :data:`MIN_ROWS` rows (:data:`MIN_ROWS_WIDE` for wide models; CPU, bfloat16,
 outside autograd) take the fused kernel.
 """
 from __future__ import annotations
@@ -26,12 +27,11 @@ import torch
 from stllm_engine.model.packed_linear import interleaved_medians, keep_plain_copies, llm_prefill_rows
 
 ENV = "STLLM_CPU_FUSED_SWIGLU"  # auto (default) | 1 | 0
-# The kernel keeps 640 KB of x's rows in L2 while the weight streams past them, so it reads the
-# weight rows / (640 KB / 2K) times: once or twice at K = 1024, ten times at ST-LLM-7B's K = 4096,
-# where it took 149 ms against 76 ms unfused ([608, 4096] -> 2 x 11008, benchmarks/kernels.py).
-# Wider inputs are not offered it (``auto``; ``1`` still forces it).
-MAX_IN_FEATURES = 1280
 MIN_ROWS = 32  # decode-sized inputs keep oneDNN's packed GEMM (the fused kernel works on 32-row blocks)
+# Inputs wider than WIDE_FEATURES stream a larger weight per row: there the kernel is even with the
+# unfused path at 96 rows and 13% slower at 33 (ST-LLM-7B, [rows, 4096] -> 2 x 11008: 15.1 vs
+# 13.2 ms), so they take it from MIN_ROWS_WIDE rows on.
+WIDE_FEATURES, MIN_ROWS_WIDE = 1024, 96
 CALIBRATION_LAYERS = 4  # timed in turn, so their weights come from memory as in a prefill
 
 
@@ -55,7 +55,8 @@ def swiglu(mlp, x: torch.Tensor) -> torch.Tensor | None:
     does not apply (not packed or not chosen, a decode-sized or non-CPU / non-bfloat16 input,
     autograd)."""
     packed = getattr(mlp, "swiglu_packed", None)
-    if (packed is None or not mlp.swiglu_prefill or x.dim() != 2 or x.shape[0] <= MIN_ROWS
+    if (packed is None or not mlp.swiglu_prefill or x.dim() != 2
+            or x.shape[0] <= (MIN_ROWS if x.shape[1] <= WIDE_FEATURES else MIN_ROWS_WIDE)
             or x.dtype != torch.bfloat16 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)):
         return None
     from stllm_engine.ops._backend import cpp
@@ -87,8 +88,6 @@ def pack_swiglu(model) -> int:
     if mode() == "0" or not layers or any(layer.mlp.swiglu_packed is not None for layer in layers):
         return 0
     if any(w is None or w.device.type != "cpu" or w.dtype != torch.bfloat16 for w in weights) or not available():
-        return 0
-    if mode() == "auto" and weights[0].shape[1] > MAX_IN_FEATURES:
         return 0
     if not keep_plain_copies(sum(w.numel() * w.element_size() for w in weights)):
         return 0
