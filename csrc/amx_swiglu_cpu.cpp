@@ -55,16 +55,24 @@ inline __mmask32 tail_mask32(int64_t n) {
   return n >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << (n > 0 ? n : 0)) - 1u);
 }
 
-// A 64-byte aligned buffer kept per thread (a fresh one per call would pay its page faults).
+// A 64-byte aligned buffer kept per thread up to 32 MiB (a fresh one per call would pay its page
+// faults every time); a larger request (very long prompts, wide models' partial sums) gets a fresh
+// tensor that lives in ``fresh`` until the call ends.
 class AlignedScratch {
  public:
   ~AlignedScratch() { std::free(data_); }
-  void* get(int64_t bytes) {
+  void* get(int64_t bytes, at::Tensor& fresh) {
+    constexpr int64_t keep_max = 32 << 20;
+    bytes = round_up(std::max<int64_t>(bytes, 64), 64);
+    if (bytes > keep_max) {
+      fresh = at::empty({bytes + 64}, at::TensorOptions().dtype(at::kByte));
+      return reinterpret_cast<void*>(round_up(reinterpret_cast<int64_t>(fresh.data_ptr()), 64));
+    }
     if (bytes > bytes_) {
       std::free(data_);
-      bytes_ = round_up(std::max<int64_t>(bytes, 64), 64);
-      data_ = std::aligned_alloc(64, bytes_);
-      TORCH_CHECK(data_ != nullptr, "amx_swiglu: out of memory for a ", bytes_, "-byte buffer");
+      data_ = std::aligned_alloc(64, bytes);
+      TORCH_CHECK(data_ != nullptr, "amx_swiglu: out of memory for a ", bytes, "-byte buffer");
+      bytes_ = bytes;
     }
     return data_;
   }
@@ -251,7 +259,8 @@ at::Tensor amx_swiglu(const at::Tensor& x, const at::Tensor& packed, int64_t in_
   if (M == 0) return out;
   const int64_t Mp = round_up(M, 32);
   thread_local AlignedScratch a_scratch;
-  uint16_t* a = static_cast<uint16_t*>(a_scratch.get(Mp * KB * 32 * (int64_t)sizeof(uint16_t)));
+  at::Tensor a_fresh;
+  uint16_t* a = static_cast<uint16_t*>(a_scratch.get(Mp * KB * 32 * (int64_t)sizeof(uint16_t), a_fresh));
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const int64_t xs = x.stride(0);
   at::parallel_for(0, Mp / 16, 1, [&](int64_t begin, int64_t end) {
@@ -271,7 +280,9 @@ at::Tensor amx_swiglu(const at::Tensor& x, const at::Tensor& packed, int64_t in_
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r0 = by_rows ? steps * t / nth * 32 : 0, r1 = by_rows ? steps * (t + 1) / nth * 32 : Mp;
         const int64_t p0 = by_rows ? 0 : NP * t / nth, p1 = by_rows ? NP : NP * (t + 1) / nth;
-        float* cbig = static_cast<float*>(c_scratch.get((p1 - p0) * std::min(WIDE_MB, r1 - r0) * 32 * (int64_t)sizeof(float)));
+        at::Tensor c_fresh;
+        float* cbig = static_cast<float*>(
+            c_scratch.get((p1 - p0) * std::min(WIDE_MB, r1 - r0) * 32 * (int64_t)sizeof(float), c_fresh));
         for (int64_t m0 = r0; m0 < r1; m0 += WIDE_MB)
           run_rows_chunked(a, w, M, KB, I, p0, p1, m0, std::min(m0 + WIDE_MB, r1), cbig, o);
       }
@@ -283,7 +294,8 @@ at::Tensor amx_swiglu(const at::Tensor& x, const at::Tensor& packed, int64_t in_
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), NP));
   at::parallel_for(0, nth, 1, [&](int64_t begin, int64_t end) {
     thread_local AlignedScratch c_scratch;
-    float* cbuf = static_cast<float*>(c_scratch.get(MB * 32 * (int64_t)sizeof(float)));
+    at::Tensor c_fresh;
+    float* cbuf = static_cast<float*>(c_scratch.get(MB * 32 * (int64_t)sizeof(float), c_fresh));
     amx::configure_tiles();
     for (int64_t t = begin; t < end; ++t) run_panels(a, w, M, Mp, KB, MB, I, NP * t / nth, NP * (t + 1) / nth, cbuf, o);
     amx::release_tiles();

@@ -159,10 +159,11 @@ def test_pack_swiglu_modes(ckpt, monkeypatch):
 
 
 @needs_amx
-@pytest.mark.parametrize("rows,k,inter", [(160, 1100, 40), (40, 2080, 24), (700, 1056, 16)])
+@pytest.mark.parametrize("rows,k,inter", [(160, 1100, 40), (40, 2080, 24), (700, 1056, 16), (8200, 2080, 16)])
 def test_kernel_wide_inputs(rows, k, inter):
     """K > 1024 runs k chunk by chunk with partial sums between chunks: threads split the rows
-    (160, 700 rows; 700 also runs several row blocks a thread) or, with few rows, the panels (40)."""
+    (160, 700 rows; 700 also runs several row blocks a thread) or, with few rows, the panels (40);
+    8200 x 2080 packs x into more than the 32 MiB a thread keeps (a fresh buffer for the call)."""
     torch.manual_seed(rows)
     x = torch.randn(rows, k).to(torch.bfloat16)
     w = (torch.randn(2 * inter, k) / k ** 0.5).to(torch.bfloat16)
