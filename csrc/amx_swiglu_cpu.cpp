@@ -105,6 +105,51 @@ STLLM_AMX void swiglu_block(const float* c, int64_t m, int64_t n, int64_t M, int
   }
 }
 
+// Prefetches a panel's next bytes into L2, spread over the k steps that run meanwhile.
+struct PanelPrefetch {
+  const char* next;  // null: nothing to prefetch
+  int64_t lines, per, line = 0;
+  PanelPrefetch(const uint16_t* panel, int64_t bytes, int64_t k_steps)
+      : next(reinterpret_cast<const char*>(panel)), lines(bytes / 64), per((bytes / 64 + k_steps - 1) / k_steps) {}
+  void step() {
+    if (next == nullptr || line >= lines) return;
+    for (int64_t i = 0; i < per; ++i) _mm_prefetch(next + (line + i) * 64, _MM_HINT_T1);
+    line += per;
+  }
+};
+
+// The 32 rows of A tiles a0/a1 against panel b over k steps [k0, k1), accumulating onto c (32 x
+// (16 gate | 16 up) floats, zeros when first) and storing the sums back to c.
+STLLM_AMX inline void microkernel(float* c, bool first, const uint16_t* a0, const uint16_t* a1, const uint16_t* b,
+                                  int64_t k0, int64_t k1, PanelPrefetch& pf) {
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, c, 128);
+    _tile_loadd(1, c + 16, 128);
+    _tile_loadd(2, c + 512, 128);
+    _tile_loadd(3, c + 528, 128);
+  }
+  for (int64_t kb = k0; kb < k1; ++kb) {
+    pf.step();
+    _tile_loadd(4, a0 + kb * 512, 64);
+    _tile_loadd(5, a1 + kb * 512, 64);
+    _tile_loadd(6, b + kb * 1024, 64);
+    _tile_loadd(7, b + kb * 1024 + 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  _tile_stored(2, c + 512, 128);
+  _tile_stored(3, c + 528, 128);
+}
+
 // Panels [p0, p1) over all rows (see the header comment).
 STLLM_AMX void run_panels(const uint16_t* a, const uint16_t* w, int64_t M, int64_t Mp, int64_t KB, int64_t MB,
                           int64_t I, int64_t p0, int64_t p1, float* cbuf, uint16_t* out) {
@@ -112,45 +157,13 @@ STLLM_AMX void run_panels(const uint16_t* a, const uint16_t* w, int64_t M, int64
     const int64_t m1 = std::min(m0 + MB, Mp);
     for (int64_t p = p0; p < p1; ++p) {
       const uint16_t* b = w + p * KB * 1024;
-      // The next panel (KB * 32 cache lines) goes to L2 spread over this panel's k steps.
-      const char* next = p + 1 < p1 ? reinterpret_cast<const char*>(b + KB * 1024) : nullptr;
-      const int64_t lines = KB * 32, per = (lines + (m1 - m0) / 32 * KB - 1) / ((m1 - m0) / 32 * KB);
-      int64_t line = 0;
+      PanelPrefetch pf(p + 1 < p1 ? b + KB * 1024 : nullptr, KB * 2048, (m1 - m0) / 32 * KB);  // the next panel
       for (int64_t k0 = 0; k0 < KB; k0 += KC) {
         const int64_t k1 = std::min(k0 + KC, KB);
         for (int64_t m = m0; m < m1; m += 32) {
           float* c = cbuf + (m - m0) * 32;
-          if (k0 == 0) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-          } else {
-            _tile_loadd(0, c, 128);
-            _tile_loadd(1, c + 16, 128);
-            _tile_loadd(2, c + 512, 128);
-            _tile_loadd(3, c + 528, 128);
-          }
           const uint16_t* a0 = a + (m / 16) * KB * 512;
-          const uint16_t* a1 = a0 + KB * 512;
-          for (int64_t kb = k0; kb < k1; ++kb) {
-            if (next != nullptr && line < lines) {
-              for (int64_t i = 0; i < per; ++i) _mm_prefetch(next + (line + i) * 64, _MM_HINT_T1);
-              line += per;
-            }
-            _tile_loadd(4, a0 + kb * 512, 64);
-            _tile_loadd(5, a1 + kb * 512, 64);
-            _tile_loadd(6, b + kb * 1024, 64);
-            _tile_loadd(7, b + kb * 1024 + 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-          }
-          _tile_stored(0, c, 128);
-          _tile_stored(1, c + 16, 128);
-          _tile_stored(2, c + 512, 128);
-          _tile_stored(3, c + 528, 128);
+          microkernel(c, k0 == 0, a0, a0 + KB * 512, b, k0, k1, pf);
           if (k1 == KB) swiglu_block(c, m, p * 16, M, I, out);
         }
       }
@@ -158,10 +171,10 @@ STLLM_AMX void run_panels(const uint16_t* a, const uint16_t* w, int64_t M, int64
   }
 }
 
-// Wide inputs (K > WIDE_K): rows [m0, m1) of x (at most WIDE_MB) against every panel, k in chunks
-// of WIDE_KC steps (outermost), so the rows' chunk of x (<= 640 KB) stays in L2 while all panels
-// stream past it once per chunk; the panels' partial sums wait in cbig (per panel, 32 x 32 floats
-// per 32 rows) between chunks, and the SwiGLU runs after the last chunk.
+// Wide inputs (K > WIDE_K): rows [m0, m1) of x (at most WIDE_MB) against panels [p0, p1), k in
+// chunks of WIDE_KC steps (outermost), so the rows' chunk of x (<= 640 KB) stays in L2 while the
+// panels stream past it once per chunk; the panels' partial sums wait in cbig (per panel, 32 x 32
+// floats per 32 rows) between chunks, and the SwiGLU runs after the last chunk.
 STLLM_AMX void run_rows_chunked(const uint16_t* a, const uint16_t* w, int64_t M, int64_t KB, int64_t I, int64_t p0,
                                 int64_t p1, int64_t m0, int64_t m1, float* cbig, uint16_t* out) {
   const int64_t steps = (m1 - m0) / 32;
@@ -169,42 +182,12 @@ STLLM_AMX void run_rows_chunked(const uint16_t* a, const uint16_t* w, int64_t M,
     const int64_t k1 = std::min(k0 + WIDE_KC, KB);
     for (int64_t p = p0; p < p1; ++p) {
       const uint16_t* b = w + p * KB * 1024;
-      const char* next = p + 1 < p1 ? reinterpret_cast<const char*>(b + KB * 1024 + k0 * 1024) : nullptr;
-      const int64_t lines = (k1 - k0) * 32, per = (lines + steps * (k1 - k0) - 1) / (steps * (k1 - k0));
-      int64_t line = 0;
+      // the next panel's part of this chunk
+      PanelPrefetch pf(p + 1 < p1 ? b + KB * 1024 + k0 * 1024 : nullptr, (k1 - k0) * 2048, steps * (k1 - k0));
       for (int64_t m = m0; m < m1; m += 32) {
         float* c = cbig + ((p - p0) * steps + (m - m0) / 32) * 1024;
-        if (k0 == 0) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-        } else {
-          _tile_loadd(0, c, 128);
-          _tile_loadd(1, c + 16, 128);
-          _tile_loadd(2, c + 512, 128);
-          _tile_loadd(3, c + 528, 128);
-        }
         const uint16_t* a0 = a + (m / 16) * KB * 512;
-        const uint16_t* a1 = a0 + KB * 512;
-        for (int64_t kb = k0; kb < k1; ++kb) {
-          if (next != nullptr && line < lines) {
-            for (int64_t i = 0; i < per; ++i) _mm_prefetch(next + (line + i) * 64, _MM_HINT_T1);
-            line += per;
-          }
-          _tile_loadd(4, a0 + kb * 512, 64);
-          _tile_loadd(5, a1 + kb * 512, 64);
-          _tile_loadd(6, b + kb * 1024, 64);
-          _tile_loadd(7, b + kb * 1024 + 512, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, c, 128);
-        _tile_stored(1, c + 16, 128);
-        _tile_stored(2, c + 512, 128);
-        _tile_stored(3, c + 528, 128);
+        microkernel(c, k0 == 0, a0, a0 + KB * 512, b, k0, k1, pf);
         if (k1 == KB) swiglu_block(c, m, p * 16, M, I, out);
       }
     }
