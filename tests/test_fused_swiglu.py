@@ -150,6 +150,8 @@ def test_pack_swiglu_modes(ckpt, monkeypatch):
     else:
         assert all(layer.mlp.swiglu_packed is None for layer in model.llm.layers)
     assert (got - want).abs().max().item() <= 5e-2 * max(want.abs().max().item(), 1.0)
+    assert fused_swiglu.describe(plain) == "gate_up gemm + swiglu"  # what kernels()["prefill_mlp"] reports
+    assert fused_swiglu.describe(model) == ("amx gate_up+swiglu" if AMX else "gate_up gemm + swiglu")
     f32 = STLLMModel.from_checkpoint(ckpt, "cpu", torch.float32)
     assert fused_swiglu.pack_swiglu(f32) == 0
     monkeypatch.setenv(fused_swiglu.ENV, "sometimes")

@@ -59,7 +59,9 @@ def test_cpu_models_are_not_captured(ckpt, folder):
     with pytest.raises(ValueError, match="CUDA"):
         PrefillGraphs(model, 128)
     assert ModelRunner(model, prefill_graph_tokens=128).prefill_graphs is None
-    assert make_engine(folder).kernels()["prefill_pass"] == "eager"
+    kernels = make_engine(folder).kernels()
+    assert kernels["prefill_pass"] == "eager"
+    assert kernels["prefill_mlp"] == "gate_up gemm + swiglu"  # float32: the fused SwiGLU is bf16 only
 
 
 def test_buckets_and_what_the_graphs_cover(ckpt):
