@@ -31,7 +31,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "amx_tiles.h"
 #include "avx512_bf16.h"
@@ -49,38 +48,6 @@ constexpr int64_t WIDE_KC = 32;             // k steps of 32 per chunk there (10
 constexpr int64_t WIDE_MB = 320;            // rows per block there (a chunk of them: 640 KB)
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-// The first min(max(n, 0), 32) 16-bit lanes.
-inline __mmask32 tail_mask32(int64_t n) {
-  return n >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << (n > 0 ? n : 0)) - 1u);
-}
-
-// A 64-byte aligned buffer kept per thread up to 32 MiB (a fresh one per call would pay its page
-// faults every time); a larger request (very long prompts, wide models' partial sums) gets a fresh
-// tensor that lives in ``fresh`` until the call ends.
-class AlignedScratch {
- public:
-  ~AlignedScratch() { std::free(data_); }
-  void* get(int64_t bytes, at::Tensor& fresh) {
-    constexpr int64_t keep_max = 32 << 20;
-    bytes = round_up(std::max<int64_t>(bytes, 64), 64);
-    if (bytes > keep_max) {
-      fresh = at::empty({bytes + 64}, at::TensorOptions().dtype(at::kByte));
-      return reinterpret_cast<void*>(round_up(reinterpret_cast<int64_t>(fresh.data_ptr()), 64));
-    }
-    if (bytes > bytes_) {
-      std::free(data_);
-      data_ = std::aligned_alloc(64, bytes);
-      TORCH_CHECK(data_ != nullptr, "amx_swiglu: out of memory for a ", bytes, "-byte buffer");
-      bytes_ = bytes;
-    }
-    return data_;
-  }
-
- private:
-  void* data_ = nullptr;
-  int64_t bytes_ = 0;
-};
 
 // Rows [m, m + 16) of x (zeros past M) over all k as Kp / 32 A tiles at dst.
 STLLM_AMX void pack_a_tile(const uint16_t* x, int64_t xs, int64_t M, int64_t K, int64_t KB, int64_t m,
@@ -241,7 +208,7 @@ at::Tensor amx_swiglu(const at::Tensor& x, const at::Tensor& packed, int64_t in_
   at::Tensor out = at::empty({M, I}, x.options());
   if (M == 0) return out;
   const int64_t Mp = round_up(M, 32);
-  thread_local AlignedScratch a_scratch;
+  thread_local amx::KeptBuffer a_scratch;
   at::Tensor a_fresh;
   uint16_t* a = static_cast<uint16_t*>(a_scratch.get(Mp * KB * 32 * (int64_t)sizeof(uint16_t), a_fresh));
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
@@ -258,7 +225,7 @@ at::Tensor amx_swiglu(const at::Tensor& x, const at::Tensor& packed, int64_t in_
     const bool by_rows = steps >= 2 * threads;
     const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(threads, by_rows ? steps : NP));
     at::parallel_for(0, nth, 1, [&](int64_t begin, int64_t end) {
-      thread_local AlignedScratch c_scratch;
+      thread_local amx::KeptBuffer c_scratch;
       amx::configure_tiles();
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r0 = by_rows ? steps * t / nth * 32 : 0, r1 = by_rows ? steps * (t + 1) / nth * 32 : Mp;
@@ -276,7 +243,7 @@ at::Tensor amx_swiglu(const at::Tensor& x, const at::Tensor& packed, int64_t in_
   const int64_t MB = std::clamp<int64_t>(BLOCK_BYTES / (KB * 64) / 32 * 32, 32, Mp);
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), NP));
   at::parallel_for(0, nth, 1, [&](int64_t begin, int64_t end) {
-    thread_local AlignedScratch c_scratch;
+    thread_local amx::KeptBuffer c_scratch;
     at::Tensor c_fresh;
     float* cbuf = static_cast<float*>(c_scratch.get(MB * 32 * (int64_t)sizeof(float), c_fresh));
     amx::configure_tiles();

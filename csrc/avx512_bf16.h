@@ -27,6 +27,11 @@ STLLM_BF16_TARGET inline __mmask16 tail_mask16(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n > 0 ? n : 0)) - 1u);
 }
 
+// The first min(max(n, 0), 32) lanes (16-bit lanes of a 512-bit vector).
+inline __mmask32 tail_mask32(int64_t n) {
+  return n >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu) : static_cast<__mmask32>((1u << (n > 0 ? n : 0)) - 1u);
+}
+
 // 16 bfloat16 bit patterns (in the low halves of 16 dwords' worth of lanes) as floats.
 STLLM_BF16_TARGET inline __m512 bf16x16_to_f32(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));

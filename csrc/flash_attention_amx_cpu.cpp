@@ -333,19 +333,10 @@ STLLM_AMX void attend_block(const Seq& a, int q0, Scratch& w) {
 // scores (3.4 vs 2.2 ms). As zeros they change nothing: the tiles already read bf16 denormals as
 // zero, and the row sums lose less than 2^-126 each.
 
-// Space for the packed K and V: kept per thread up to 32 MiB, since a fresh buffer of a few MB
-// per call costs its page faults every time (~6 ms of a 14 ms call at 16 ViT frames x 16 heads);
-// larger packings (long prompts, where attention itself dwarfs that) use a fresh tensor.
+// Space for the packed K and V (see amx::KeptBuffer).
 uint32_t* packed_workspace(int64_t dwords, at::Tensor& fresh) {
-  constexpr int64_t keep_max = (32 << 20) / 4;
-  thread_local std::vector<uint32_t> kept;
-  dwords = std::max<int64_t>(dwords, 1);
-  if (dwords > keep_max) {
-    fresh = at::empty({dwords}, at::TensorOptions().dtype(at::kInt));
-    return reinterpret_cast<uint32_t*>(fresh.data_ptr<int32_t>());
-  }
-  if ((int64_t)kept.size() < dwords) kept.resize(dwords);
-  return kept.data();
+  thread_local amx::KeptBuffer kept;
+  return static_cast<uint32_t*>(kept.get(dwords * (int64_t)sizeof(uint32_t), fresh));
 }
 
 }  // namespace
