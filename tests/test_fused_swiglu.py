@@ -96,16 +96,16 @@ def test_mlp_takes_the_kernel_for_prefill_rows_only():
     with torch.no_grad():
         want = mlp(x)
         assert fused_swiglu.swiglu(mlp, x) is None  # not packed yet
-        mlp.swiglu_packed = C.amx_swiglu_pack(mlp.gate_up_proj.weight)
-        mlp.swiglu_prefill = True
+        packed = C.amx_swiglu_pack(mlp.gate_up_proj.weight)
+        mlp.swiglu_packed = packed
         h = fused_swiglu.swiglu(mlp, x)
         check(h, oracle(x, mlp.gate_up_proj.weight), 0.98)
         got = mlp(x)
         assert fused_swiglu.swiglu(mlp, x[:fused_swiglu.MIN_ROWS]) is None
         assert fused_swiglu.swiglu(mlp, x.float()) is None
-        mlp.swiglu_prefill = False
+        mlp.swiglu_packed = None  # not chosen (pack_swiglu frees the copy)
         assert fused_swiglu.swiglu(mlp, x) is None
-        mlp.swiglu_prefill = True
+        mlp.swiglu_packed = packed
     scale = want.float().abs().max().item()
     assert (got.float() - want.float()).abs().max().item() <= 3e-2 * scale
     xg = x.clone().requires_grad_(True)
@@ -145,7 +145,7 @@ def test_pack_swiglu_modes(ckpt, monkeypatch):
     runner = ModelRunner(model)
     assert runner.num_fused_swiglu == 0  # already packed by the first runner
     if AMX:
-        assert all(layer.mlp.swiglu_packed is not None and layer.mlp.swiglu_prefill for layer in model.llm.layers)
+        assert all(layer.mlp.swiglu_packed is not None for layer in model.llm.layers)
         assert len(model.llm.layers) == layers
     else:
         assert all(layer.mlp.swiglu_packed is None for layer in model.llm.layers)
@@ -182,7 +182,6 @@ def test_wide_models_take_the_kernel_from_more_rows():
     cfg = LLMConfig(vocab_size=64, hidden_size=k, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=4)
     mlp = LlamaMLP(cfg).to(torch.bfloat16)
     mlp.swiglu_packed = C.amx_swiglu_pack(mlp.gate_up_proj.weight)
-    mlp.swiglu_prefill = True
     with torch.no_grad():
         assert fused_swiglu.swiglu(mlp, torch.randn(fused_swiglu.MIN_ROWS_WIDE, k).bfloat16()) is None
         x = torch.randn(fused_swiglu.MIN_ROWS_WIDE + 1, k).bfloat16()

@@ -55,7 +55,7 @@ def swiglu(mlp, x: torch.Tensor) -> torch.Tensor | None:
     does not apply (not packed or not chosen, a decode-sized or non-CPU / non-bfloat16 input,
     autograd)."""
     packed = getattr(mlp, "swiglu_packed", None)
-    if (packed is None or not mlp.swiglu_prefill or x.dim() != 2
+    if (packed is None or x.dim() != 2
             or x.shape[0] <= (MIN_ROWS if x.shape[1] <= WIDE_FEATURES else MIN_ROWS_WIDE)
             or x.dtype != torch.bfloat16 or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad)):
         return None
@@ -67,8 +67,7 @@ def swiglu(mlp, x: torch.Tensor) -> torch.Tensor | None:
 def describe(model) -> str:
     """The CPU prefill MLP's first half, for reports: fused on AMX, or GEMM + separate SwiGLU."""
     layers = getattr(getattr(model, "llm", None), "layers", None) or []
-    fused = any(getattr(layer.mlp, "swiglu_prefill", False) and layer.mlp.swiglu_packed is not None
-                for layer in layers)
+    fused = any(getattr(layer.mlp, "swiglu_packed", None) is not None for layer in layers)
     return "amx gate_up+swiglu" if fused else "gate_up gemm + swiglu"
 
 
@@ -79,8 +78,9 @@ def _plain_weight(lin) -> torch.Tensor | None:
 
 @torch.no_grad()
 def pack_swiglu(model) -> int:
-    """Pack the gate_up weight of every LLaMA MLP of an STLLMModel for the fused kernel and set
-    ``swiglu_prefill`` (see the module doc); returns how many MLPs use the fused kernel (0: not a
+    """Pack the gate_up weight of every LLaMA MLP of an STLLMModel for the fused kernel
+    (``LlamaMLP.swiglu_packed``) where the timing chooses it (see the module doc); returns how many
+    MLPs use the fused kernel (0: not a
     bfloat16 CPU model, no AMX, ``STLLM_CPU_FUSED_SWIGLU=0``, already packed, plain weights already
     freed, no room, or the timing chose the unfused path, whose packed copies are then freed)."""
     layers = list(model.llm.layers)
@@ -95,12 +95,11 @@ def pack_swiglu(model) -> int:
 
     for layer, w in zip(layers, weights):
         layer.mlp.swiglu_packed = cpp().amx_swiglu_pack(w.detach().contiguous())
-        layer.mlp.swiglu_prefill = True
     use = mode() == "1" or _fused_is_faster([layer.mlp for layer in layers[:CALIBRATION_LAYERS]],
                                             llm_prefill_rows(model.config))
-    for layer in layers:  # not chosen: the packed copies go (their memory would only sit there)
-        layer.mlp.swiglu_prefill = use
-        layer.mlp.swiglu_packed = layer.mlp.swiglu_packed if use else None
+    if not use:  # the packed copies go (their memory would only sit there)
+        for layer in layers:
+            layer.mlp.swiglu_packed = None
     return len(layers) if use else 0
 
 

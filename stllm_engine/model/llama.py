@@ -132,8 +132,7 @@ class LlamaMLP(nn.Module):
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.swiglu_packed: torch.Tensor | None = None  # set by fused_swiglu.pack_swiglu
-        self.swiglu_prefill = False
+        self.swiglu_packed: torch.Tensor | None = None  # set by fused_swiglu.pack_swiglu (None: unfused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = fused_swiglu.swiglu(self, x)
