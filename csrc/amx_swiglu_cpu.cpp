@@ -226,7 +226,7 @@ at::Tensor amx_swiglu(const at::Tensor& x, const at::Tensor& packed, int64_t in_
     const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(threads, by_rows ? steps : NP));
     at::parallel_for(0, nth, 1, [&](int64_t begin, int64_t end) {
       thread_local amx::KeptBuffer c_scratch;
-      amx::configure_tiles();
+      const amx::TileScope tiles;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r0 = by_rows ? steps * t / nth * 32 : 0, r1 = by_rows ? steps * (t + 1) / nth * 32 : Mp;
         const int64_t p0 = by_rows ? 0 : NP * t / nth, p1 = by_rows ? NP : NP * (t + 1) / nth;
@@ -236,7 +236,6 @@ at::Tensor amx_swiglu(const at::Tensor& x, const at::Tensor& packed, int64_t in_
         for (int64_t m0 = r0; m0 < r1; m0 += WIDE_MB)
           run_rows_chunked(a, w, M, KB, I, p0, p1, m0, std::min(m0 + WIDE_MB, r1), cbig, o);
       }
-      amx::release_tiles();
     });
     return out;
   }
@@ -246,9 +245,8 @@ at::Tensor amx_swiglu(const at::Tensor& x, const at::Tensor& packed, int64_t in_
     thread_local amx::KeptBuffer c_scratch;
     at::Tensor c_fresh;
     float* cbuf = static_cast<float*>(c_scratch.get(MB * 32 * (int64_t)sizeof(float), c_fresh));
-    amx::configure_tiles();
+    const amx::TileScope tiles;
     for (int64_t t = begin; t < end; ++t) run_panels(a, w, M, Mp, KB, MB, I, NP * t / nth, NP * (t + 1) / nth, cbuf, o);
-    amx::release_tiles();
   });
   return out;
 }

@@ -59,6 +59,16 @@ STLLM_AMX inline void configure_tiles() {
 
 STLLM_AMX inline void release_tiles() { _tile_release(); }
 
+// The tile layout above for this thread while in scope, released after (also when the scope
+// unwinds through an exception).
+class TileScope {
+ public:
+  STLLM_AMX TileScope() { configure_tiles(); }
+  STLLM_AMX ~TileScope() { release_tiles(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
+
 // Flush-to-zero + denormals-are-zero for this thread's SSE/AVX math while in scope (the caller's
 // mode is restored after).
 class DenormalsAreZero {

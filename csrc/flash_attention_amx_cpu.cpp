@@ -41,9 +41,7 @@ namespace stllm {
 #ifdef STLLM_HAVE_AMX_KERNEL
 namespace {
 
-using amx::configure_tiles;
 using amx::DenormalsAreZero;
-using amx::release_tiles;
 
 constexpr int QB = 32;   // query rows per job (two 16-row tiles)
 constexpr int KB = 512;  // keys per softmax block (a multiple of 32)
@@ -407,7 +405,7 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor& q, const at::Tensor& k, con
     char pad[64 - sizeof(std::atomic<int64_t>)];
   } next;
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    configure_tiles();
+    const amx::TileScope tiles;
     const DenormalsAreZero daz;
     Scratch w(Dp);
     for (int64_t job; (job = next.value.fetch_add(1, std::memory_order_relaxed)) < total;) {
@@ -427,7 +425,6 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor& q, const at::Tensor& k, con
       a.kt = ktp + packed_at(b, hk), a.vv = vvp + packed_at(b, hk);
       attend_block(a, qblk * QB, w);
     }
-    release_tiles();
   });
   return out;
 }
