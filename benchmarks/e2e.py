@@ -376,16 +376,16 @@ def main() -> None:
     agreement = model_agreement(ref, llm.engine.model, warm, q1, args.num_frames)
     log("engine vs reference on the same frames: " + ", ".join(f"{k} {v}" for k, v in agreement.items()))
     med = statistics.median
+    kernels = llm.engine.kernels()
     base = dict(preset=args.checkpoint.name if args.checkpoint else args.preset, dtype=str(dtype).removeprefix("torch."),
                 video="x".join(map(str, VIDEO_SIZES[args.video])), frames=args.num_frames, video_input=cfg.video_input,
                 video_tokens=args.num_frames * cfg.tokens_per_frame, new_tokens=n, greedy=True,
                 repetition_penalty=REPETITION_PENALTY,
                 engine_threads=f"decode {thread_label(policy.decode)}, prefill/vision {thread_label(policy.prefill)}"
                 + (" (while the host is oversubscribed, else torch's)" if policy.only_when_busy else ""),
-                host_oversubscribed_at_start_end=busy, engine_decode_pass=llm.engine.kernels()["decode_pass"],
-                engine_prefill_pass=llm.engine.kernels()["prefill_pass"],
-                engine_prefill_mlp=llm.engine.kernels()["prefill_mlp"],
-                engine_video_pass=llm.engine.kernels()["video_pass"], engine_load_s=round(load_s, 2),
+                host_oversubscribed_at_start_end=busy, engine_decode_pass=kernels["decode_pass"],
+                engine_prefill_pass=kernels["prefill_pass"], engine_prefill_mlp=kernels["prefill_mlp"],
+                engine_video_pass=kernels["video_pass"], engine_load_s=round(load_s, 2),
                 engine_warmup_s=None if warmup_s is None else round(warmup_s, 2), agreement=agreement)
     if args.device == "cpu":
         from stllm_engine.ops.attention import cpu_prefill_attention_kernel
