@@ -11,10 +11,13 @@
 //   rows cu_k[b]..cu_k[b+1] of k/v. Hq % Hk == 0 (query head h reads kv head h / (Hq / Hk)).
 //   D even, D <= 256 (padded to a multiple of 32 inside). causal: query i of a sequence sees keys
 //   j <= i + (Lk - Lq); a query that sees no key gets zeros.  out [Nq, Hq, D] bfloat16.
+// flash_attention_amx_paged: the same, causal, with each sequence's K/V read from paged caches
+//   [num_blocks, block_size, Hk, D] (last dim contiguous) through block_tables int32 [B, max_blocks]:
+//   sequence b has context_lens[b] keys and its queries are the last of those positions.
 //
 // Work split: first every (sequence, kv head) packs its K as K^T in the VNNI pair layout (the B
 // operand of S = Q K^T) and its V in pairs of rows (the B operand of O = P V), zero-padded and
-// blocked so that every B tile is contiguous (pack_k / pack_v); then one job per (sequence, head,
+// blocked so that every B tile is contiguous (pack_k / pack_v, from strided rows or cache blocks); then one job per (sequence, head,
 // block of 32 queries) runs an online softmax over key blocks of up to 512, with float32 scores,
 // bf16 P and float32 accumulators. Tiles are all 16 rows x 64 bytes: C 0-3, A 4-5, B 6-7; for
 // head dims up to 64 the scores use C 0-1, Q held in A 2-5 for the whole block, B 6-7 (bench-cpu
@@ -72,7 +75,24 @@ STLLM_AMX inline __m512 exp2_ps(__m512 x) {
 // 16 rows strided by the sequence length thrashed L1 sets at 2k+ keys):
 // kt[(t / 16) * (Dp / 2) * 16 + kp * 16 + t % 16] = dword (K[t][2kp], K[t][2kp+1]),
 // zeros past D and Lk. 16 x 16 dword blocks are transposed in registers.
-STLLM_AMX void pack_k(const uint16_t* k, int64_t ks, int Lk, int D, int Dp, int Lkp, uint32_t* kt) {
+// Where the K or V rows of one (sequence, kv head) are: row t's D values start at rows(t).
+struct StridedRows {  // rows of a [tokens, heads, D] tensor
+  const uint16_t* base;
+  int64_t stride;
+  const uint16_t* operator()(int t) const { return base + (int64_t)t * stride; }
+};
+struct PagedRows {  // rows of a paged cache [num_blocks, block_size, heads, D] through a block table
+  const uint16_t* base;  // the cache at this head
+  const int32_t* table;
+  int64_t block_stride, slot_stride;
+  int block_size;
+  const uint16_t* operator()(int t) const {
+    return base + (int64_t)table[t / block_size] * block_stride + (int64_t)(t % block_size) * slot_stride;
+  }
+};
+
+template <typename Rows>
+STLLM_AMX void pack_k(const Rows& k, int Lk, int D, int Dp, int Lkp, uint32_t* kt) {
   const int dw = D / 2;
   alignas(64) uint32_t blk[16][16];
   for (int t0 = 0; t0 < Lkp; t0 += 16) {
@@ -80,7 +100,7 @@ STLLM_AMX void pack_k(const uint16_t* k, int64_t ks, int Lk, int D, int Dp, int 
       const __mmask16 m = tail_mask16(dw - kp0);
       __m512i r[16];
       for (int i = 0; i < 16; ++i)
-        r[i] = t0 + i < Lk ? _mm512_maskz_loadu_epi32(m, k + (int64_t)(t0 + i) * ks + 2 * kp0) : _mm512_setzero_si512();
+        r[i] = t0 + i < Lk ? _mm512_maskz_loadu_epi32(m, k(t0 + i) + 2 * kp0) : _mm512_setzero_si512();
       // 16x16 transpose: 32-bit, 64-bit unpacks, then 128-bit lane shuffles.
       __m512i t[16];
       for (int i = 0; i < 8; ++i) {
@@ -110,7 +130,8 @@ STLLM_AMX void pack_k(const uint16_t* k, int64_t ks, int Lk, int D, int Dp, int 
 // V in VNNI pairs of rows, blocked by 16 columns (contiguous B tiles, as kt):
 // vv[(d / 16) * (Lkp / 2) * 16 + kp * 16 + d % 16] = dword (V[2kp][d], V[2kp+1][d]), zeros past D
 // and Lk.
-STLLM_AMX void pack_v(const uint16_t* v, int64_t vs, int Lk, int D, int Dp, int Lkp, uint32_t* vv) {
+template <typename Rows>
+STLLM_AMX void pack_v(const Rows& v, int Lk, int D, int Dp, int Lkp, uint32_t* vv) {
   static const uint16_t idx_arr[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   const __m512i idx = _mm512_loadu_si512(idx_arr);
@@ -118,8 +139,8 @@ STLLM_AMX void pack_v(const uint16_t* v, int64_t vs, int Lk, int D, int Dp, int 
     const int t = 2 * kp;
     for (int d0 = 0; d0 < Dp; d0 += 16) {
       const __mmask16 m = tail_mask16(D - d0);
-      const __m256i a = t < Lk ? _mm256_maskz_loadu_epi16(m, v + (int64_t)t * vs + d0) : _mm256_setzero_si256();
-      const __m256i b = t + 1 < Lk ? _mm256_maskz_loadu_epi16(m, v + (int64_t)(t + 1) * vs + d0) : _mm256_setzero_si256();
+      const __m256i a = t < Lk ? _mm256_maskz_loadu_epi16(m, v(t) + d0) : _mm256_setzero_si256();
+      const __m256i b = t + 1 < Lk ? _mm256_maskz_loadu_epi16(m, v(t + 1) + d0) : _mm256_setzero_si256();
       const __m512i x = _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
       _mm512_storeu_si512(vv + (int64_t)d0 * (Lkp / 2) + kp * 16, x);
     }
@@ -364,6 +385,69 @@ uint32_t* packed_workspace(int64_t dwords, at::Tensor& fresh) {
   return static_cast<uint32_t*>(kept.get(dwords * (int64_t)sizeof(uint32_t), fresh));
 }
 
+// The kernel over B sequences: sequence b's queries are rows cq[b]..cq[b+1] of q, it has lk[b]
+// keys, and pack(b, kv_head, Lk, Dp, Lkp, kt, vv) packs that head's K^T and V (pack_k / pack_v).
+template <typename PackFn>
+at::Tensor attend_all(const at::Tensor& q, const int32_t* cq, const std::vector<int>& lk, int64_t Hk, bool causal,
+                      double scale, const PackFn& pack) {
+  const int B = (int)lk.size();
+  const int64_t Hq = q.size(1), D = q.size(2);
+  at::Tensor out = at::empty({q.size(0), Hq, D}, q.options());
+  const int Dp = round32(D);
+  // Packed K^T / V per (sequence, kv head), at offsets into one buffer each.
+  std::vector<int64_t> pack_off(B + 1, 0);
+  for (int b = 0; b < B; ++b) pack_off[b + 1] = pack_off[b] + (int64_t)round32(lk[b]) * Dp / 2 * Hk;
+  auto packed_at = [&](int b, int64_t h) { return pack_off[b] + h * round32(lk[b]) * Dp / 2; };
+  at::Tensor fresh;  // only for packings too large to keep
+  uint32_t* ktp = packed_workspace(2 * pack_off[B], fresh);
+  uint32_t* vvp = ktp + pack_off[B];
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+
+  at::parallel_for(0, (int64_t)B * Hk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int b = job / Hk, h = job % Hk;
+      const int64_t base = packed_at(b, h);
+      pack(b, h, lk[b], (int)D, Dp, round32(lk[b]), ktp + base, vvp + base);
+    }
+  });
+
+  // Jobs: (sequence, head, query block), the blocks of one head in a row (they share its packed
+  // K/V in L2), the last (under a causal mask the longest) first; threads take the next job as
+  // they finish, since causal blocks differ in cost up to the sequence length.
+  std::vector<int64_t> job_start(B + 1, 0);
+  for (int b = 0; b < B; ++b) job_start[b + 1] = job_start[b] + (int64_t)(cq[b + 1] - cq[b] + QB - 1) / QB * Hq;
+  const float c = (float)(scale * 1.4426950408889634);
+  const int64_t group = Hq / Hk, total = job_start[B];
+  struct alignas(64) Counter {  // on its own cache line: the threads' other reads must not share it
+    std::atomic<int64_t> value{0};
+    char pad[64 - sizeof(std::atomic<int64_t>)];
+  } next;
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const amx::TileScope tiles;
+    const DenormalsAreZero daz;
+    Scratch w(Dp);
+    for (int64_t job; (job = next.value.fetch_add(1, std::memory_order_relaxed)) < total;) {
+      const int b = std::upper_bound(job_start.begin(), job_start.end(), job) - job_start.begin() - 1;
+      const int nblk = (cq[b + 1] - cq[b] + QB - 1) / QB;
+      const int64_t rel = job - job_start[b];
+      const int h = rel / nblk, qblk = nblk - 1 - rel % nblk, hk = h / group;
+      Seq a;
+      a.Lq = cq[b + 1] - cq[b];
+      a.Lk = lk[b];
+      a.Lkp = round32(a.Lk);
+      a.D = D, a.Dp = Dp, a.causal = causal, a.c = c;
+      a.q = qp + cq[b] * q.stride(0) + h * q.stride(1);
+      a.qs = q.stride(0);
+      a.out = op + cq[b] * out.stride(0) + h * out.stride(1);
+      a.os = out.stride(0);
+      a.kt = ktp + packed_at(b, hk), a.vv = vvp + packed_at(b, hk);
+      attend_block(a, qblk * QB, w);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 bool amx_attention_available() { return amx::cpu_has_amx_bf16(); }
@@ -397,63 +481,78 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor& q, const at::Tensor& k, con
   for (int b = 0; b < B; ++b)
     TORCH_CHECK(cq[b + 1] >= cq[b] && ck[b + 1] >= ck[b], "flash_attention_amx: cu_seqlens must not decrease");
 
-  at::Tensor out = at::empty({q.size(0), Hq, D}, q.options());
-  const int Dp = round32(D);
-  // Packed K^T / V per (sequence, kv head), at offsets into one buffer each.
-  std::vector<int64_t> pack_off(B + 1, 0);
-  for (int b = 0; b < B; ++b) pack_off[b + 1] = pack_off[b] + (int64_t)round32(ck[b + 1] - ck[b]) * Dp / 2 * Hk;
-  auto packed_at = [&](int b, int64_t h) { return pack_off[b] + h * round32(ck[b + 1] - ck[b]) * Dp / 2; };
-  at::Tensor fresh;  // only for packings too large to keep
-  uint32_t* ktp = packed_workspace(2 * pack_off[B], fresh);
-  uint32_t* vvp = ktp + pack_off[B];
-  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-
-  at::parallel_for(0, (int64_t)B * Hk, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t job = begin; job < end; ++job) {
-      const int b = job / Hk, h = job % Hk, Lk = ck[b + 1] - ck[b], Lkp = round32(Lk);
-      const int64_t base = packed_at(b, h);
-      pack_k(kp + ck[b] * k.stride(0) + h * k.stride(1), k.stride(0), Lk, D, Dp, Lkp, ktp + base);
-      pack_v(vp + ck[b] * v.stride(0) + h * v.stride(1), v.stride(0), Lk, D, Dp, Lkp, vvp + base);
-    }
+  std::vector<int> lk(B);
+  for (int b = 0; b < B; ++b) lk[b] = ck[b + 1] - ck[b];
+  return attend_all(q, cq, lk, Hk, causal, scale, [&](int b, int64_t h, int Lk, int D_, int Dp, int Lkp, uint32_t* kt,
+                                                        uint32_t* vv) {
+    pack_k(StridedRows{kp + ck[b] * k.stride(0) + h * k.stride(1), k.stride(0)}, Lk, D_, Dp, Lkp, kt);
+    pack_v(StridedRows{vp + ck[b] * v.stride(0) + h * v.stride(1), v.stride(0)}, Lk, D_, Dp, Lkp, vv);
   });
+}
 
-  // Jobs: (sequence, head, query block), the blocks of one head in a row (they share its packed
-  // K/V in L2), the last (under a causal mask the longest) first; threads take the next job as
-  // they finish, since causal blocks differ in cost up to the sequence length.
-  std::vector<int64_t> job_start(B + 1, 0);
-  for (int b = 0; b < B; ++b) job_start[b + 1] = job_start[b] + (int64_t)(cq[b + 1] - cq[b] + QB - 1) / QB * Hq;
-  const float c = (float)(scale * 1.4426950408889634);
-  const int64_t group = Hq / Hk, total = job_start[B];
-  struct alignas(64) Counter {  // on its own cache line: the threads' other reads must not share it
-    std::atomic<int64_t> value{0};
-    char pad[64 - sizeof(std::atomic<int64_t>)];
-  } next;
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    const amx::TileScope tiles;
-    const DenormalsAreZero daz;
-    Scratch w(Dp);
-    for (int64_t job; (job = next.value.fetch_add(1, std::memory_order_relaxed)) < total;) {
-      const int b = std::upper_bound(job_start.begin(), job_start.end(), job) - job_start.begin() - 1;
-      const int nblk = (cq[b + 1] - cq[b] + QB - 1) / QB;
-      const int64_t rel = job - job_start[b];
-      const int h = rel / nblk, qblk = nblk - 1 - rel % nblk, hk = h / group;
-      Seq a;
-      a.Lq = cq[b + 1] - cq[b];
-      a.Lk = ck[b + 1] - ck[b];
-      a.Lkp = round32(a.Lk);
-      a.D = D, a.Dp = Dp, a.causal = causal, a.c = c;
-      a.q = qp + cq[b] * q.stride(0) + h * q.stride(1);
-      a.qs = q.stride(0);
-      a.out = op + cq[b] * out.stride(0) + h * out.stride(1);
-      a.os = out.stride(0);
-      a.kt = ktp + packed_at(b, hk), a.vv = vvp + packed_at(b, hk);
-      attend_block(a, qblk * QB, w);
+// Causal attention of each sequence's new queries over its paged KV cache (chunked prefill, a chat
+// turn over its history): sequence b's queries are rows cu_seqlens_q[b]..[b+1] of q, the last of
+// its context_lens[b] positions, whose K/V are already in the caches [num_blocks, block_size, Hk,
+// D] at the blocks block_tables[b] lists. The same kernel as flash_attention_amx_cpu, packing K/V
+// straight from the cache blocks instead of from a gathered copy.
+at::Tensor flash_attention_amx_paged_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q,
+                                         const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(amx_attention_available(), "flash_attention_amx_paged: this CPU (or kernel) has no AMX-BF16 tiles");
+  STLLM_CHECK_CPU(q);
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "flash_attention_amx_paged: q must be [tokens, heads, d] with a "
+              "contiguous last dim, got shape ", q.sizes(), " strides ", q.strides());
+  STLLM_CHECK_DTYPE(q, at::kBFloat16);
+  for (const at::Tensor* t : {&k_cache, &v_cache}) {
+    STLLM_CHECK_CPU(*t);
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, "flash_attention_amx_paged: caches must be [num_blocks, "
+                "block_size, heads, d] with a contiguous last dim, got shape ", t->sizes(), " strides ", t->strides());
+    STLLM_CHECK_DTYPE(*t, at::kBFloat16);
+  }
+  const int64_t Hq = q.size(1), D = q.size(2), Hk = k_cache.size(2), nblocks = k_cache.size(0);
+  const int bs = (int)k_cache.size(1);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == D, "flash_attention_amx_paged: k_cache and "
+              "v_cache must be [num_blocks, block_size, Hk, ", D, "], got ", k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "flash_attention_amx_paged: Hq=", Hq, " is not a multiple of Hk=", Hk);
+  TORCH_CHECK(D % 2 == 0 && D > 0 && D <= 256, "flash_attention_amx_paged: head dim must be even and <= 256, got ", D);
+  TORCH_CHECK(bs > 0, "flash_attention_amx_paged: block_size must be positive");
+  for (const at::Tensor* t : {&block_tables, &cu_seqlens_q, &context_lens}) {
+    STLLM_CHECK_INPUT(*t);
+    STLLM_CHECK_DTYPE(*t, at::kInt);
+  }
+  const int B = context_lens.numel();
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && cu_seqlens_q.numel() == B + 1,
+              "flash_attention_amx_paged: block_tables must be [B, max_blocks] and cu_seqlens_q [B+1] for ", B,
+              " context_lens, got ", block_tables.sizes(), " and ", cu_seqlens_q.sizes());
+  const int32_t *cq = cu_seqlens_q.data_ptr<int32_t>(), *cl = context_lens.data_ptr<int32_t>();
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int64_t width = block_tables.size(1);
+  TORCH_CHECK(cq[0] == 0 && cq[B] == q.size(0), "flash_attention_amx_paged: cu_seqlens_q must start at 0 and end at ",
+              q.size(0), " (q's rows)");
+  std::vector<int> lk(B);
+  for (int b = 0; b < B; ++b) {
+    TORCH_CHECK(cq[b + 1] >= cq[b], "flash_attention_amx_paged: cu_seqlens_q must not decrease");
+    TORCH_CHECK(cl[b] >= 0, "flash_attention_amx_paged: context_lens[", b, "] = ", cl[b], " must be >= 0");
+    const int64_t used = (cl[b] + bs - 1) / bs;
+    TORCH_CHECK(used <= width, "flash_attention_amx_paged: context_lens[", b, "] = ", cl[b], " needs ", used,
+                " blocks but block_tables has ", width, " columns");
+    for (int64_t j = 0; j < used; ++j) {
+      const int32_t blk = bt[b * width + j];
+      TORCH_CHECK(blk >= 0 && blk < nblocks, "flash_attention_amx_paged: block_tables[", b, "] holds block ", blk,
+                  ", outside [0, ", nblocks, ")");
     }
+    lk[b] = cl[b];
+  }
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
+  return attend_all(q, cq, lk, Hk, /*causal=*/true, scale, [&](int b, int64_t h, int Lk, int D_, int Dp, int Lkp,
+                                                                 uint32_t* kt, uint32_t* vv) {
+    const int32_t* table = bt + b * width;
+    pack_k(PagedRows{kp + h * k_cache.stride(2), table, k_cache.stride(0), k_cache.stride(1), bs}, Lk, D_, Dp, Lkp, kt);
+    pack_v(PagedRows{vp + h * v_cache.stride(2), table, v_cache.stride(0), v_cache.stride(1), bs}, Lk, D_, Dp, Lkp, vv);
   });
-  return out;
 }
 
 #else  // not x86-64: no AMX
@@ -464,6 +563,11 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor&, const at::Tensor&, const a
                                    const at::Tensor&, bool, double) {
   TORCH_CHECK(false, "flash_attention_amx: this build has no AMX kernel (not x86-64)");
 }
+
+at::Tensor flash_attention_amx_paged_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, double) {
+  TORCH_CHECK(false, "flash_attention_amx_paged: this build has no AMX kernel (not x86-64)");
+}
 #endif
 
 void register_flash_attention_amx(pybind11::module_& m) {
@@ -472,6 +576,10 @@ void register_flash_attention_amx(pybind11::module_& m) {
   m.def("flash_attention_amx", &flash_attention_amx_cpu, "varlen bf16 flash attention on AMX tiles",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("cu_seqlens_q"),
         pybind11::arg("cu_seqlens_k"), pybind11::arg("causal"), pybind11::arg("scale"));
+  m.def("flash_attention_amx_paged", &flash_attention_amx_paged_cpu,
+        "causal bf16 flash attention of new queries over a paged KV cache on AMX tiles", pybind11::arg("q"),
+        pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
+        pybind11::arg("cu_seqlens_q"), pybind11::arg("context_lens"), pybind11::arg("scale"));
 }
 
 }  // namespace stllm

@@ -226,3 +226,100 @@ def test_bad_cpu_attention_setting(monkeypatch):
     q, k, v = make([4], [4], 2, 2, 64)
     with pytest.raises(ValueError, match="STLLM_CPU_ATTENTION"):
         ops.varlen_attention(q, k, v, cu([4]), cu([4]), 4, 4, causal=True)
+
+
+def paged_cache(ctx: list[int], Hk: int, d: int, block_size: int, seed: int = 0):
+    """Caches [num_blocks, block_size, Hk, d] holding each sequence's ctx[b] K/V rows in shuffled,
+    non-contiguous blocks (spare blocks of noise between them, -1 past each table's used columns),
+    the block tables, and the same rows gathered per sequence ([sum(ctx), Hk, d])."""
+    g = torch.Generator().manual_seed(seed)
+    used = [-(-n // block_size) for n in ctx]
+    nblocks = sum(used) + 3
+    kc = torch.randn(nblocks, block_size, Hk, d, generator=g).to(torch.bfloat16)
+    vc = torch.randn(nblocks, block_size, Hk, d, generator=g).to(torch.bfloat16)
+    order = torch.randperm(nblocks, generator=g).tolist()
+    table = torch.full((len(ctx), max(used) + 1), -1, dtype=torch.int32)
+    rows = []
+    for b, n in enumerate(ctx):
+        blocks = [order.pop() for _ in range(used[b])]
+        table[b, :used[b]] = torch.tensor(blocks, dtype=torch.int32)
+        slots = (torch.tensor(blocks)[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:n]
+        rows.append(slots)
+    slots = torch.cat(rows)
+    k = kc.reshape(-1, Hk, d)[slots]
+    v = vc.reshape(-1, Hk, d)[slots]
+    return kc, vc, table, k, v
+
+
+PAGED_CASES = [
+    # (query rows per sequence, context per sequence, Hq, Hk, d, block_size)
+    ([16], [16], 2, 2, 64, 16),                      # a whole prompt of one block
+    ([1, 17, 40], [1, 60, 700], 4, 2, 64, 16),       # ragged chunks over ragged prefixes, GQA, two key blocks
+    ([33, 20], [33, 257], 2, 2, 88, 8),              # head dim 88 (padded to 96), contexts off the block size
+    ([50], [20], 2, 2, 64, 16),                      # more queries than keys: the first 30 see none
+    ([24, 0, 9], [24, 5, 9], 2, 1, 128, 16),         # a sequence with no queries, head dim 128
+]
+
+
+@needs_amx
+@pytest.mark.parametrize("lq,ctx,Hq,Hk,d,block_size", PAGED_CASES)
+def test_amx_paged_equals_the_kernel_over_gathered_rows(lq, ctx, Hq, Hk, d, block_size):
+    """Packing K/V straight from shuffled cache blocks gives bit-for-bit what the varlen kernel gives
+    over the same rows gathered, and both stay within torch's bf16 error of the oracle."""
+    kc, vc, table, k, v = paged_cache(ctx, Hk, d, block_size)
+    q = torch.randn(sum(lq), Hq, d, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    scale = 1.0 / math.sqrt(d)
+    cl = torch.tensor(ctx, dtype=torch.int32)
+    out = C.flash_attention_amx_paged(q, kc, vc, table, cu(lq), cl, scale)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    assert torch.equal(out, C.flash_attention_amx(q, k, v, cu(lq), cu(ctx), True, scale))
+    ref = oracle(q, k, v, lq, ctx, True, scale)
+    torch_err = (sdpa_bf16(q, k, v, lq, ctx, True, scale) - ref).abs().max().item()
+    assert (out.float() - ref).abs().max().item() <= torch_err + 4e-3
+
+
+@needs_amx
+def test_amx_paged_bad_input_names_the_problem():
+    kc, vc, table, _, _ = paged_cache([20, 40], 2, 64, 16)
+    q = torch.randn(24, 4, 64).to(torch.bfloat16)
+    cl = torch.tensor([20, 40], dtype=torch.int32)
+    cq = cu([8, 16])
+    with pytest.raises(RuntimeError, match="outside"):
+        bad = table.clone()
+        bad[1, 0] = kc.shape[0]
+        C.flash_attention_amx_paged(q, kc, vc, bad, cq, cl, 0.125)
+    with pytest.raises(RuntimeError, match="needs 5 blocks but block_tables has 4 columns"):
+        C.flash_attention_amx_paged(q, kc, vc, table, cq, torch.tensor([20, 70], dtype=torch.int32), 0.125)
+    with pytest.raises(RuntimeError, match="BFloat16"):
+        C.flash_attention_amx_paged(q, kc.float(), vc.float(), table, cq, cl, 0.125)
+    with pytest.raises(RuntimeError, match="end at 24"):
+        C.flash_attention_amx_paged(q, kc, vc, table, cu([8, 15]), cl, 0.125)
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        C.flash_attention_amx_paged(q[:, :3], kc, vc, table, cq, cl, 0.125)
+
+
+def test_paged_prefill_dispatch(monkeypatch):
+    """bf16 chunks of >= 16 queries over a cached prefix: the AMX kernel reads the cache blocks
+    directly where the CPU has it (no gathered copy is made), the gather path with
+    STLLM_CPU_ATTENTION=torch; both agree with the oracle and with the C++ paged kernel's rows."""
+    from stllm_engine.ops import attention
+
+    lq, ctx = [70, 4], [300, 50]  # a long chunk (flash path either way) and a short one (C++ paged kernel)
+    kc, vc, table, k, v = paged_cache(ctx, 2, 64, 16)
+    q = torch.randn(sum(lq), 4, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    cl = torch.tensor(ctx, dtype=torch.int32)
+    calls = []
+    real_gather = attention._paged_prefill_gather
+    monkeypatch.setattr(attention, "_paged_prefill_gather", lambda *a: calls.append(1) or real_gather(*a))
+    monkeypatch.setenv("STLLM_CPU_ATTENTION", "auto")
+    via_auto = ops.paged_prefill_attention(q, kc, vc, table, cu(lq), cl)
+    assert calls == ([] if AMX else [1])
+    monkeypatch.setenv("STLLM_CPU_ATTENTION", "torch")
+    via_torch = ops.paged_prefill_attention(q, kc, vc, table, cu(lq), cl)
+    assert len(calls) == (1 if AMX else 2)
+    if AMX:
+        want = C.flash_attention_amx_paged(q[:70], kc, vc, table[:1], cu([70]), cl[:1], 0.125)
+        assert torch.equal(via_auto[:70], want)
+    ref = oracle(q, k, v, lq, ctx, True, 0.125)
+    for out in (via_auto, via_torch):
+        assert (out.float() - ref).abs().max().item() < 2e-2

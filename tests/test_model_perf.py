@@ -196,23 +196,30 @@ def _cache(ctx, Hk, d, bs, dtype, seed):
     ([30, 9, 70], [1, 9, 3]),                       # decodes and small chunks only
 ])
 def test_paged_prefill_paths_match_twin(dtype, Hq, Hk, d, bs, ctx, qlens, monkeypatch):
-    """Per sequence: chunks of >= gather_min_queries(dtype) queries gather their K/V and run the
-    flash kernel, shorter ones the C++ paged kernel, both kinds in one call over permuted block
-    tables; equal to the pure-torch twin, and each sequence took its path."""
+    """Per sequence: chunks of >= gather_min_queries(dtype) queries run a flash kernel (bf16 on an
+    AMX CPU: the AMX kernel reading the cache blocks; else gathered K/V and SDPA), shorter ones the
+    C++ paged kernel, both kinds in one call over permuted block tables; equal to the pure-torch
+    twin, and each sequence took its path."""
     from stllm_engine import ops
     from stllm_engine.kernels import reference as twin
-    from stllm_engine.ops import attention
+    from stllm_engine.ops import _backend, attention
 
     k_cache, v_cache, table, lens, g = _cache(ctx, Hk, d, bs, dtype, seed=7)
     cu = torch.tensor([0] + qlens).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), Hq, d, generator=g).to(dtype)
-    gathered = []
+    flash = []  # context lengths of the sequences each flash path ran, by path
     real = attention._paged_prefill_gather
     monkeypatch.setattr(attention, "_paged_prefill_gather",
-                        lambda qs, kc, vc, bt, cus, cls, sc: gathered.extend(cls.tolist()) or real(qs, kc, vc, bt, cus, cls, sc))
+                        lambda qs, kc, vc, bt, cus, cls, sc: flash.append(("gather", cls.tolist())) or real(qs, kc, vc, bt, cus, cls, sc))
+    C = _backend.cpp()
+    real_amx = C.flash_attention_amx_paged
+    monkeypatch.setattr(C, "flash_attention_amx_paged",
+                        lambda qs, kc, vc, bt, cus, cls, sc: flash.append(("amx", cls.tolist())) or real_amx(qs, kc, vc, bt, cus, cls, sc))
     out = ops.paged_prefill_attention(q, k_cache, v_cache, table, cu, lens, scale=0.2)
     at = attention.gather_min_queries(dtype)
-    assert gathered == [c for c, n in zip(ctx, qlens) if n >= at]
+    long = [c for c, n in zip(ctx, qlens) if n >= at]
+    path = "amx" if attention.cpu_prefill_attention_kernel(dtype) == "amx" else "gather"
+    assert flash == ([(path, long)] if long else [])
     want = twin.paged_prefill_attention(q, k_cache, v_cache, table, cu, lens, scale=0.2)
     assert out.shape == q.shape and out.dtype == dtype
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
@@ -231,6 +238,14 @@ def test_paged_prefill_gather_path_errors():
         ops.paged_prefill_attention(q, k_cache, v_cache, bad, cu, lens)
     with pytest.raises(ValueError, match="needs 11 blocks"):
         ops.paged_prefill_attention(q, k_cache, v_cache, table, cu, torch.tensor([88], dtype=torch.int32))
+    # bfloat16 on an AMX CPU: the AMX kernel reads the blocks itself and names the same problems
+    from stllm_engine.ops.attention import cpu_prefill_attention_kernel
+    if cpu_prefill_attention_kernel(torch.bfloat16) == "amx":
+        kb, vb, qb = k_cache.to(torch.bfloat16), v_cache.to(torch.bfloat16), q.to(torch.bfloat16)
+        with pytest.raises(RuntimeError, match=r"block_tables\[0\] holds block 13, outside \[0, 13\)"):
+            ops.paged_prefill_attention(qb, kb, vb, bad, cu, lens)
+        with pytest.raises(RuntimeError, match="needs 11 blocks but block_tables has 10 columns"):
+            ops.paged_prefill_attention(qb, kb, vb, table, cu, torch.tensor([88], dtype=torch.int32))
 
 
 @needs_onednn
