@@ -17,12 +17,12 @@
 //
 // Work split: first every (sequence, kv head) packs its K as K^T in the VNNI pair layout (the B
 // operand of S = Q K^T) and its V in pairs of rows (the B operand of O = P V), zero-padded and
-// blocked so that every B tile is contiguous (pack_k / pack_v, from strided rows or cache blocks); then one job per (sequence, head,
-// block of 32 queries) runs an online softmax over key blocks of up to 512, with float32 scores,
-// bf16 P and float32 accumulators. Tiles are all 16 rows x 64 bytes: C 0-3, A 4-5, B 6-7; for
-// head dims up to 64 the scores use C 0-1, Q held in A 2-5 for the whole block, B 6-7 (bench-cpu
-// ViT frames: 1.22x -> 1.33x torch's SDPA, timed side by side), and a block of at most 16
-// queries runs one row of tiles.
+// blocked so that every B tile is contiguous (pack_k / pack_v, from strided rows or cache blocks);
+// then one job per (sequence, head, block of 32 queries) runs an online softmax over key blocks of
+// up to 512, with float32 scores, bf16 P and float32 accumulators. Tiles are all 16 rows x 64
+// bytes: C 0-3, A 4-5, B 6-7; for head dims up to 64 the scores use C 0-1, Q held in A 2-5 for the
+// whole block, B 6-7 (bench-cpu ViT frames: 1.22x -> 1.33x torch's SDPA, timed side by side), and
+// a block of at most 16 queries runs one row of tiles.
 //
 // Built on x86-64 with GCC or Clang only; elsewhere amx_attention_available() is false and the
 // engine keeps torch's SDPA.
@@ -71,10 +71,6 @@ STLLM_AMX inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// K^T in VNNI pairs, blocked by 16 keys so that a B tile is 1 KB of contiguous memory (a tile of
-// 16 rows strided by the sequence length thrashed L1 sets at 2k+ keys):
-// kt[(t / 16) * (Dp / 2) * 16 + kp * 16 + t % 16] = dword (K[t][2kp], K[t][2kp+1]),
-// zeros past D and Lk. 16 x 16 dword blocks are transposed in registers.
 // Where the K or V rows of one (sequence, kv head) are: row t's D values start at rows(t).
 struct StridedRows {  // rows of a [tokens, heads, D] tensor
   const uint16_t* base;
@@ -91,6 +87,10 @@ struct PagedRows {  // rows of a paged cache [num_blocks, block_size, heads, D] 
   }
 };
 
+// K^T in VNNI pairs, blocked by 16 keys so that a B tile is 1 KB of contiguous memory (a tile of
+// 16 rows strided by the sequence length thrashed L1 sets at 2k+ keys):
+// kt[(t / 16) * (Dp / 2) * 16 + kp * 16 + t % 16] = dword (K[t][2kp], K[t][2kp+1]),
+// zeros past D and Lk. 16 x 16 dword blocks are transposed in registers.
 template <typename Rows>
 STLLM_AMX void pack_k(const Rows& k, int Lk, int D, int Dp, int Lkp, uint32_t* kt) {
   const int dw = D / 2;
@@ -147,9 +147,9 @@ STLLM_AMX void pack_v(const Rows& v, int Lk, int D, int Dp, int Lkp, uint32_t* v
   }
 }
 
-// A zeroed, 64-byte-aligned array for one thread's scratch: the score, P and O buffers are tile
-// rows, and rows that split cache lines slowed the kernel by 10-20% (std::vector's malloc gave 16-
-// byte alignment; bench-cpu shapes, timed side by side in one process).
+// A zeroed, 64-byte-aligned array for one thread's scratch: the score, P and O buffers are read
+// and written as tile rows, and rows that split cache lines are slow (std::vector's malloc only
+// promises 16 bytes; the same scratch offset by 16 bytes ran 10-20% slower at bench-cpu shapes).
 template <typename T>
 class AlignedArray {
  public:
