@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "amx_tiles.h"
@@ -385,11 +386,17 @@ uint32_t* packed_workspace(int64_t dwords, at::Tensor& fresh) {
   return static_cast<uint32_t*>(kept.get(dwords * (int64_t)sizeof(uint32_t), fresh));
 }
 
+// The head layout both entry points take: GQA groups, an even head dim of at most 256.
+void check_heads(const char* op, int64_t Hq, int64_t Hk, int64_t D) {
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, op, ": Hq=", Hq, " is not a multiple of Hk=", Hk);
+  TORCH_CHECK(D % 2 == 0 && D > 0 && D <= 256, op, ": head dim must be even and <= 256, got ", D);
+}
+
 // The kernel over B sequences: sequence b's queries are rows cq[b]..cq[b+1] of q, it has lk[b]
-// keys, and pack(b, kv_head, Lk, Dp, Lkp, kt, vv) packs that head's K^T and V (pack_k / pack_v).
-template <typename PackFn>
+// keys, and rows(b, kv_head) gives that head's K and V row sources (StridedRows / PagedRows).
+template <typename RowsFn>
 at::Tensor attend_all(const at::Tensor& q, const int32_t* cq, const std::vector<int>& lk, int64_t Hk, bool causal,
-                      double scale, const PackFn& pack) {
+                      double scale, const RowsFn& rows) {
   const int B = (int)lk.size();
   const int64_t Hq = q.size(1), D = q.size(2);
   at::Tensor out = at::empty({q.size(0), Hq, D}, q.options());
@@ -408,7 +415,9 @@ at::Tensor attend_all(const at::Tensor& q, const int32_t* cq, const std::vector<
     for (int64_t job = begin; job < end; ++job) {
       const int b = job / Hk, h = job % Hk;
       const int64_t base = packed_at(b, h);
-      pack(b, h, lk[b], (int)D, Dp, round32(lk[b]), ktp + base, vvp + base);
+      const auto kv = rows(b, h);
+      pack_k(kv.first, lk[b], (int)D, Dp, round32(lk[b]), ktp + base);
+      pack_v(kv.second, lk[b], (int)D, Dp, round32(lk[b]), vvp + base);
     }
   });
 
@@ -466,8 +475,7 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor& q, const at::Tensor& k, con
   const int64_t Hq = q.size(1), Hk = k.size(1), D = q.size(2);
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(2) == D, "flash_attention_amx: k and v must be [Nk, Hk, ", D,
               "], got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "flash_attention_amx: Hq=", Hq, " is not a multiple of Hk=", Hk);
-  TORCH_CHECK(D % 2 == 0 && D > 0 && D <= 256, "flash_attention_amx: head dim must be even and <= 256, got ", D);
+  check_heads("flash_attention_amx", Hq, Hk, D);
   for (const at::Tensor* t : {&cu_seqlens_q, &cu_seqlens_k}) {
     STLLM_CHECK_INPUT(*t);
     STLLM_CHECK_DTYPE(*t, at::kInt);
@@ -485,10 +493,9 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor& q, const at::Tensor& k, con
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   std::vector<int> lk(B);
   for (int b = 0; b < B; ++b) lk[b] = ck[b + 1] - ck[b];
-  return attend_all(q, cq, lk, Hk, causal, scale, [&](int b, int64_t h, int Lk, int D_, int Dp, int Lkp, uint32_t* kt,
-                                                        uint32_t* vv) {
-    pack_k(StridedRows{kp + ck[b] * k.stride(0) + h * k.stride(1), k.stride(0)}, Lk, D_, Dp, Lkp, kt);
-    pack_v(StridedRows{vp + ck[b] * v.stride(0) + h * v.stride(1), v.stride(0)}, Lk, D_, Dp, Lkp, vv);
+  return attend_all(q, cq, lk, Hk, causal, scale, [&](int b, int64_t h) {
+    return std::make_pair(StridedRows{kp + ck[b] * k.stride(0) + h * k.stride(1), k.stride(0)},
+                          StridedRows{vp + ck[b] * v.stride(0) + h * v.stride(1), v.stride(0)});
   });
 }
 
@@ -515,8 +522,7 @@ at::Tensor flash_attention_amx_paged_cpu(const at::Tensor& q, const at::Tensor& 
   const int bs = (int)k_cache.size(1);
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == D, "flash_attention_amx_paged: k_cache and "
               "v_cache must be [num_blocks, block_size, Hk, ", D, "], got ", k_cache.sizes(), " and ", v_cache.sizes());
-  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "flash_attention_amx_paged: Hq=", Hq, " is not a multiple of Hk=", Hk);
-  TORCH_CHECK(D % 2 == 0 && D > 0 && D <= 256, "flash_attention_amx_paged: head dim must be even and <= 256, got ", D);
+  check_heads("flash_attention_amx_paged", Hq, Hk, D);
   TORCH_CHECK(bs > 0, "flash_attention_amx_paged: block_size must be positive");
   for (const at::Tensor* t : {&block_tables, &cu_seqlens_q, &context_lens}) {
     STLLM_CHECK_INPUT(*t);
@@ -547,11 +553,10 @@ at::Tensor flash_attention_amx_paged_cpu(const at::Tensor& q, const at::Tensor& 
   }
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
-  return attend_all(q, cq, lk, Hk, /*causal=*/true, scale, [&](int b, int64_t h, int Lk, int D_, int Dp, int Lkp,
-                                                                 uint32_t* kt, uint32_t* vv) {
+  return attend_all(q, cq, lk, Hk, /*causal=*/true, scale, [&](int b, int64_t h) {
     const int32_t* table = bt + b * width;
-    pack_k(PagedRows{kp + h * k_cache.stride(2), table, k_cache.stride(0), k_cache.stride(1), bs}, Lk, D_, Dp, Lkp, kt);
-    pack_v(PagedRows{vp + h * v_cache.stride(2), table, v_cache.stride(0), v_cache.stride(1), bs}, Lk, D_, Dp, Lkp, vv);
+    return std::make_pair(PagedRows{kp + h * k_cache.stride(2), table, k_cache.stride(0), k_cache.stride(1), bs},
+                          PagedRows{vp + h * v_cache.stride(2), table, v_cache.stride(0), v_cache.stride(1), bs});
   });
 }
 
