@@ -2,7 +2,8 @@
 __version__ = "0.1.0"
 
 _LAZY = {"STLLM": "stllm_engine.api", "SamplingParams": "stllm_engine.sampling_params",
-         "RequestOutput": "stllm_engine.outputs", "LLMEngine": "stllm_engine.engine.llm_engine",
+         "RequestOutput": "stllm_engine.outputs", "RequestFailedError": "stllm_engine.outputs",
+         "LLMEngine": "stllm_engine.engine.llm_engine",
          "EngineConfig": "stllm_engine.engine.llm_engine",
          "AsyncLLMEngine": "stllm_engine.engine.async_engine"}
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
-from stllm_engine.outputs import RequestOutput
+from stllm_engine.outputs import RequestFailedError, RequestOutput
 from stllm_engine.prompts import (MVBENCH_SYSTEM, SEP, chat_prompt, decode_output, mvbench_postprocess,
                                   postprocess_answer)
 from stllm_engine.sampling_params import SamplingParams
@@ -114,7 +114,7 @@ class STLLM:
     def postprocess(self, out: RequestOutput) -> str:
         """Release answer text of a finished output (raises if the request failed)."""
         if out.error is not None:
-            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            raise RequestFailedError.of(out)
         return postprocess_answer(decode_output(self.tokenizer, out.token_ids, self.tokenizer.eos_token_id))
 
     # --- one request ------------------------------------------------------------------------
@@ -173,7 +173,7 @@ class STLLM:
                 if o.request_id != rid:
                     continue
                 if o.error is not None:
-                    raise RuntimeError(f"request {rid} failed: {o.error}")
+                    raise RequestFailedError.of(o)
                 if o.delta:
                     yield o.delta
                 if o.finished:
@@ -192,7 +192,7 @@ class STLLM:
     def mvbench_text(self, out: RequestOutput) -> str:
         """MVBench prediction of a finished output: ``"(" +`` first line (raises if it failed)."""
         if out.error is not None:
-            raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            raise RequestFailedError.of(out)
         return mvbench_postprocess(decode_output(self.tokenizer, out.token_ids, self.tokenizer.eos_token_id))
 
     def mvbench_generate(self, items: list, params: SamplingParams | None = None) -> list[RequestOutput]:

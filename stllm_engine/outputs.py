@@ -44,7 +44,8 @@ class RequestOutput:
     text: the answer so far (stop strings excluded); delta: text new since the previous output of
     this request; token_ids: generated ids (a matched stop sequence / EOS included, as
     ``generate`` returns them); finish_reason: "stop" | "length" | "abort" | "error";
-    error: message when the request failed (then text is empty).
+    error: message when the request failed (then text is empty); exception: the exception behind
+    it, where the request failed in this process (not compared, not printed).
     """
 
     request_id: str
@@ -58,7 +59,26 @@ class RequestOutput:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     timings: RequestTimings = field(default_factory=RequestTimings)
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class RequestFailedError(RuntimeError):
+    """What the synchronous API (``STLLM.answer`` / ``stream`` / ``chat``) raises for a failed
+    request: the message names the request and the problem, ``output`` is its
+    :class:`RequestOutput`, and ``__cause__`` is the original exception where there is one (e.g. a
+    :class:`~stllm_engine.video.errors.VideoNotFoundError`, or a ``ValueError`` for a prompt longer
+    than the context), so callers can tell bad input from a model failure."""
+
+    def __init__(self, output: RequestOutput) -> None:
+        super().__init__(f"request {output.request_id} failed: {output.error}")
+        self.output = output
+
+    @classmethod
+    def of(cls, output: RequestOutput) -> "RequestFailedError":
+        err = cls(output)
+        err.__cause__ = output.exception
+        return err

@@ -7,13 +7,14 @@ import sys
 import pytest
 import torch
 
-from stllm_engine import STLLM, SamplingParams
+from stllm_engine import STLLM, RequestFailedError, SamplingParams
 from stllm_engine.engine.async_engine import AsyncLLMEngine
 from stllm_engine.engine.llm_engine import kv_bytes_per_block
 from stllm_engine.engine.video_prep import keep_mask
 from stllm_engine.reference.model import ReferenceSTLLM
 from stllm_engine.testing.checkpoints import write_tiny_checkpoint
 from stllm_engine.testing.videos import write_video
+from stllm_engine.video import VideoNotFoundError
 
 Q = "what is moving in the video?"
 
@@ -62,8 +63,14 @@ def test_answer_parameter_errors(llm, video):
         llm.answer(video, Q, beams=3)
     with pytest.raises(ValueError, match="top_p"):
         llm.answer(video, Q, top_p=2.0)
-    with pytest.raises(RuntimeError, match="failed"):
+    with pytest.raises(RequestFailedError, match="failed: video not found") as info:
         llm.answer("/no/such/video.mp4", Q)
+    # a RuntimeError as before, with the output and the typed cause for callers that branch on it
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value.__cause__, VideoNotFoundError)
+    assert info.value.output.finish_reason == "error" and "/no/such/video.mp4" in info.value.output.error
+    with pytest.raises(RequestFailedError) as info:
+        list(llm.stream(video, Q, num_frames=4, keep_ratio=0.0))
+    assert isinstance(info.value.__cause__, ValueError) and "keep_ratio" in str(info.value)
 
 
 def test_generate_keeps_request_order_and_isolates_errors(llm, video):

@@ -262,6 +262,8 @@ def test_bound_beyond_the_end(media, kind):
     (lambda d: np.zeros((4, 8, 8, 3), np.float32), NotAVideoError, "must be uint8"),
     (lambda d: np.zeros((4, 8, 8), np.uint8), NotAVideoError, r"\[T, H, W, 3\]"),
     (lambda d: 42, NotAVideoError, "unsupported video source of type int"),
+    (lambda d: "", VideoNotFoundError, "the path is empty"),  # not the working directory's frames
+    (lambda d: b"\xff\xd8\xff\xe0" + b"\x00" * 300, CorruptVideoError, "corrupt jpeg image"),
 ])
 def test_other_bad_inputs(tmp_path, make, err, match):
     (tmp_path / "zero.mp4").write_bytes(b"")
@@ -269,6 +271,37 @@ def test_other_bad_inputs(tmp_path, make, err, match):
     (tmp_path / "nothing" / "readme.txt").write_text("no frames here")
     with pytest.raises(err, match=match):
         load_video(make(tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "bmp", "webp"])
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_a_still_image_is_a_one_frame_video(tmp_path, fmt, as_bytes):
+    """A single image file (decord read a JPEG as a stream with no frames) or its bytes, whatever
+    its name says: a video of one frame (the chat rule samples min(total, num_frames) frames)."""
+    from PIL import Image
+
+    img = tv.render_frame(7, (W, H), seed=1)
+    path = tmp_path / f"still.{'img' if fmt == 'bmp' else fmt}"  # the content decides, not the suffix
+    Image.fromarray(img).save(path, format=fmt.upper(), **({"quality": 95} if fmt in ("jpeg", "webp") else {}))
+    src = path.read_bytes() if as_bytes else path
+    assert probe(src) == (1, None)
+    f = load_video(src, num_frames=4, preprocess=False)
+    assert f.frames.shape == (1, H, W, 3) and f.indices == [0] and f.backend == "pil"
+    assert markers(f.frames) == [7]
+    assert markers(decode_frames(src, [0, 0, 0])) == [7] * 3
+    if fmt in ("png", "bmp"):  # lossless
+        assert np.array_equal(f.frames[0], img)
+
+
+def test_animated_png_frames(tmp_path):
+    from PIL import Image
+
+    frames = tv.render_frames(6, (W, H), seed=1)
+    path = tmp_path / "anim.png"
+    Image.fromarray(frames[0]).save(path, save_all=True, append_images=[Image.fromarray(a) for a in frames[1:]],
+                                    duration=125)
+    assert probe(path) == (6, None)
+    assert markers(decode_frames(path, [5, 0, 3])) == [5, 0, 3]
 
 
 def test_unreadable_frame_in_folder(tmp_path):

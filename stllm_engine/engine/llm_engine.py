@@ -243,6 +243,7 @@ class LLMEngine(BeamRequests):
 
     def _fail(self, req: Request, e: BaseException) -> None:
         req.error = str(e) if isinstance(e, (ValueError, TypeError)) else f"{type(e).__name__}: {e}"
+        req.exception = e.with_traceback(None)  # kept with the output: no frames (activations) pinned
         req.finish_reason = "error"
         self._release(req)
         self._pending.append(self._output(req, ""))
@@ -401,7 +402,7 @@ class LLMEngine(BeamRequests):
                 t.num_decode_tokens = max(0, len(ids) - 1)
         return RequestOutput(
             request_id=req.request_id, text=text, delta=delta, token_ids=ids, finished=finished, finish_reason=req.finish_reason,
-            error=req.error, num_prompt_tokens=seq.num_prompt_tokens if seq else 0,
+            error=req.error, exception=req.exception, num_prompt_tokens=seq.num_prompt_tokens if seq else 0,
             num_cached_tokens=seq.num_cached_tokens if seq else 0,
             num_preemptions=seq.num_preemptions if seq else 0, timings=t)
 

@@ -33,6 +33,7 @@ class Request:
         self.checker: StopChecker | None = None
         self.first_token_at: float | None = None
         self.error: str | None = None
+        self.exception: BaseException | None = None  # behind ``error``
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
         self.final_text: str | None = None  # beam search: text of the best hypothesis

@@ -2,7 +2,7 @@
 
 Backends: decord (``VideoReader(..., width=, height=)`` + ``get_batch``) for video files and
 bytes; PyAV (:mod:`.pyav_reader`) for GIFs (decord cannot read them) and as the fallback when
-decord is missing or fails; PIL for frame folders; arrays are indexed directly. Failures end in a
+decord is missing or fails; PIL for frame folders and still images; arrays are indexed directly. Failures end in a
 :class:`~stllm_engine.video.errors.VideoError` naming the source and the problem.
 """
 from __future__ import annotations
@@ -126,6 +126,36 @@ class FolderReader:
         return _maybe_resize(np.stack([cache[i] for i in indices]), self.decode_size)
 
 
+class ImageReader:
+    """A still-image file or bytes (JPEG, PNG, BMP, WebP) as a video of its frames: one for a
+    still picture, each frame of an animated PNG / WebP; ``fps`` None."""
+
+    backend = "pil"
+
+    def __init__(self, src: Source, decode_size=None):
+        from PIL import Image
+
+        self.src, self.decode_size = src, decode_size
+        try:
+            self._image = Image.open(io.BytesIO(src.data) if src.data is not None else src.path)
+            self._image.load()
+        except (OSError, ValueError) as e:
+            raise CorruptVideoError(f"{src.name}: corrupt {src.container} image: {e}") from e
+        self.num_frames, self.fps = int(getattr(self._image, "n_frames", 1)), None
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        cache: dict[int, np.ndarray] = {}
+        for i in indices:
+            if i not in cache:
+                try:
+                    self._image.seek(i)
+                    cache[i] = np.asarray(self._image.convert("RGB"))
+                except (OSError, ValueError, EOFError) as e:
+                    raise CorruptVideoError(f"{self.src.name}: frame {i} of the {self.src.container} image "
+                                            f"cannot be read: {e}") from e
+        return _maybe_resize(np.stack([cache[i] for i in indices]), self.decode_size)
+
+
 class ArrayReader:
     backend = "array"
 
@@ -157,6 +187,8 @@ def _openers(src: Source, backend: str) -> list[Callable]:
         return [FolderReader]
     if src.kind == "array":
         return [ArrayReader]
+    if src.is_image:
+        return [ImageReader]
     if src.is_gif or backend == "pyav":
         return [_PyAVSized]
     if backend == "decord":

@@ -1,8 +1,9 @@
 """Normalise what a caller passes as a video into a :class:`Source`, sniff its format, hash it.
 
-Accepted: a path (str / ``os.PathLike``) to a video file, a GIF or a folder of frames; raw bytes
-(``bytes``, ``bytearray``, ``memoryview``, or a binary file-like object with ``read``); a numpy
-array or torch tensor of uint8 frames ``[T, H, W, 3]``.
+Accepted: a path (str / ``os.PathLike``) to a video file, a GIF, a still image (JPEG, PNG, BMP,
+WebP: a video of its frames, one for a still picture) or a folder of frames; raw bytes (``bytes``,
+``bytearray``, ``memoryview``, or a binary file-like object with ``read``); a numpy array or torch
+tensor of uint8 frames ``[T, H, W, 3]``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 from .errors import EmptyVideoError, NotAVideoError, VideoNotFoundError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_CONTAINERS = ("jpeg", "png", "bmp", "webp")  # sniffed still-image formats, read through PIL
 _HASH_MEMO: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
 _HASH_MEMO_MAX = 4096
 HASH_THREAD_BYTES = 8 << 20  # files this large hash on a thread beside the decode (hash_beside)
@@ -41,6 +43,11 @@ class Source:
     def is_gif(self) -> bool:
         return self.container == "gif"
 
+    @property
+    def is_image(self) -> bool:
+        """A still-image file or bytes (decord reads a JPEG as an empty stream)."""
+        return self.container in IMAGE_CONTAINERS
+
     def head(self, n: int = 512) -> bytes:
         if self.data is not None:
             return self.data[:n]
@@ -58,6 +65,14 @@ def sniff_container(head: bytes) -> str | None:
         return "mkv"
     if head[:4] == b"RIFF" and head[8:11] == b"AVI":
         return "avi"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:2] == b"BM" and head[6:10] == b"\0\0\0\0":  # BITMAPFILEHEADER: its reserved words are 0
+        return "bmp"
     if head[:3] == b"FLV":
         return "flv"
     if head[:4] == b"OggS":
@@ -80,6 +95,8 @@ def resolve_source(source) -> Source:
     file / folder without frames / zero-length array) or :class:`NotAVideoError` (wrong type,
     dtype or shape)."""
     if isinstance(source, (str, os.PathLike)):
+        if not os.fspath(source).strip():  # Path("") would be the working directory
+            raise VideoNotFoundError("video not found: the path is empty")
         path = Path(source)
         if not path.exists():
             raise VideoNotFoundError(f"video not found: {path} does not exist")
