@@ -11,7 +11,9 @@ Endpoints (one request per connection, ``Connection: close``):
   then ``data: {"done": true, "text", "finish_reason", "timings", "usage"}`` and ``data: [DONE]``.
 
 ``text`` is the release's answer text (what ``STLLM.answer`` returns); streamed pieces are stable
-prefixes of it (see :class:`AnswerText`). A bad request gets 400 with ``{"error": message}``
+prefixes of it (see :class:`AnswerText`). A client that closes its connection before the answer
+is complete (a timeout, a cancelled call) has its request aborted, streamed or not, so the engine
+does not go on generating for nobody. A bad request gets 400 with ``{"error": message}``
 naming the problem (:mod:`stllm_engine.answer_request`); requests run concurrently and the engine
 batches them.
 """
@@ -109,7 +111,7 @@ class Server:
         try:
             try:
                 method, path, body = await self._read_request(reader)
-                await self._route(writer, method, path, body)
+                await self._route(reader, writer, method, path, body)
             except BadRequest as e:
                 await self._send(writer, e.status, {"error": str(e)})
             except asyncio.IncompleteReadError as e:
@@ -123,7 +125,7 @@ class Server:
         finally:
             writer.close()
 
-    async def _route(self, writer, method: str, path: str, body: bytes) -> None:
+    async def _route(self, reader, writer, method: str, path: str, body: bytes) -> None:
         if path == "/health":
             if method != "GET":
                 raise BadRequest(f"{path} accepts GET, not {method}", 405)
@@ -138,7 +140,7 @@ class Server:
                 req = json.loads(body.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise BadRequest(f"request body is not valid JSON: {e}") from None
-            await self._answer(writer, *parse_answer_request(self.llm, req))
+            await self._answer(reader, writer, *parse_answer_request(self.llm, req))
         else:
             raise BadRequest(f"no such endpoint {path}; use GET /health or POST /v1/answer", 404)
 
@@ -152,14 +154,38 @@ class Server:
             failed_model = out.error.startswith(MODEL_FAILURE) or out.token_ids
             raise BadRequest(out.error, 500 if failed_model else 400)
 
-    async def _answer(self, writer, video, question, params, options, stream: bool) -> None:
+    @staticmethod
+    async def _final(outputs, reader: asyncio.StreamReader) -> RequestOutput:
+        """The request's finished output, while watching the connection: the client sends nothing
+        after its body, so end-of-file means it closed the connection (ConnectionResetError; the
+        caller's ``aclose`` then aborts the request). Data instead ends the watch."""
+        gone = asyncio.ensure_future(reader.read(1))
+        try:
+            while True:
+                nxt = asyncio.ensure_future(outputs.__anext__())
+                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    if gone.exception() is None and gone.result():  # not a hang-up: stop watching
+                        gone = asyncio.get_running_loop().create_future()
+                        out = await nxt
+                    else:
+                        nxt.cancel()
+                        await asyncio.gather(nxt, return_exceptions=True)
+                        raise ConnectionResetError("client closed the connection before the answer")
+                else:
+                    out = nxt.result()
+                if out.finished:
+                    return out
+        finally:
+            gone.cancel()
+
+    async def _answer(self, reader, writer, video, question, params, options, stream: bool) -> None:
         outputs = self.engine.generate(video, question, params, **options)
         try:
             if not stream:
-                async for out in outputs:
-                    if out.finished:
-                        self._check(out)
-                        await self._send(writer, 200, result_json(self.llm, out))
+                out = await self._final(outputs, reader)
+                self._check(out)
+                await self._send(writer, 200, result_json(self.llm, out))
                 return
             first = await outputs.__anext__()
             self._check(first)  # a request the engine refuses fails before any header is sent

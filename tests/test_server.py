@@ -231,7 +231,8 @@ def test_malformed_http_gets_an_error_status(server, data, status):
     assert b'"error"' in reply
 
 
-def test_client_leaving_a_stream_aborts_its_request(server, files, expected, monkeypatch):
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_leaving_aborts_its_request(server, files, expected, monkeypatch, stream):
     eng = server.llm.engine
     aborted: list[bool] = []
     real_abort = eng.abort
@@ -242,11 +243,19 @@ def test_client_leaving_a_stream_aborts_its_request(server, files, expected, mon
 
     monkeypatch.setattr(eng, "abort", recording_abort)
     long = 1500  # far more than can finish before the hang-up is noticed
-    body = json.dumps({"video": str(files[1][0]), "question": QUESTION, "stream": True,
+    body = json.dumps({"video": str(files[1][0]), "question": QUESTION, "stream": stream,
                        "params": {"max_new_tokens": long, "min_new_tokens": long, "stop": ["@@@@"]}}).encode()
     head = b"POST /v1/answer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
-    first = raw_exchange(server, head + body, read_all=False)  # headers (maybe a piece), then hang up
-    assert first.startswith(b"HTTP/1.1 200")
+    if stream:
+        first = raw_exchange(server, head + body, read_all=False)  # headers (maybe a piece), then hang up
+        assert first.startswith(b"HTTP/1.1 200")
+    else:  # nothing comes back before the answer: wait until the engine generates, then hang up
+        with socket.create_connection((server.host, server.port), timeout=60) as sock:
+            sock.sendall(head + body)
+            deadline = time.monotonic() + 60
+            while not any(r.seq is not None and r.seq.num_output_tokens > 0 for r in list(eng._requests.values())):
+                assert time.monotonic() < deadline, "the request never started generating"
+                time.sleep(0.02)
     while not aborted:
         time.sleep(0.1)
     assert aborted == [True]  # the request was still running when it was aborted
