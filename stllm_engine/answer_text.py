@@ -53,4 +53,5 @@ def result_json(llm: STLLM, out: RequestOutput) -> dict:
     return {"text": AnswerText(llm.tokenizer).text(out.token_ids), "finish_reason": out.finish_reason,
             "timings": out.timings.as_dict(),
             "usage": {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": len(out.token_ids),
-                      "cached_prompt_tokens": out.num_cached_tokens}}
+                      "cached_prompt_tokens": out.num_cached_tokens,
+                      "truncated_prompt_tokens": out.num_truncated_prompt_tokens}}

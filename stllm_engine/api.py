@@ -63,7 +63,8 @@ class STLLM:
                         enable_prefix_caching: bool = True, qformer_tokenizer: str | Path | None = None,
                         **engine_kw) -> "STLLM":
         """Load an official-layout folder; the KV pool holds ``kv_cache_memory`` bytes
-        (None: 256 MiB on the CPU, the free GPU memory less 8 GiB on a GPU; see
+        (None: on the CPU room for 4 max_length sequences, at least 256 MiB; the free GPU memory less 8 GiB
+        on a GPU; see
         ``default_kv_cache_memory``) or ``num_kv_blocks`` blocks of ``block_size`` positions. ``qformer_tokenizer``: the
         Q-Former's BERT tokenizer (folder or vocab.txt) when the checkpoint has no
         ``qformer_tokenizer/`` (the release's folders do not ship it: use bert-base-uncased)."""

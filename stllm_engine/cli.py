@@ -52,6 +52,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: launch the decode, prefill, ViT and Q-Former passes kernel by kernel "
                         "instead of replaying CUDA graphs")
+    p.add_argument("--kv-cache-mib", type=int, default=None,
+                   help="KV cache size in MiB (default: on the CPU room for 4 max-length sequences within a "
+                        "quarter of the available memory, at least 256; on a GPU the free memory less 8 GiB)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="prompt + new tokens cap (default: the release's 2000, bounded by the model's positions); "
+                        "a longer prompt is cut from the left, video tokens first, as the release cuts it")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the warm-up requests at load (answer: on CUDA; serve: always), so the first "
                         "request pays the Triton compiles and library set-up instead")
@@ -61,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="stllm", description="ST-LLM video question answering: answer or serve.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     a = sub.add_parser("answer", help="answer one question about one video")
-    a.add_argument("--video", help="video file, GIF or folder of frames (default: the sample video)")
+    a.add_argument("--video", help="video file, GIF, image or folder of frames (default: the sample video)")
     a.add_argument("--question", default=None,
                    help=f"default: the shipped sample's question for the sample video, else {DEFAULT_QUESTION!r}")
     a.add_argument("--system", default=None, help="system prompt (default: the release's chat system)")
@@ -80,12 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--keep-ratio", type=float, default=1.0, help="share of video tokens kept (engine only)")
     a.add_argument("--stream", action="store_true", help="print the answer as it is generated (engine only)")
     a.add_argument("--json", action="store_true", help="print the answer and timings as one JSON object")
+    a.add_argument("--no-progress", action="store_true",
+                   help="print no progress lines on stderr while a long request runs (video, prefill, generation)")
     s = sub.add_parser("serve", help="HTTP server: GET /health, POST /v1/answer")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
-    s.add_argument("--kv-cache-mib", type=int, default=None,
-                   help="KV cache size in MiB (default: 256 on the CPU, the free GPU memory less 8 GiB on a GPU)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)")
     return ap
 
@@ -132,6 +138,19 @@ def check_device(device: str) -> str:
     return device
 
 
+def engine_sizes(args) -> dict:
+    """EngineConfig fields from --kv-cache-mib / --max-length (CLIError on a bad value)."""
+    out = {}
+    for flag, name, key, scale in (("--kv-cache-mib", "kv_cache_mib", "kv_cache_memory", 1 << 20),
+                                   ("--max-length", "max_length", "max_length", 1)):
+        v = getattr(args, name, None)
+        if v is not None:
+            if v < 1:
+                raise CLIError(f"bad {flag}: {v} (must be a positive int)")
+            out[key] = v * scale
+    return out
+
+
 def load_engine(folder: Path, device: str, dtype, **kw):
     from stllm_engine.api import STLLM
 
@@ -166,9 +185,11 @@ def _check_answer_args(args) -> None:
         flag = str(e).split(" ")[0].removeprefix("SamplingParams.").replace("_", "-")
         raise CLIError(f"bad sampling flag --{flag}: {e}" if flag in
                        {f.replace("_", "-") for f in SAMPLING_FLAGS} else f"bad sampling flags: {e}") from None
+    engine_sizes(args)
     if args.backend == "reference":
         for flag, bad in (("--top-k", args.top_k is not None), ("--keep-ratio", args.keep_ratio != 1.0),
-                          ("--stream", args.stream)):
+                          ("--stream", args.stream), ("--kv-cache-mib", args.kv_cache_mib is not None),
+                          ("--max-length", args.max_length is not None)):
             if bad:
                 raise CLIError(f"{flag} is not supported by --backend reference")
     if args.stream and (args.num_beams or 1) > 1:
@@ -177,11 +198,12 @@ def _check_answer_args(args) -> None:
 
 def answer_engine(args, folder: Path, video) -> dict:
     from stllm_engine.answer_text import AnswerText, result_json
+    from stllm_engine.cli_progress import ProgressLine
     from stllm_engine.outputs import MODEL_FAILURE
 
     llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
                       qformer_tokenizer=args.qformer_tokenizer, enforce_eager=args.enforce_eager,
-                      warmup=False if args.no_warmup else None)
+                      warmup=False if args.no_warmup else None, **engine_sizes(args))
     try:
         params = llm.params(**_sampling_kw(args))
     except (TypeError, ValueError) as e:
@@ -189,26 +211,41 @@ def answer_engine(args, folder: Path, video) -> dict:
     opts = {k: v for k, v in (("system", args.system), ("num_frames", args.num_frames),
                               ("keep_ratio", args.keep_ratio)) if v is not None}
     eng = llm.engine
-    rid = eng.add_request(video, args.question, params, **opts)
     streamer = AnswerText(llm.tokenizer) if args.stream and not args.json else None
+    shown = None if args.no_progress else ProgressLine(decode=streamer is None)
+    rid = eng.add_request(video, args.question, params, **opts)
     out = None
-    while out is None:
-        if not eng.has_unfinished_requests():
-            raise CLIError("the engine went idle before the answer finished", EXIT_FAILURE)
-        for o in eng.step():
-            if o.request_id != rid:
-                continue
-            if o.error is not None:
-                bad_input = not o.error.startswith(MODEL_FAILURE)
-                raise CLIError(one_line(o.error), EXIT_USAGE if bad_input else EXIT_FAILURE)
-            if streamer is not None:
-                sys.stdout.write(streamer.piece(o.token_ids, final=o.finished))
-                sys.stdout.flush()
-            if o.finished:
-                out = o
+    try:
+        while out is None:
+            if not eng.has_unfinished_requests():
+                raise CLIError("the engine went idle before the answer finished", EXIT_FAILURE)
+            for o in eng.step():
+                if o.request_id != rid:
+                    continue
+                if o.error is not None:
+                    bad_input = not o.error.startswith(MODEL_FAILURE)
+                    raise CLIError(one_line(o.error), EXIT_USAGE if bad_input else EXIT_FAILURE)
+                if streamer is not None:
+                    piece = streamer.piece(o.token_ids, final=o.finished)
+                    if piece and shown is not None:
+                        shown.close()
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                if o.finished:
+                    out = o
+            if shown is not None and out is None:
+                shown.update(eng.progress(rid))
+    finally:
+        if shown is not None:
+            shown.close()
     res = result_json(llm, out)
     if streamer is not None:
         sys.stdout.write("\n")
+    if out.num_truncated_prompt_tokens:
+        n = out.num_truncated_prompt_tokens
+        progress(f"stllm: notice: the prompt was cut from the left by {n} of {n + out.num_prompt_tokens} positions "
+                 f"(video tokens first), as the release cuts prompt + max new tokens to max length "
+                 f"{eng.max_length}; pass --max-length (and fewer --max-new-tokens) to keep the whole video")
     return res
 
 
@@ -301,15 +338,15 @@ def cmd_serve(args) -> int:
 
     from stllm_engine.server import serve
 
-    for name in ("port", "kv_cache_mib", "max_num_seqs"):
+    sizes = engine_sizes(args)
+    for name in ("port", "max_num_seqs"):
         v = getattr(args, name)
         if v is not None and (v < (0 if name == "port" else 1) or (name == "port" and v > 65535)):
             raise CLIError(f"bad --{name.replace('_', '-')}: {v}")
     folder = resolve_model(args.model)
     args.device = check_device(args.device)
     llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
-                      kv_cache_memory=None if args.kv_cache_mib is None else args.kv_cache_mib << 20,
-                      max_num_seqs=args.max_num_seqs,
+                      max_num_seqs=args.max_num_seqs, **sizes,
                       qformer_tokenizer=args.qformer_tokenizer, enforce_eager=args.enforce_eager,
                       warmup=not args.no_warmup)
 

@@ -44,6 +44,8 @@ class RequestOutput:
     text: the answer so far (stop strings excluded); delta: text new since the previous output of
     this request; token_ids: generated ids (a matched stop sequence / EOS included, as
     ``generate`` returns them); finish_reason: "stop" | "length" | "abort" | "error";
+    num_truncated_prompt_tokens: prompt positions (video tokens first) cut from the left to keep
+    prompt + max_new_tokens within max_length, as the release cuts (0: none);
     error: message when the request failed (then text is empty); exception: the exception behind
     it, where the request failed in this process (not compared, not printed).
     """
@@ -58,6 +60,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    num_truncated_prompt_tokens: int = 0
     timings: RequestTimings = field(default_factory=RequestTimings)
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 

@@ -69,6 +69,51 @@ def test_stream_prints_the_same_answer(files, engine_answer, capsys):
     assert out == engine_answer + "\n"
 
 
+@pytest.mark.parametrize("extra", [[], ["--stream"], ["--no-progress"]])
+def test_progress_lines_on_stderr(files, engine_answer, capsys, monkeypatch, extra):
+    """With no delay, every step reports its phase on stderr; the answer on stdout is unchanged.
+    Streaming leaves the generation to the streamed text; --no-progress prints none."""
+    from stllm_engine import cli_progress
+
+    monkeypatch.setattr(cli_progress, "DELAY", 0.0)
+    monkeypatch.setattr(cli_progress, "EVERY", 0.0)
+    code, out, err = run(capsys, *base(files, *extra))
+    assert code == 0, err
+    assert out == engine_answer + "\n"
+    lines = [ln for ln in err.splitlines() if ln.startswith("stllm: ") and " ... " in ln]
+    if extra == ["--no-progress"]:
+        assert lines == []
+        return
+    generating = [ln for ln in lines if ln.startswith("stllm: generating: ")]
+    if extra == ["--stream"]:
+        assert generating == []
+    else:  # a report after every step but the last: the prompt prefills in one, then a token a step
+        assert len(generating) == json.loads(run(capsys, *base(files, "--json"))[1])["usage"]["completion_tokens"] - 1
+        assert [ln.split(" ... ")[0] for ln in generating] == [
+            f"stllm: generating: {k}/{MAX_NEW} tokens" for k in range(1, len(generating) + 1)]
+
+
+def test_max_length_cuts_and_says_so(files, capsys, monkeypatch):
+    """--max-length reaches the engine; a prompt cut from the left is reported on stderr and in
+    the JSON usage; --kv-cache-mib sizes the pool."""
+    import stllm_engine.cli as cli
+
+    built = []
+    real = cli.load_engine
+    monkeypatch.setattr(cli, "load_engine", lambda *a, **kw: built.append(real(*a, **kw)) or built[-1])
+    code, out, err = run(capsys, *base(files, "--max-length", "40", "--kv-cache-mib", "3", "--json"))
+    assert code == 0, err
+    cfg = built[0].engine.config
+    assert cfg.max_length == 40 and cfg.kv_cache_memory == 3 << 20
+    usage = json.loads(out)["usage"]
+    cut = usage["truncated_prompt_tokens"]
+    assert cut > 0 and usage["prompt_tokens"] + MAX_NEW == 40
+    assert f"cut from the left by {cut} of {cut + 40 - MAX_NEW} positions" in err and "--max-length" in err
+    code, out, err = run(capsys, *base(files, "--json"))
+    assert json.loads(out)["usage"]["truncated_prompt_tokens"] == 0 and "cut from the left" not in err
+    assert json.loads(out)["usage"]["prompt_tokens"] == cut + 40 - MAX_NEW
+
+
 def test_enforce_eager_reaches_the_engine_config(files, engine_answer, capsys, monkeypatch):
     import stllm_engine.cli as cli
 
@@ -112,6 +157,10 @@ def test_reference_backend_matches_reference_model(files, capsys):
     (["--model", "{d}/no_model"], "no_model"),
     (["--model", "{d}"], "config.json"),
     (["--backend", "reference", "--top-k", "5"], "--top-k"),
+    (["--backend", "reference", "--max-length", "4000"], "--max-length"),
+    (["--max-length", "0"], "--max-length"),
+    (["--kv-cache-mib", "-3"], "--kv-cache-mib"),
+    (["--max-length", "20"], "context too long"),  # the prompt alone is longer: an error, no cut
     (["--stream", "--num-beams", "3"], "beam"),
     (["--dtype", "float64"], "float64"),
     (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "nodev"], "device"),

@@ -262,6 +262,12 @@ def test_left_truncation_matches_reference(folders, video):
     (out,) = run(eng, [(frames, Q, release_params(ref, max_new_tokens=40), {})])
     assert out.num_prompt_tokens == gen.prompt_length < 48 + 40
     assert out.token_ids == gen.token_ids
+    # the output says how much was cut: prompt + max_new_tokens now fills the 96 positions exactly
+    assert out.num_truncated_prompt_tokens > 0 and out.num_prompt_tokens + 40 == 96
+    (less,) = run(eng, [(frames, Q, release_params(ref, max_new_tokens=4), {})])  # fewer new tokens: less cut
+    assert less.num_truncated_prompt_tokens == out.num_truncated_prompt_tokens - 36
+    assert less.num_prompt_tokens + less.num_truncated_prompt_tokens == \
+        out.num_prompt_tokens + out.num_truncated_prompt_tokens
     strict = make_engine(f, truncate_prompt=False)
     (err,) = run(strict, [(frames, Q, SamplingParams(max_new_tokens=40), {})])
     assert err.finish_reason == "error" and "context too long" in err.error
@@ -401,3 +407,31 @@ def test_sampling_failure_is_isolated(eva_all):
     logits[0] = float("nan")
     got = eng._sample(logits, seqs)
     assert isinstance(got[0], Exception) and isinstance(got[1], int) and 0 <= got[1] < 16
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_progress_follows_the_phases(folders, video, num_beams):
+    """``LLMEngine.progress``: the prompt prefills chunk by chunk (positions computed rise to the
+    prompt length), then the generated tokens rise to the output's; None once finished."""
+    eng = make_engine(folders("eva", "all"), max_num_batched_tokens=16)
+    rid = eng.add_request(video, Q, SamplingParams(max_new_tokens=6, min_new_tokens=6, num_beams=num_beams))
+    seen = [eng.progress(rid)]
+    final = None
+    while final is None:
+        for o in eng.step():
+            if o.request_id == rid and o.finished:
+                final = o
+        seen.append(eng.progress(rid))
+    assert seen[-1] is None and eng.progress("no-such-request") is None
+    assert seen[0]["phase"] in ("video", "prefill")
+    phases = [s["phase"] for s in seen[:-1]]
+    assert phases == sorted(phases, key=["video", "prefill", "decode"].index)  # in order, never back
+    prefill = [s for s in seen[:-1] if s["phase"] == "prefill"]
+    assert len(prefill) >= 3  # a 16-position budget prefills the ~70-position prompt in chunks
+    assert all(p["total"] == final.num_prompt_tokens for p in prefill)
+    done = [p["done"] for p in prefill]
+    assert done == sorted(done) and done[-1] < final.num_prompt_tokens and done[-1] > done[0]
+    decode = [s for s in seen[:-1] if s["phase"] == "decode"]
+    assert decode and all(d["total"] == 6 for d in decode)
+    assert [d["done"] for d in decode] == sorted(d["done"] for d in decode) and decode[-1]["done"] <= 6
+    assert_clean(eng)

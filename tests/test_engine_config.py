@@ -1,5 +1,6 @@
-"""EngineConfig checks and the KV pool's default size (256 MiB on the CPU; on a GPU the free
-memory after the weights less headroom, capped by what max_num_seqs full-length sequences use)."""
+"""EngineConfig checks and the KV pool's default size (on the CPU room for 4 full-length
+sequences within a quarter of the available memory, at least 256 MiB; on a GPU the free memory
+after the weights less headroom, capped by what max_num_seqs full-length sequences use)."""
 import pytest
 import torch
 
@@ -11,8 +12,27 @@ GiB = 1 << 30
 CUDA = torch.device("cuda")
 
 
-def test_cpu_default_is_fixed():
-    assert default_kv_cache_memory(torch.device("cpu"), 1 << 20, 10**6, free_bytes=100 * GiB) == CPU_KV_CACHE_MEMORY
+CPU = torch.device("cpu")
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("per_block,seq_blocks,free,want", [
+    (1 << 20, 0, 100 * GiB, CPU_KV_CACHE_MEMORY),        # no length given: the floor
+    (512 << 10, 125, 100 * GiB, CPU_KV_CACHE_MEMORY),    # bench-cpu bf16, 4 x 2000 positions: 250 MiB
+    (8 * MIB, 125, 100 * GiB, 4 * 125 * 8 * MIB),        # ST-LLM-7B bf16: 4 full sequences, 4000 MiB
+    (8 * MIB, 125, 8 * GiB, 2 * GiB),                    # ... within a quarter of what is available
+    (8 * MIB, 125, 0, CPU_KV_CACHE_MEMORY),              # nothing available: still the floor
+])
+def test_cpu_default_holds_full_sequences_within_memory(per_block, seq_blocks, free, want):
+    assert default_kv_cache_memory(CPU, per_block, 10**6, free_bytes=free, seq_blocks=seq_blocks) == want
+
+
+def test_7b_on_a_cpu_holds_a_16_frame_request():
+    """ST-LLM-7B in float32 on a 24 GiB machine with ~14 GiB left after its weights: the pool
+    holds one ~600-position request (the fixed 256 MiB held 256 positions)."""
+    per_block = 2 * 32 * 16 * 32 * 128 * 4
+    blocks = default_kv_cache_memory(CPU, per_block, 10**6, free_bytes=14 * GiB, seq_blocks=125) // per_block
+    assert blocks * 16 >= 2000 > 600
 
 
 @pytest.mark.parametrize("free,want", [
@@ -43,6 +63,6 @@ def test_bad_kv_cache_memory_is_named(bad):
 
 
 def test_engine_uses_the_default_on_cpu(folders):
-    eng = make_engine(folders("eva", "all"), num_kv_blocks=None)
+    eng = make_engine(folders("eva", "all"), num_kv_blocks=None)  # a tiny model: the floor
     assert eng.num_kv_blocks == CPU_KV_CACHE_MEMORY // eng.bytes_per_block
     assert eng.stats()["kv"]["num_blocks"] == eng.num_kv_blocks

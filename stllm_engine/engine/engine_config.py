@@ -13,8 +13,8 @@ RELEASE_MAX_LENGTH = 2000  # Chat.answer: prompt + max_new_tokens beyond this cu
 @dataclass
 class EngineConfig:
     """block_size: KV positions per block; num_kv_blocks or kv_cache_memory (bytes) sizes the
-    pool (None: :func:`default_kv_cache_memory` - 256 MiB on the CPU, most of the free memory on a
-    GPU); max_length: prompt + new tokens cap (the release's 2000, bounded by the model's
+    pool (None: :func:`default_kv_cache_memory` - on the CPU room for 4 max_length sequences
+    within a quarter of the available memory, at least 256 MiB; most of the free memory on a GPU); max_length: prompt + new tokens cap (the release's 2000, bounded by the model's
     positions); truncate_prompt: cut longer prompts from the left like the release (else error);
     beam_stop_first_row: stop ids/strings end beams as the release's criterion does (judged on the
     best candidate, applied to all), else per candidate; frame_workers: threads decoding new
@@ -91,20 +91,31 @@ def kv_bytes_per_block(model, block_size: int) -> int:
     return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
 
 
-CPU_KV_CACHE_MEMORY = 256 << 20
+CPU_KV_CACHE_MEMORY = 256 << 20  # the CPU pool's floor
+CPU_FULL_SEQUENCES = 4  # the CPU pool grows to hold this many max_length sequences,
+CPU_MEMORY_SHARE = 4  # within this fraction (1/4) of the memory still available
 GPU_HEADROOM = 8 << 30  # GPU memory left beside the KV pool: activations, ViT passes, graphs, vision cache
 MAX_BLOCKS_PER_SLOT = 4  # pool cap: this many full-length sequences per max_num_seqs slot
 
 
 def default_kv_cache_memory(device: torch.device, bytes_per_block: int, max_useful_blocks: int,
-                            free_bytes: int | None = None) -> int:
-    """The KV pool's bytes when ``kv_cache_memory`` is None. CPU: 256 MiB. GPU: what is free after
-    the weights (``torch.cuda.mem_get_info``, or ``free_bytes``) less 8 GiB of headroom, at least
-    half of it (a small card), at most ``max_useful_blocks`` blocks (a tiny model would otherwise
-    get millions of blocks). The 7B model on an 80 GB H100 had 32 blocks (512 positions) at the
-    old fixed 256 MiB: one 16-frame request did not fit."""
+                            free_bytes: int | None = None, seq_blocks: int = 0) -> int:
+    """The KV pool's bytes when ``kv_cache_memory`` is None. CPU: room for
+    ``CPU_FULL_SEQUENCES`` sequences of ``seq_blocks`` blocks (max_length), at most a quarter of the
+    memory available (``MemAvailable``, or ``free_bytes``), at least 256 MiB: a fixed 256 MiB
+    held 512 positions of ST-LLM-7B in bf16 (256 in float32), not one 16-frame request (~600),
+    while bench-cpu bf16 needs 250 MB for 4 x 2000 positions. GPU: what is free after the weights
+    (``torch.cuda.mem_get_info``, or ``free_bytes``) less 8 GiB of headroom, at least half of it
+    (a small card), at most ``max_useful_blocks`` blocks (a tiny model would otherwise get
+    millions of blocks). The 7B model on an 80 GB H100 had 32 blocks (512 positions) at the old
+    fixed 256 MiB: one 16-frame request did not fit."""
     if device.type != "cuda":
-        return CPU_KV_CACHE_MEMORY
+        if free_bytes is None:
+            from stllm_engine.model.packed_linear import memory_available
+
+            free_bytes = memory_available() or 0
+        full = CPU_FULL_SEQUENCES * seq_blocks * bytes_per_block
+        return max(CPU_KV_CACHE_MEMORY, min(full, free_bytes // CPU_MEMORY_SHARE))
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(device)[0]
     budget = max(free_bytes // 2, free_bytes - GPU_HEADROOM)

@@ -66,7 +66,8 @@ class LLMEngine(BeamRequests):
         num_blocks = cfg.num_kv_blocks
         if num_blocks is None:  # sized from memory (the device's default when not given)
             memory = cfg.kv_cache_memory or default_kv_cache_memory(
-                model.device, self.bytes_per_block, MAX_BLOCKS_PER_SLOT * cfg.max_num_seqs * blocks_per_seq)
+                model.device, self.bytes_per_block, MAX_BLOCKS_PER_SLOT * cfg.max_num_seqs * blocks_per_seq,
+                seq_blocks=blocks_per_seq)
             num_blocks = memory // self.bytes_per_block
             if num_blocks < 1:
                 raise ValueError(f"kv_cache_memory={memory} bytes holds no KV block "
@@ -234,6 +235,7 @@ class LLMEngine(BeamRequests):
                                  f"> max length {self.max_length} (max_position_embeddings "
                                  f"{self.max_positions}); lower max_new_tokens or use fewer frames")
             tokens, key, ids, video_start = truncate_left(tokens, key, ids, video_start, over)
+            req.num_truncated = over
         seq = Sequence(ids, p, video_embeds=tokens, video_key=key if tokens is not None else "",
                        request_id=req.request_id, video_start=video_start)
         self.scheduler.add(seq)
@@ -260,6 +262,26 @@ class LLMEngine(BeamRequests):
         self._pending.append(self._output(req, ""))
         self._requests.pop(request_id, None)
         return True
+
+    def progress(self, request_id: str) -> dict | None:
+        """Where an unfinished request stands, for progress displays: ``{"phase": "video"}`` while
+        its frames decode and its video encodes, ``{"phase": "prefill", "done": n, "total": N}``
+        (prompt positions computed, chunk by chunk for long videos), ``{"phase": "decode",
+        "done": k, "total": max_new_tokens}`` (tokens generated; beam search: of the best beam so
+        far); None for an unknown or finished request."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        if req.beams is not None:
+            seqs = req.beams.sequences
+            return {"phase": "decode", "done": max((s.num_output_tokens for s in seqs), default=0),
+                    "total": req.params.max_new_tokens}
+        seq = req.seq
+        if seq is None:
+            return {"phase": "video"}
+        if seq.num_computed_tokens < seq.num_prompt_tokens and not seq.output_token_ids:
+            return {"phase": "prefill", "done": seq.num_computed_tokens, "total": seq.num_prompt_tokens}
+        return {"phase": "decode", "done": seq.num_output_tokens, "total": seq.params.max_new_tokens}
 
     def _release(self, req: Request) -> None:
         if req.beams is not None:
@@ -404,7 +426,8 @@ class LLMEngine(BeamRequests):
             request_id=req.request_id, text=text, delta=delta, token_ids=ids, finished=finished, finish_reason=req.finish_reason,
             error=req.error, exception=req.exception, num_prompt_tokens=seq.num_prompt_tokens if seq else 0,
             num_cached_tokens=seq.num_cached_tokens if seq else 0,
-            num_preemptions=seq.num_preemptions if seq else 0, timings=t)
+            num_preemptions=seq.num_preemptions if seq else 0, num_truncated_prompt_tokens=req.num_truncated,
+            timings=t)
 
     def stats(self) -> dict:
         return {"kv": self.block_manager.stats(), "vision_cache": self.vision_cache.stats(),

@@ -34,6 +34,7 @@ class Request:
         self.first_token_at: float | None = None
         self.error: str | None = None
         self.exception: BaseException | None = None  # behind ``error``
+        self.num_truncated = 0  # prompt positions cut from the left (max_length)
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
         self.final_text: str | None = None  # beam search: text of the best hypothesis
