@@ -80,7 +80,7 @@ class STLLM:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but CUDA is not available")
         ckpt = load_checkpoint(path, dtype=dtype)
-        model = STLLMModel.from_checkpoint(ckpt, device, dtype, qformer_tokenizer=qformer_tokenizer)
+        model = STLLMModel.from_checkpoint(ckpt, device, dtype, qformer_tokenizer=qformer_tokenizer, consume=True)
         config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               vision_cache_bytes=vision_cache_bytes, enable_prefix_caching=enable_prefix_caching,

@@ -89,6 +89,24 @@ def test_bad_dtype_and_keys(folder):
         convert_state_dict(sd)
 
 
+def test_consuming_conversion_frees_each_fused_part(folder):
+    """``consume=True`` (STLLM.from_pretrained's load): the same weights, the source emptied, and
+    no unfused q/k/v or gate/up part left alive (they held ST-LLM-7B's qkv and gate_up twice)."""
+    import gc
+    import weakref
+
+    sd = load_checkpoint(folder, progress=False).state_dict
+    want = convert_state_dict(dict(sd))
+    parts = [weakref.ref(v) for k, v in sd.items()
+             if k.endswith(("_proj.weight",)) and (".self_attn." in k or ".mlp." in k)
+             and not k.endswith(("o_proj.weight", "down_proj.weight"))]
+    assert len(parts) == 5 * 2  # 2 LLM layers: q, k, v, gate, up
+    got = convert_state_dict(sd, consume=True)
+    assert sd == {} and got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    gc.collect()
+    assert [r() for r in parts] == [None] * len(parts)
+
+
 def test_mvm_decoder_is_dropped(tmp_path):
     folder = write_tiny_checkpoint(tmp_path / "mvm", mvm_decoder=True)
     ckpt = load_checkpoint(folder, mvm_decoder=True, progress=False)

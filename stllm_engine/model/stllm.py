@@ -46,19 +46,21 @@ class STLLMModel(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str | None = None,
-                        qformer_tokenizer=None) -> "STLLMModel":
+                        qformer_tokenizer=None, consume: bool = False) -> "STLLMModel":
         """Build from a :class:`stllm_engine.weights.Checkpoint` (official keys), fusing weights.
 
         dtype: float32 / bfloat16 / float16 (None: the checkpoint's stored dtype).
         qformer_tokenizer: a tokenizer, or a path for ``load_qformer_tokenizer``; None tries the
         checkpoint folder (``qformer_tokenizer/``) and leaves it unset when the folder has none
         (release folders ship no BERT vocabulary; ``encode_video`` then needs ids or a tokenizer).
+        consume: empty ``ckpt.state_dict`` while converting, so the load peaks at about one copy of
+        the weights (the caller drops the checkpoint's tensors; ``STLLM.from_pretrained`` does).
         """
         dtype = _as_dtype(dtype, ckpt)
         device = torch.device(device)
         with torch.device("meta"):
             model = cls(ckpt.config)
-        state = convert_state_dict(ckpt.state_dict)
+        state = convert_state_dict(ckpt.state_dict, consume=consume)
         state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
                  for k, v in state.items()}
         result = model.load_state_dict(state, strict=False, assign=True)

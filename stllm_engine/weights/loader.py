@@ -100,8 +100,10 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype | str | None = None,
         ignored.append(k)
         state.pop(k)
 
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if dtype is not None:  # in place, a tensor at a time: a new dict held both copies at once
+        for k, v in state.items():  # (ST-LLM-7B's float16 shards cast to bfloat16: 2 x 15 GB)
+            if v.is_floating_point() and v.dtype != dtype:
+                state[k] = v.to(dtype)
         config = replace(config, torch_dtype=str(dtype).removeprefix("torch."))
     return Checkpoint(config=config, state_dict=state, variant=variant, folder=folder,
                       ignored_keys=tuple(sorted(ignored)))
