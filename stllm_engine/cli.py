@@ -213,7 +213,16 @@ def answer_engine(args, folder: Path, video) -> dict:
     eng = llm.engine
     streamer = AnswerText(llm.tokenizer) if args.stream and not args.json else None
     shown = None if args.no_progress else ProgressLine(decode=streamer is None)
-    rid = eng.add_request(video, args.question, params, **opts)
+    ids: list[str] = []  # the request's id once add_request (which may decode and encode the video) returns
+    if shown is not None:  # also while a long call runs: the video's decode and ViT, a prefill chunk
+        shown.watch(lambda: eng.progress(ids[0]) if ids else {"phase": "video"})
+    try:
+        ids.append(eng.add_request(video, args.question, params, **opts))
+    except BaseException:
+        if shown is not None:
+            shown.close()
+        raise
+    rid = ids[0]
     out = None
     try:
         while out is None:

@@ -1,15 +1,19 @@
 """A request's progress on stderr while ``stllm answer`` waits for it (long videos take a while).
 
-Quiet for the first ``delay`` seconds (a short answer prints nothing extra), then at most every
-``every`` seconds: the phase from :meth:`LLMEngine.progress` (video decode + encode, the prompt
-positions prefilled chunk by chunk, the tokens generated) and the time so far. A terminal gets one
-line rewritten in place and cleared at the end; a pipe or file gets a line per report.
+Quiet for the first ``DELAY`` seconds (a short answer prints nothing extra), then about every
+``EVERY`` seconds: the phase from :meth:`LLMEngine.progress` (video decode + encode, the prompt
+positions prefilled chunk by chunk, the tokens generated) and the time so far. Reports come from
+the loop between engine steps (:meth:`ProgressLine.update`) and, while one step runs long (a
+long video's ViT pass, a 2048-position prefill chunk of a 7B model on a CPU), from a watcher
+thread (:meth:`ProgressLine.watch`) that reads the same counters. A terminal gets one line
+rewritten in place and cleared at the end; a pipe or file gets a line per report.
 """
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 DELAY = 1.0  # seconds before the first report
 EVERY = 1.0  # seconds between reports
@@ -37,26 +41,55 @@ class ProgressLine:
         self.start = time.monotonic()
         self.last: float | None = None
         self.width = 0
+        self.closed = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def update(self, info: dict | None) -> None:
         """Report ``info`` (an ``LLMEngine.progress`` dict; None: nothing) if it is time to."""
-        now = time.monotonic()
-        if info is None or now - self.start < self.delay or (self.last is not None and now - self.last < self.every):
-            return
-        if info["phase"] == "decode" and not self.decode:  # the streamed answer shows it
-            return
-        text = describe(info, now - self.start)
-        if self.tty:
-            self.stream.write("\r" + text.ljust(self.width))
-            self.width = max(self.width, len(text))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-        self.last = now
+        with self._lock:
+            now = time.monotonic()
+            if self.closed or info is None or now - self.start < self.delay \
+                    or (self.last is not None and now - self.last < self.every):
+                return
+            if info["phase"] == "decode" and not self.decode:  # the streamed answer shows it
+                return
+            text = describe(info, now - self.start)
+            if self.tty:
+                self.stream.write("\r" + text.ljust(self.width))
+                self.width = max(self.width, len(text))
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+            self.last = now
+
+    def watch(self, poll: Callable[[], dict | None]) -> None:
+        """Also report from a daemon thread, ``poll()`` giving the info, about every ``EVERY``
+        seconds (at least 0.1 s apart) until :meth:`close`; a failing poll (the engine changing
+        the request under it) skips that report."""
+        def run() -> None:
+            if self._stop.wait(max(self.delay, 0.1)):
+                return
+            while True:
+                try:
+                    info = poll()
+                except Exception:  # noqa: BLE001 - a racy read: the next report will do
+                    info = None
+                self.update(info)
+                if self._stop.wait(max(self.every, 0.1)):
+                    return
+        self._thread = threading.Thread(target=run, name="stllm-progress", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
-        """Clear a terminal's progress line (before the answer or an error is printed)."""
-        if self.tty and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
-            self.width = 0
+        """Stop reporting and clear a terminal's line (before the answer or an error is printed)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._lock:
+            self.closed = True
+            if self.tty and self.width:
+                self.stream.write("\r" + " " * self.width + "\r")
+                self.stream.flush()
+                self.width = 0
