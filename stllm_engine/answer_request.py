@@ -8,7 +8,7 @@ from pathlib import Path
 from stllm_engine.api import STLLM
 
 REQUEST_OPTIONS = ("system", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling")
-ANSWER_KEYS = {"video", "video_b64", "question", "params", "stream", *REQUEST_OPTIONS}
+ANSWER_KEYS = {"video", "video_b64", "question", "params", "stream", "progress", *REQUEST_OPTIONS}
 
 
 class BadRequest(ValueError):
@@ -20,7 +20,7 @@ class BadRequest(ValueError):
 
 
 def parse_answer_request(llm: STLLM, body: dict) -> tuple:
-    """Validate a /v1/answer body -> (video, question, SamplingParams, options, stream)."""
+    """Validate a /v1/answer body -> (video, question, SamplingParams, options, stream, progress)."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     unknown = sorted(set(body) - ANSWER_KEYS)
@@ -58,5 +58,10 @@ def parse_answer_request(llm: STLLM, body: dict) -> tuple:
         raise BadRequest("'stream' must be true or false")
     if stream and params.num_beams > 1:
         raise BadRequest("'stream' does not support beam search (params.num_beams > 1)")
+    progress = body.get("progress", False)
+    if not isinstance(progress, bool):
+        raise BadRequest("'progress' must be true or false")
+    if progress and not stream:
+        raise BadRequest("'progress' events need 'stream': true")
     options = {k: body[k] for k in REQUEST_OPTIONS if k in body}
-    return video, question, params, options, stream
+    return video, question, params, options, stream, progress

@@ -9,6 +9,11 @@ Endpoints (one request per connection, ``Connection: close``):
   "keep_mode", "keep_seed", "sampling"}`` -> ``{"text", "finish_reason", "timings", "usage"}``.
   ``"stream": true`` answers with server-sent events (chunked): ``data: {"text": piece}`` per piece,
   then ``data: {"done": true, "text", "finish_reason", "timings", "usage"}`` and ``data: [DONE]``.
+  ``"progress": true`` (with ``"stream"``) adds, about every second until the first text, ``data:
+  {"progress": {"phase", "done", "total", "seconds"}}`` (:meth:`LLMEngine.progress`: the video's
+  decode and encode, the prompt positions prefilled, chunk by chunk for long videos); the
+  headers then go out with the first progress event, so a request refused after that gets its
+  error as the final event instead of a 400.
 
 ``text`` is the release's answer text (what ``STLLM.answer`` returns); streamed pieces are stable
 prefixes of it (see :class:`AnswerText`). A client that closes its connection before the answer
@@ -22,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+import uuid
 
 from stllm_engine.answer_request import BadRequest, parse_answer_request
 from stllm_engine.answer_text import AnswerText, result_json
@@ -29,6 +36,7 @@ from stllm_engine.api import STLLM
 from stllm_engine.engine.async_engine import AsyncLLMEngine
 from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
 
+PROGRESS_SECONDS = 1.0  # between progress events of a streamed request
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            413: "Payload Too Large", 500: "Internal Server Error"}
 
@@ -179,18 +187,54 @@ class Server:
         finally:
             gone.cancel()
 
-    async def _answer(self, reader, writer, video, question, params, options, stream: bool) -> None:
-        outputs = self.engine.generate(video, question, params, **options)
+    STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                   b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+
+    def _progress(self, rid: str) -> dict | None:
+        """The request's progress, read without the engine lock (a step may hold it for seconds;
+        the reads are of counters, and a racy one only skips an event)."""
+        try:
+            return self.llm.engine.progress(rid)
+        except Exception:  # noqa: BLE001
+            return None
+
+    async def _first(self, writer, outputs, rid: str, progress: bool) -> tuple[RequestOutput, bool]:
+        """The request's first output; with ``progress``, a progress event every
+        PROGRESS_SECONDS meanwhile, the stream's headers going out with the first. Returns
+        (output, whether the headers were sent)."""
+        if not progress:
+            return await outputs.__anext__(), False
+        start, head = time.monotonic(), False
+        first = asyncio.ensure_future(outputs.__anext__())
+        try:
+            while not (await asyncio.wait({first}, timeout=PROGRESS_SECONDS))[0]:
+                info = self._progress(rid)
+                if info is None:  # not registered yet, or refused (its error output is on the way)
+                    continue
+                if not head:
+                    writer.write(self.STREAM_HEAD)
+                    head = True
+                await self._event(writer, {"progress": dict(info, seconds=round(time.monotonic() - start, 3))})
+            return first.result(), head
+        finally:
+            if not first.done():
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+
+    async def _answer(self, reader, writer, video, question, params, options, stream: bool,
+                      progress: bool = False) -> None:
+        rid = f"http-{uuid.uuid4().hex[:16]}"
+        outputs = self.engine.generate(video, question, params, request_id=rid, **options)
         try:
             if not stream:
                 out = await self._final(outputs, reader)
                 self._check(out)
                 await self._send(writer, 200, result_json(self.llm, out))
                 return
-            first = await outputs.__anext__()
-            self._check(first)  # a request the engine refuses fails before any header is sent
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            first, head = await self._first(writer, outputs, rid, progress)
+            if not head:
+                self._check(first)  # a request the engine refuses fails before any header is sent
+                writer.write(self.STREAM_HEAD)
             text = AnswerText(self.llm.tokenizer)
             out = first
             while True:

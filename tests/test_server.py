@@ -114,6 +114,8 @@ def test_video_b64_same_answer_as_path(server, files, expected):
     ({"video": "X", "question": "q", "stream": True, "params": {"num_beams": 2}}, "beam"),
     ({"video": "X", "question": "q", "num_frames": 0}, "num_frames"),
     ({"video": "X", "question": "q", "keep_ratio": 1.5}, "keep_ratio"),
+    ({"video": "X", "question": "q", "progress": True}, "'progress' events need 'stream': true"),
+    ({"video": "X", "question": "q", "stream": True, "progress": "yes"}, "'progress' must be true or false"),
     ([1, 2], "JSON object"),
 ])
 def test_bad_request_is_400_naming_the_problem(server, files, body, needle):
@@ -187,9 +189,44 @@ def test_stream_pieces_join_to_the_answer(server, files, expected, vi, question)
     assert "".join(pieces) == final["text"] == expected[(video, question)]
 
 
-def test_stream_of_a_bad_video_is_400_before_streaming(server):
+def test_stream_progress_events_come_before_the_text(server, files, expected, monkeypatch):
+    """A first step made to take 2.5 s: the stream opens with progress events (phase, counts,
+    seconds rising), then the same pieces and answer as without them."""
+    from stllm_engine import server as server_mod
+
+    monkeypatch.setattr(server_mod, "PROGRESS_SECONDS", 0.4)
+    eng = server.llm.engine
+    real, calls = type(eng).step, []
+
+    def slow_first_step():
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(2.5)
+        return real(eng)
+
+    monkeypatch.setattr(eng, "step", slow_first_step)
+    video = str(files[1][0])
     status, ctype, payload = request(server, "POST", "/v1/answer", {
-        "video_b64": base64.b64encode(b"definitely not a video").decode(), "question": "q", "stream": True})
+        "video": video, "question": QUESTION, "stream": True, "progress": True,
+        "params": {"max_new_tokens": MAX_NEW}})
+    assert status == 200 and ctype == "text/event-stream"
+    events = sse_events(payload)
+    progress = [e["progress"] for e in events if isinstance(e, dict) and "progress" in e]
+    assert len(progress) >= 3
+    assert all(p["phase"] in ("video", "prefill") for p in progress)
+    assert all(p["done"] == 0 and p["total"] > 0 for p in progress if p["phase"] == "prefill")
+    seconds = [p["seconds"] for p in progress]
+    assert seconds == sorted(seconds) and seconds[-1] > seconds[0]
+    rest = events[len(progress):]  # progress first, then the pieces, the final event and [DONE]
+    assert all("progress" not in e for e in rest if isinstance(e, dict))
+    assert "".join(e["text"] for e in rest[:-2]) == rest[-2]["text"] == expected[(video, QUESTION)]
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_stream_of_a_bad_video_is_400_before_streaming(server, progress):
+    status, ctype, payload = request(server, "POST", "/v1/answer", {
+        "video_b64": base64.b64encode(b"definitely not a video").decode(), "question": "q", "stream": True,
+        "progress": progress})
     assert status == 400 and ctype == "application/json"
     assert json.loads(payload)["error"]
 
