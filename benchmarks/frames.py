@@ -2,8 +2,9 @@
 
     python benchmarks/frames.py [--video 224p 720p] [--repeats 5] [--device cuda]
 
-Medians over repeats of: ``load_video(preprocess=False)`` with 1 and ``--workers`` decord
-readers, CPU preprocessing at torch's thread count, and (with ``--device``) the uint8 upload plus
+Medians over repeats of: ``load_video(preprocess=False)`` through decord (``backend="release"``,
+the reference's reader) with 1 and ``--workers`` readers, the engine's default (``auto``: decord's
+index, PyAV's decode where bit-identical) with 1 and ``--workers`` decoder threads, CPU preprocessing at torch's thread count, and (with ``--device``) the uint8 upload plus
 preprocessing there (synchronised). Prints a table; ``--out`` writes JSON.
 """
 from __future__ import annotations
@@ -49,8 +50,13 @@ def main() -> None:
         v = str(e2e.bench_videos(cache_dir() / "bench", 1, size)[0])
         raw = load_video(v, 16, preprocess=False).frames
         row = {"video": size, "threads": torch.get_num_threads(),
-               "decode_1_reader_ms": median_ms(lambda: load_video(v, 16, preprocess=False), args.repeats),
+               "decode_1_reader_ms": median_ms(lambda: load_video(v, 16, preprocess=False, backend="release"),
+                                               args.repeats),
                f"decode_{args.workers}_readers_ms": median_ms(
+                   lambda: load_video(v, 16, preprocess=False, decode_workers=args.workers, backend="release"),
+                   args.repeats),
+               "decode_auto_1_ms": median_ms(lambda: load_video(v, 16, preprocess=False), args.repeats),
+               f"decode_auto_{args.workers}_ms": median_ms(
                    lambda: load_video(v, 16, preprocess=False, decode_workers=args.workers), args.repeats),
                "preprocess_cpu_ms": median_ms(lambda: preprocess_frames(raw, 224), args.repeats)}
         from stllm_engine.video import decode as decode_mod
@@ -60,7 +66,8 @@ def main() -> None:
             decode_mod.min_run_frames = lambda pixels, least=least: least
             try:
                 row[f"decode_{args.workers}_readers_runs_ge{least}_ms"] = median_ms(
-                    lambda: load_video(v, 16, preprocess=False, decode_workers=args.workers), args.repeats)
+                    lambda: load_video(v, 16, preprocess=False, decode_workers=args.workers, backend="release"),
+                    args.repeats)
             finally:
                 decode_mod.min_run_frames = rule
         if args.device:

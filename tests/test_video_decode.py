@@ -4,6 +4,7 @@ Each test frame carries its index as a block marker (stllm_engine.testing.videos
 check *which* frames came back, not just how many.
 """
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -88,6 +89,34 @@ def test_decord_and_pyav_agree(media, kind, decode_size):
         assert diff.max() == 0  # same ffmpeg decoder and colour conversion
     else:
         assert diff.mean() < 1.5  # different scalers; only edges differ
+
+
+@pytest.mark.parametrize("codec,pix_fmt,fast", [
+    ("libx264", "yuv420p", True), ("libx264", "yuv444p", True), ("libx264", "yuvj420p", True),
+    ("libx265", "yuv420p", True), ("libvpx-vp9", "yuv420p", True),
+    ("libx264", "yuv420p10le", False), ("mpeg4", "yuv420p", False),  # PyAV's pixels differ: decord decodes
+])
+def test_auto_decodes_with_pyav_only_where_its_pixels_are_decords(tmp_path, codec, pix_fmt, fast):
+    """``auto`` (the engine): decord's frame index with PyAV's decode where that is bit-identical;
+    ``release`` (the reference): decord decodes. Same indices and pixels either way."""
+    path = tv.write_video(tmp_path / "clip.mkv", 24, (W, H), FPS, seed=4, codec=codec, pix_fmt=pix_fmt,
+                          **({"bframes": 2, "gop": 7} if codec == "libx264" else {}))
+    for n in (16, 5):
+        auto = load_video(path, num_frames=n, preprocess=False)
+        release = load_video(path, num_frames=n, preprocess=False, backend="release")
+        assert release.backend == "decord" and auto.backend == ("pyav" if fast else "decord")
+        assert auto.indices == release.indices and np.array_equal(auto.frames, release.frames)
+        assert markers(auto.frames) == auto.indices
+
+
+def test_auto_falls_back_to_decord_when_pyav_fails(media, monkeypatch):
+    want = load_video(media["mp4"], num_frames=8, preprocess=False, backend="release")
+
+    def broken(self, indices):
+        raise RuntimeError("simulated PyAV failure")
+    monkeypatch.setattr(pyav_reader.PyAVReader, "read", broken)
+    got = load_video(media["mp4"], num_frames=8, preprocess=False)
+    assert got.backend == "decord" and np.array_equal(got.frames, want.frames)
 
 
 @pytest.mark.parametrize("kind", ["mp4", "gif", "jpg", "array"])
@@ -321,3 +350,14 @@ def test_unreadable_frame_in_folder(tmp_path):
 def test_bad_arguments(media, kwargs, match):
     with pytest.raises(ValueError, match=match):
         load_video(media["mp4"], **kwargs)
+
+
+def test_pyav_keeps_its_codec_libraries_once_the_engine_loaded_decord(tmp_path):
+    """The engine imports its video stack (decord loads its FFmpeg 4 libraries globally): PyAV,
+    imported first, still opens its own libvpx (it failed with EINVAL when decord came first)."""
+    code = ("import sys; from stllm_engine.engine.llm_engine import _import_video_stack; _import_video_stack(); "
+            "from stllm_engine.testing.videos import write_video; "
+            "write_video(sys.argv[1], 8, (64, 48), codec='libvpx-vp9'); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.mkv")], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert load_video(tmp_path / "c.mkv", num_frames=8, preprocess=False).frames.shape == (8, 48, 64, 3)

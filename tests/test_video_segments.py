@@ -153,7 +153,8 @@ def test_parallel_decode_returns_the_same_frames(long_clips, clip, workers, num_
 
 def test_a_failing_parallel_reader_fails_the_decode_cleanly(long_clips, monkeypatch):
     """A run's reader failing on its thread (decord raising mid-file) ends as a failed decode:
-    ``auto`` falls back to PyAV (the same frames), ``decord`` raises CorruptVideoError."""
+    ``release`` (decord decodes, as the release) falls back to PyAV (the same frames), ``decord``
+    raises CorruptVideoError."""
     path = long_clips["gop20"]
     monkeypatch.setattr(decode, "min_run_frames", lambda pixels: 8)
     real_open = decode.DecordReader._open
@@ -168,7 +169,7 @@ def test_a_failing_parallel_reader_fails_the_decode_cleanly(long_clips, monkeypa
         return Broken() if len(opened) == 3 else real_open(self, decord, dims, threads)
     monkeypatch.setattr(decode.DecordReader, "_open", open_)
     want = load_video(path, 16, backend="pyav", preprocess=False).frames
-    got = load_video(path, 16, decode_workers=2, preprocess=False)
+    got = load_video(path, 16, decode_workers=2, preprocess=False, backend="release")
     assert opened == [decode.DECORD_THREADS, 1, 1] and got.backend == "pyav" and np.array_equal(got.frames, want)
     opened.clear()
     with pytest.raises(CorruptVideoError, match="simulated decode failure"):

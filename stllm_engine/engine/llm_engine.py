@@ -36,11 +36,11 @@ from stllm_engine.prompts import MVBENCH_SYSTEM, chat_prompt, mvbench_prompt_seg
 from stllm_engine.sampling_params import SamplingParams
 
 def _import_video_stack() -> None:
-    """decord and PyAV (~70 + ~40 ms to import): PyAV reads the frame size that decides a
-    parallel decode's split, and is the fallback decoder (and the GIF one)."""
+    """PyAV and decord (~40 + ~70 ms to import), in that order (:func:`stllm_engine.video.decode.
+    import_decord`): PyAV decodes most files' pixels, reads GIFs, and is the fallback decoder."""
     import stllm_engine.video  # noqa: F401
 
-    for name in ("decord", "av"):
+    for name in ("av", "decord"):
         try:
             __import__(name)
         except ImportError:  # the other one serves

@@ -68,8 +68,8 @@ def load_frames(self, video, num_frames: int | None = None, sampling: str = "uni
     from ..video import load_video
 
     n = num_frames if num_frames is not None else self.config.num_frames
-    return load_video(video, num_frames=n, sampling=sampling, bound=bound,
-                      size=self.config.vision.image_size).frames
+    return load_video(video, num_frames=n, sampling=sampling, bound=bound,  # decord decodes, as in the release
+                      size=self.config.vision.image_size, backend="release").frames
 
 
 def chat_inputs_embeds(self, video_tokens: torch.Tensor, question: str, system: str | None = None

@@ -193,11 +193,13 @@ def _resolve_fmt(path: Path, fmt: str | None) -> str:
 
 
 def write_frames(path, frames: np.ndarray, fps: float = 8, fmt: str | None = None,
-                 gop: int = 12, crf: int = 10, faststart: bool = False, bframes: int = 0) -> Path:
+                 gop: int = 12, crf: int = 10, faststart: bool = False, bframes: int = 0,
+                 codec: str | None = None, pix_fmt: str | None = None) -> Path:
     """Encode ``frames`` [T, H, W, 3] uint8 to ``path``.
 
     mp4/mkv: libx264 (mpeg4 if absent), yuv420p (yuv444p for odd sizes, which 4:2:0 cannot hold),
-    keyframe every ``gop`` frames, ``bframes`` B-frames (reordered decode). gif: PyAV's GIF encoder (rgb8 palette). jpg/png: ``path`` is a
+    keyframe every ``gop`` frames, ``bframes`` B-frames (reordered decode); ``codec`` / ``pix_fmt``
+    override the encoder and its pixel format (e.g. libx265, libvpx-vp9, yuv420p10le). gif: PyAV's GIF encoder (rgb8 palette). jpg/png: ``path`` is a
     folder of ``00001.jpg, 00002.jpg, ...`` (1-based, the layout of MVBench's frame folders).
     """
     import av  # testing code only
@@ -224,15 +226,15 @@ def write_frames(path, frames: np.ndarray, fps: float = 8, fmt: str | None = Non
             stream = out.add_stream("gif", rate=rate)
             stream.pix_fmt = "rgb8"
         else:
-            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+            codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
             stream = out.add_stream(codec, rate=rate)
             odd = (w % 2) or (h % 2)
             if odd and codec != "libx264":
                 raise ValueError(f"odd frame size {w}x{h} needs libx264 (yuv444p); not available")
-            stream.pix_fmt = "yuv444p" if odd else "yuv420p"
+            stream.pix_fmt = pix_fmt or ("yuv444p" if odd else "yuv420p")
             stream.gop_size = gop
             stream.options = ({"crf": str(crf), "preset": "ultrafast", "bf": str(bframes)}
-                              if codec == "libx264" else {"qscale": "2"})
+                              if codec == "libx264" else {"qscale": "2"} if codec == "mpeg4" else {})
         stream.width, stream.height = w, h
         out.start_encoding()
         for f in frames:

@@ -57,8 +57,9 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
     conventions: GIFs at 25 fps, frame folders at 3 fps with 1-based numbering, videos at their
     average rate; arrays need ``fps`` when a bound or fps1 is used.
     ``decode_size``: decode at reduced resolution (int: shorter side; or (W, H)) - e.g. 224 makes
-    the preprocessing resize a no-op. ``backend``: ``"auto"`` (decord, PyAV fallback), ``"decord"``
-    or ``"pyav"``. ``device``: where preprocessing runs and ``frames`` lives. ``preprocess=False``
+    the preprocessing resize a no-op. ``backend``: ``"auto"`` (decord's index, PyAV's decode
+    where its pixels are bit-identical, PyAV fallback), ``"release"`` (decord decodes, as the
+    release; PyAV fallback), ``"decord"`` or ``"pyav"`` (:mod:`.decode`). ``device``: where preprocessing runs and ``frames`` lives. ``preprocess=False``
     stops after decoding (``frames`` = uint8 [T, H, W, 3] numpy; :func:`preprocessed` finishes),
     e.g. to decode on a worker thread and run torch's (multi-threaded) preprocessing elsewhere.
     ``decode_workers``: decord readers that may decode runs of the sampled frames starting at

@@ -25,14 +25,17 @@ class PyAVReader:
     """``num_frames``, ``fps`` (None if unknown) and ``read(indices) -> uint8 [n, H, W, 3]``.
 
     ``out_size``: optional (W, H) to scale frames to while converting to RGB (bilinear, the
-    closest of swscale's filters to what decord's reduced-size decode gives)."""
+    closest of swscale's filters to what decord's reduced-size decode gives). ``threads``: the
+    decoder's threads (0: FFmpeg's choice). ``codec`` / ``pix_fmt``: the stream's, as FFmpeg
+    names them."""
 
     backend = "pyav"
 
-    def __init__(self, src: Source, out_size: tuple[int, int] | None = None):
+    def __init__(self, src: Source, out_size: tuple[int, int] | None = None, threads: int = 0):
         import av
 
-        self.src, self.out_size = src, out_size
+        self.src, self.out_size, self.threads = src, out_size, threads
+        self._reformatter = None
         self._av = av
         container = self._open()
         try:
@@ -41,7 +44,10 @@ class PyAVReader:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             self.fps = float(rate) if rate else None
-            self.width, self.height = stream.codec_context.width, stream.codec_context.height
+            ctx = stream.codec_context
+            self.width, self.height = ctx.width, ctx.height
+            self.codec = ctx.name
+            self.pix_fmt = ctx.format.name if ctx.format is not None else None
             expected = stream.frames  # from the container's index; 0 if it does not say
             pts, keys = [], []
             for packet in container.demux(stream):
@@ -69,10 +75,17 @@ class PyAVReader:
         return self._av.open(io.BytesIO(src.data) if src.data is not None else str(src.path), "r")
 
     def _convert(self, frame) -> np.ndarray:
+        """RGB through one reformatter per reader: ``frame.to_ndarray`` set up a new swscale
+        context for every frame (720p: 0.78 vs 0.47 ms a frame, the same pixels)."""
+        if self._reformatter is None:
+            from av.video.reformatter import VideoReformatter
+
+            self._reformatter = VideoReformatter()
         if self.out_size is None:
-            return frame.to_ndarray(format="rgb24")
+            return self._reformatter.reformat(frame, format="rgb24").to_ndarray()
         w, h = self.out_size
-        return frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="BILINEAR")
+        return self._reformatter.reformat(frame, format="rgb24", width=w, height=h,
+                                          interpolation="BILINEAR").to_ndarray()
 
     def read(self, indices: list[int]) -> np.ndarray:
         wanted = sorted(set(int(i) for i in indices))
@@ -113,13 +126,16 @@ class PyAVReader:
         container = self._open()
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        stream.thread_count = max(0, self.threads)
         try:
             frames, last = None, -1
             for t in wanted:
                 if t in got:
                     continue
                 key = self._key_ords[max(0, bisect.bisect_right(self._key_ords, t) - 1)]
-                if frames is None or key > last + 1 or t <= last:
+                if frames is None and key == 0:  # from the stream's start: no seek (and its flush) needed
+                    frames = container.decode(stream)
+                elif frames is None or key > last + 1 or t <= last:
                     container.seek(self._pts[key], stream=stream, backward=True, any_frame=False)
                     frames = container.decode(stream)
                 for frame in frames:
