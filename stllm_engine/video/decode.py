@@ -3,7 +3,7 @@
 Backends (``backend=``): ``"auto"``: decord's index (the release's frame count, rate and
 keyframes, so the same frames are sampled) with the pixels decoded by PyAV wherever PyAV's
 frames are bit-identical to decord's (:class:`FastDecordReader`: 8-bit streams of common codecs;
-1.4-1.8x faster here), decord's ``get_batch`` otherwise; ``"release"``: decord decodes, as the
+1.3-1.5x faster here), decord's ``get_batch`` otherwise; ``"release"``: decord decodes, as the
 release does (the reference ST-LLM's reader); ``"decord"`` / ``"pyav"``: that one only. Either
 way PyAV reads GIFs (decord cannot) and is the fallback when decord is missing or fails; PIL reads
 frame folders and still images; arrays are indexed directly. Failures end in a
@@ -127,9 +127,9 @@ class FastDecordReader(DecordReader):
     """A :class:`DecordReader` (its frame count, rate and keyframes pick the frames, as the
     release's reader) whose ``read`` decodes with PyAV where that gives the same pixels: a full-size
     decode of a stream in ``PYAV_EXACT_CODECS`` x ``PYAV_EXACT_PIX_FMTS`` whose PyAV frame count
-    equals decord's. decord's RGB conversion dominated its decode: 16 of 48 frames, interleaved
-    over 6 clips, 224p 16.3 -> 10.8 ms, 720p 76.0 -> 46.4 ms against two decord readers
-    (ad-hoc script, stop 18). Anything else, or any PyAV failure, reads through decord; ``backend``
+    equals decord's. decord's RGB conversion dominated its decode: ``load_video`` of 16 of 48
+    frames, interleaved over 6 clips, 224p 21.0 -> 15.7 ms, 720p 102.5 -> 67.1 ms against two
+    decord readers (ad-hoc script, stop 18). Anything else, or any PyAV failure, reads through decord; ``backend``
     then says which one decoded."""
 
     def read(self, indices: list[int], workers: int = 1) -> np.ndarray:
