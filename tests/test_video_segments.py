@@ -151,6 +151,23 @@ def test_parallel_decode_returns_the_same_frames(long_clips, clip, workers, num_
     assert np.array_equal(pre.frames.numpy(), load_video(path, num_frames, size=56).frames.numpy())
 
 
+@pytest.mark.parametrize("clip", ["gop20", "bframes", "gop20 bytes"])
+@pytest.mark.parametrize("num_frames", [4, 16, 61, 240])
+@pytest.mark.parametrize("bound", [None, (4.0, 7.5)])
+def test_the_engine_decode_equals_the_release_decode_across_keyframes(long_clips, clip, num_frames, bound):
+    """``auto`` (PyAV decoding after decord's index; sparse frames seek from keyframe to
+    keyframe, dense ones decode straight through) against ``release`` (decord): same indices,
+    same pixels, the frames carrying their own index."""
+    name, _, kind = clip.partition(" ")
+    path = long_clips[name].read_bytes() if kind == "bytes" else long_clips[name]
+    kw = dict(sampling="mvbench", bound=bound) if bound else {}
+    auto = load_video(path, num_frames, decode_workers=2, preprocess=False, **kw)
+    release = load_video(path, num_frames, preprocess=False, backend="release", **kw)
+    assert auto.backend == "pyav" and release.backend == "decord"
+    assert auto.indices == release.indices and np.array_equal(auto.frames, release.frames)
+    assert [tv.read_frame_index(f) for f in auto.frames] == auto.indices
+
+
 def test_a_failing_parallel_reader_fails_the_decode_cleanly(long_clips, monkeypatch):
     """A run's reader failing on its thread (decord raising mid-file) ends as a failed decode:
     ``release`` (decord decodes, as the release) falls back to PyAV (the same frames), ``decord``
