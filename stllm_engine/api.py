@@ -115,7 +115,7 @@ class STLLM:
     def postprocess(self, out: RequestOutput) -> str:
         """Release answer text of a finished output (raises if the request failed)."""
         if out.error is not None:
-            raise RequestFailedError.of(out)
+            raise RequestFailedError(out)
         return postprocess_answer(decode_output(self.tokenizer, out.token_ids, self.tokenizer.eos_token_id))
 
     # --- one request ------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class STLLM:
                 if o.request_id != rid:
                     continue
                 if o.error is not None:
-                    raise RequestFailedError.of(o)
+                    raise RequestFailedError(o)
                 if o.delta:
                     yield o.delta
                 if o.finished:
@@ -193,7 +193,7 @@ class STLLM:
     def mvbench_text(self, out: RequestOutput) -> str:
         """MVBench prediction of a finished output: ``"(" +`` first line (raises if it failed)."""
         if out.error is not None:
-            raise RequestFailedError.of(out)
+            raise RequestFailedError(out)
         return mvbench_postprocess(decode_output(self.tokenizer, out.token_ids, self.tokenizer.eos_token_id))
 
     def mvbench_generate(self, items: list, params: SamplingParams | None = None) -> list[RequestOutput]:

@@ -216,15 +216,10 @@ def answer_engine(args, folder: Path, video) -> dict:
     ids: list[str] = []  # the request's id once add_request (which may decode and encode the video) returns
     if shown is not None:  # also while a long call runs: the video's decode and ViT, a prefill chunk
         shown.watch(lambda: eng.progress(ids[0]) if ids else {"phase": "video"})
-    try:
-        ids.append(eng.add_request(video, args.question, params, **opts))
-    except BaseException:
-        if shown is not None:
-            shown.close()
-        raise
-    rid = ids[0]
     out = None
     try:
+        ids.append(eng.add_request(video, args.question, params, **opts))
+        rid = ids[0]
         while out is None:
             if not eng.has_unfinished_requests():
                 raise CLIError("the engine went idle before the answer finished", EXIT_FAILURE)

@@ -79,9 +79,4 @@ class RequestFailedError(RuntimeError):
     def __init__(self, output: RequestOutput) -> None:
         super().__init__(f"request {output.request_id} failed: {output.error}")
         self.output = output
-
-    @classmethod
-    def of(cls, output: RequestOutput) -> "RequestFailedError":
-        err = cls(output)
-        err.__cause__ = output.exception
-        return err
+        self.__cause__ = output.exception

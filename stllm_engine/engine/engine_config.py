@@ -14,7 +14,8 @@ RELEASE_MAX_LENGTH = 2000  # Chat.answer: prompt + max_new_tokens beyond this cu
 class EngineConfig:
     """block_size: KV positions per block; num_kv_blocks or kv_cache_memory (bytes) sizes the
     pool (None: :func:`default_kv_cache_memory` - on the CPU room for 4 max_length sequences
-    within a quarter of the available memory, at least 256 MiB; most of the free memory on a GPU); max_length: prompt + new tokens cap (the release's 2000, bounded by the model's
+    within a quarter of the available memory, at least 256 MiB; most of the free memory on a
+    GPU); max_length: prompt + new tokens cap (the release's 2000, bounded by the model's
     positions); truncate_prompt: cut longer prompts from the left like the release (else error);
     beam_stop_first_row: stop ids/strings end beams as the release's criterion does (judged on the
     best candidate, applied to all), else per candidate; frame_workers: threads decoding new

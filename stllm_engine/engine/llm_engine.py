@@ -281,7 +281,7 @@ class LLMEngine(BeamRequests):
             return {"phase": "video"}
         if seq.num_computed_tokens < seq.num_prompt_tokens and not seq.output_token_ids:
             return {"phase": "prefill", "done": seq.num_computed_tokens, "total": seq.num_prompt_tokens}
-        return {"phase": "decode", "done": seq.num_output_tokens, "total": seq.params.max_new_tokens}
+        return {"phase": "decode", "done": seq.num_output_tokens, "total": req.params.max_new_tokens}
 
     def _release(self, req: Request) -> None:
         if req.beams is not None:

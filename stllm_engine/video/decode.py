@@ -163,21 +163,17 @@ class FolderReader:
         self.num_frames, self.fps = len(src.frame_files), None
 
     def read(self, indices: list[int]) -> np.ndarray:
+        return _pil_frames(indices, self._frame, self.src.name, self.decode_size)
+
+    def _frame(self, i: int) -> np.ndarray:
         from PIL import Image
 
-        cache: dict[int, np.ndarray] = {}
-        for i in indices:
-            if i not in cache:
-                path = self.src.frame_files[i]
-                try:
-                    with Image.open(path) as im:
-                        cache[i] = np.asarray(im.convert("RGB"))
-                except (OSError, ValueError) as e:
-                    raise CorruptVideoError(f"{self.src.name}: frame file {path.name} cannot be read: {e}") from e
-        sizes = {a.shape for a in cache.values()}
-        if len(sizes) > 1:
-            raise CorruptVideoError(f"{self.src.name}: frames differ in size {sorted(sizes)}")
-        return _maybe_resize(np.stack([cache[i] for i in indices]), self.decode_size)
+        path = self.src.frame_files[i]
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise CorruptVideoError(f"{self.src.name}: frame file {path.name} cannot be read: {e}") from e
 
 
 class ImageReader:
@@ -198,16 +194,28 @@ class ImageReader:
         self.num_frames, self.fps = int(getattr(self._image, "n_frames", 1)), None
 
     def read(self, indices: list[int]) -> np.ndarray:
-        cache: dict[int, np.ndarray] = {}
-        for i in indices:
-            if i not in cache:
-                try:
-                    self._image.seek(i)
-                    cache[i] = np.asarray(self._image.convert("RGB"))
-                except (OSError, ValueError, EOFError) as e:
-                    raise CorruptVideoError(f"{self.src.name}: frame {i} of the {self.src.container} image "
-                                            f"cannot be read: {e}") from e
-        return _maybe_resize(np.stack([cache[i] for i in indices]), self.decode_size)
+        return _pil_frames(indices, self._frame, self.src.name, self.decode_size)
+
+    def _frame(self, i: int) -> np.ndarray:
+        try:
+            self._image.seek(i)
+            return np.asarray(self._image.convert("RGB"))
+        except (OSError, ValueError, EOFError) as e:
+            raise CorruptVideoError(f"{self.src.name}: frame {i} of the {self.src.container} image "
+                                    f"cannot be read: {e}") from e
+
+
+def _pil_frames(indices: list[int], frame: Callable[[int], np.ndarray], name: str, decode_size) -> np.ndarray:
+    """``frame(i)`` (uint8 RGB) of each index, each read once, stacked and resized; the frames
+    must share a size (CorruptVideoError naming ``name`` otherwise)."""
+    cache: dict[int, np.ndarray] = {}
+    for i in indices:
+        if i not in cache:
+            cache[i] = frame(i)
+    sizes = {a.shape for a in cache.values()}
+    if len(sizes) > 1:
+        raise CorruptVideoError(f"{name}: frames differ in size {sorted(sizes)}")
+    return _maybe_resize(np.stack([cache[i] for i in indices]), decode_size)
 
 
 class ArrayReader:
