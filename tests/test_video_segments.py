@@ -133,22 +133,52 @@ def long_clips(tmp_path_factory):
 @pytest.mark.parametrize("clip", ["gop20", "bframes", "gop20 bytes"])
 @pytest.mark.parametrize("workers", [2, 3])
 @pytest.mark.parametrize("num_frames", [16, 61])
-def test_parallel_decode_returns_the_same_frames(long_clips, clip, workers, num_frames, monkeypatch):
+@pytest.mark.parametrize("backend", ["decord", "pyav", "auto"])
+def test_parallel_decode_returns_the_same_frames(long_clips, clip, workers, num_frames, backend, monkeypatch):
+    """Runs over keyframe segments on parallel readers (decord's, or PyAV containers for
+    ``pyav`` and the engine's ``auto``) give one reader's frames, in order."""
     import decord
+
+    from stllm_engine.video import pyav_reader
 
     name, _, kind = clip.partition(" ")
     path = long_clips[name].read_bytes() if kind == "bytes" else long_clips[name]
     keys = list(decord.VideoReader(str(long_clips[name])).get_key_indices())
     indices = uniform_indices(240, num_frames)
     monkeypatch.setattr(decode, "min_run_frames", lambda pixels: 8)
+    monkeypatch.setattr(pyav_reader, "min_run_frames", lambda pixels: 8)
     assert len(split_runs(indices, keys, workers, min_frames=8)) > 1  # the split happens
+    passes = []
+    real_seeking = pyav_reader.PyAVReader._read_seeking
+
+    def seeking(self, wanted, out, threads):
+        passes.append((list(wanted), threads))
+        return real_seeking(self, wanted, out, threads)
+    monkeypatch.setattr(pyav_reader.PyAVReader, "_read_seeking", seeking)
     one = load_video(path, num_frames, decode_workers=1, preprocess=False, backend="decord")
-    par = load_video(path, num_frames, decode_workers=workers, preprocess=False, backend="decord")
+    par = load_video(path, num_frames, decode_workers=workers, preprocess=False, backend=backend)
+    assert par.backend == ("decord" if backend == "decord" else "pyav")
+    if backend != "decord":  # one single-threaded container per run, the runs covering the frames
+        assert len(passes) > 1 and all(t == 1 for _, t in passes)
+        assert sorted(itertools.chain(*(w for w, _ in passes))) == sorted(set(indices))
     assert par.indices == one.indices == indices
     assert np.array_equal(par.frames, one.frames)
     assert [tv.read_frame_index(f) for f in par.frames] == indices
-    pre = load_video(path, num_frames, decode_workers=workers, size=56)
+    pre = load_video(path, num_frames, decode_workers=workers, size=56, backend=backend)
     assert np.array_equal(pre.frames.numpy(), load_video(path, num_frames, size=56).frames.numpy())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pyav_repeats_and_unsorted_indices_keep_their_places(long_clips, workers, monkeypatch):
+    """The output holds each requested position, repeats and any order included, whether the
+    frames came from one container or several."""
+    from stllm_engine.video import pyav_reader
+    from stllm_engine.video.sources import resolve_source
+
+    monkeypatch.setattr(pyav_reader, "min_run_frames", lambda pixels: 8)
+    indices = [200, 3, 3, 120, 61, 200, 0, 239]
+    got = pyav_reader.PyAVReader(resolve_source(long_clips["gop20"])).read(indices, workers)
+    assert got.shape[0] == len(indices) and [tv.read_frame_index(f) for f in got] == indices
 
 
 @pytest.mark.parametrize("clip", ["gop20", "bframes", "gop20 bytes"])
@@ -197,3 +227,12 @@ def test_a_failing_parallel_reader_fails_the_decode_cleanly(long_clips, monkeypa
 def test_decode_workers_must_be_a_positive_int(long_clips, bad):
     with pytest.raises(ValueError, match="decode_workers"):
         load_video(long_clips["gop20"], 4, decode_workers=bad)
+
+
+def test_pyav_output_refuses_a_frame_of_another_size():
+    from stllm_engine.video.pyav_reader import _Output
+
+    out = _Output([5, 9], "clip.mp4")
+    out.put(5, np.zeros((4, 6, 3), np.uint8))
+    with pytest.raises(CorruptVideoError, match=r"clip.mp4: frame 9 is 8x4, the first decoded frame 6x4"):
+        out.put(9, np.zeros((4, 8, 3), np.uint8))

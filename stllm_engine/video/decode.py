@@ -148,7 +148,7 @@ class FastDecordReader(DecordReader):
             if (reader.codec not in PYAV_EXACT_CODECS or reader.pix_fmt not in PYAV_EXACT_PIX_FMTS
                     or reader.num_frames != self.num_frames):
                 return None
-            return reader.read(indices)
+            return reader.read(indices, workers)
         except Exception:  # noqa: BLE001 - PyAV missing or failing: decord decodes instead
             return None
 

@@ -4,16 +4,21 @@ Opening demuxes the stream once without decoding (packet timestamps and keyframe
 gives the frame count and the presentation order. Reading seeks to the keyframe at or before each
 wanted frame and decodes forward only as far as needed; streams without timestamps, and GIFs
 (whose frames may be partial updates of the previous ones), decode sequentially from the start
-and stop after the last wanted frame.
+and stop after the last wanted frame. With several workers, runs of the wanted frames that start
+at different keyframes decode on parallel single-threaded containers (the engine's 16 of 48
+frames of a 720p clip: 47.4 -> 36.1 ms; 16 s clips 1.19-1.30x; ad-hoc interleaved A/B, stop 19).
 """
 from __future__ import annotations
 
 import bisect
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .errors import CorruptVideoError, EmptyVideoError
+from .segments import min_run_frames, split_runs
 from .sources import Source
 
 
@@ -30,12 +35,12 @@ class PyAVReader:
     names them."""
 
     backend = "pyav"
+    parallel_read = True  # read(indices, workers)
 
     def __init__(self, src: Source, out_size: tuple[int, int] | None = None, threads: int = 0):
         import av
 
         self.src, self.out_size, self.threads = src, out_size, threads
-        self._reformatter = None
         self._av = av
         container = self._open()
         try:
@@ -74,63 +79,83 @@ class PyAVReader:
         src = self.src
         return self._av.open(io.BytesIO(src.data) if src.data is not None else str(src.path), "r")
 
-    def _convert(self, frame) -> np.ndarray:
-        """RGB through one reformatter per reader: ``frame.to_ndarray`` set up a new swscale
+    def _convert(self, frame, reformatter) -> np.ndarray:
+        """RGB through one reformatter per decoding pass: ``frame.to_ndarray`` set up a new swscale
         context for every frame (720p: 0.78 vs 0.47 ms a frame, the same pixels)."""
-        if self._reformatter is None:
-            from av.video.reformatter import VideoReformatter
-
-            self._reformatter = VideoReformatter()
         if self.out_size is None:
-            return self._reformatter.reformat(frame, format="rgb24").to_ndarray()
+            return reformatter.reformat(frame, format="rgb24").to_ndarray()
         w, h = self.out_size
-        return self._reformatter.reformat(frame, format="rgb24", width=w, height=h,
-                                          interpolation="BILINEAR").to_ndarray()
+        return reformatter.reformat(frame, format="rgb24", width=w, height=h,
+                                    interpolation="BILINEAR").to_ndarray()
 
-    def read(self, indices: list[int]) -> np.ndarray:
+    def read(self, indices: list[int], workers: int = 1) -> np.ndarray:
+        """uint8 [len(indices), H, W, 3], the frames in ``indices``' order (repeats allowed).
+
+        ``workers`` > 1 decodes runs of the sorted frames that start at different keyframes
+        (:func:`~.segments.split_runs`) on that many single-threaded decoders in parallel, each
+        on its own container (FFmpeg releases the GIL while decoding and converting); one run
+        decodes on one container with ``threads`` frame threads. Each frame is copied into the
+        output as soon as it is converted, on its decoding thread, instead of stacked at the end.
+        """
         wanted = sorted(set(int(i) for i in indices))
         if not wanted:
             raise ValueError("read needs at least one frame index")
         if wanted[0] < 0 or wanted[-1] >= self.num_frames:
             raise IndexError(f"{self.src.name}: frame indices {wanted[0]}..{wanted[-1]} outside "
                              f"0..{self.num_frames - 1}")
-        got: dict[int, np.ndarray] = {}
+        out = _Output(indices, self.src.name)
         if self._seekable:
             try:
-                self._read_seeking(wanted, got)
+                self._read_runs(wanted, out, workers)
             except _NoTimestamps:
-                got.clear()
-                self._read_sequential(wanted, got)
+                out = _Output(indices, self.src.name)
+                self._read_sequential(wanted, out)
         else:
-            self._read_sequential(wanted, got)
-        missing = [i for i in wanted if i not in got]
+            self._read_sequential(wanted, out)
+        missing = [i for i in wanted if i not in out.done]
         if missing:
             raise CorruptVideoError(f"{self.src.name}: frames {missing[:8]} could not be decoded "
                                     f"(stream ends after {self.num_frames} indexed frames were expected)")
-        return np.stack([got[int(i)] for i in indices])
+        return out.array
 
-    def _read_sequential(self, wanted: list[int], got: dict) -> None:
+    def _read_runs(self, wanted: list[int], out: "_Output", workers: int) -> None:
+        runs = [wanted]
+        if workers > 1 and len(wanted) > 1:
+            runs = split_runs(wanted, self._key_ords, workers, min_run_frames(self.width * self.height))
+        if len(runs) == 1:
+            self._read_seeking(wanted, out, self.threads)
+            return
+        with ThreadPoolExecutor(len(runs) - 1, thread_name_prefix="stllm-decode") as pool:
+            rest = [pool.submit(self._read_seeking, run, out, 1) for run in runs[1:]]
+            self._read_seeking(runs[0], out, 1)
+            for f in rest:
+                f.result()
+
+    def _read_sequential(self, wanted: list[int], out: "_Output") -> None:
         want, last = set(wanted), wanted[-1]
+        reformatter = self._reformatter()
         container = self._open()
         try:
             for o, frame in enumerate(container.decode(video=0)):
                 if o in want:
-                    got[o] = self._convert(frame)
+                    out.put(o, self._convert(frame, reformatter))
                 if o >= last:
                     break
         finally:
             container.close()
 
-    def _read_seeking(self, wanted: list[int], got: dict) -> None:
+    def _read_seeking(self, wanted: list[int], out: "_Output", threads: int) -> None:
         want = set(wanted)
+        reformatter = self._reformatter()
         container = self._open()
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        stream.thread_count = max(0, self.threads)
+        if threads != 1:
+            stream.thread_type = "AUTO"
+        stream.thread_count = max(0, threads)
         try:
             frames, last = None, -1
             for t in wanted:
-                if t in got:
+                if t in out.done:
                     continue
                 key = self._key_ords[max(0, bisect.bisect_right(self._key_ords, t) - 1)]
                 if frames is None and key == 0:  # from the stream's start: no seek (and its flush) needed
@@ -145,11 +170,43 @@ class PyAVReader:
                     if o is None:
                         continue
                     last = o
-                    if o in want and o not in got:
-                        got[o] = self._convert(frame)
+                    if o in want and o not in out.done:
+                        out.put(o, self._convert(frame, reformatter))
                     if o >= t:
                         break
                 else:
                     frames = None  # exhausted: the frames after `last` are missing
         finally:
             container.close()
+
+    @staticmethod
+    def _reformatter():
+        from av.video.reformatter import VideoReformatter
+
+        return VideoReformatter()
+
+
+class _Output:
+    """The output array of one read, filled frame by frame (from several threads): allocated at
+    the first frame's shape; every later frame must have that shape."""
+
+    def __init__(self, indices: list[int], name: str):
+        self.name = name
+        self.positions: dict[int, list[int]] = {}
+        for p, i in enumerate(indices):
+            self.positions.setdefault(int(i), []).append(p)
+        self.count = len(indices)
+        self.array: np.ndarray | None = None
+        self.done: set[int] = set()
+        self._lock = threading.Lock()
+
+    def put(self, index: int, frame: np.ndarray) -> None:
+        with self._lock:
+            if self.array is None:
+                self.array = np.empty((self.count, *frame.shape), dtype=frame.dtype)
+        if frame.shape != self.array.shape[1:]:
+            raise CorruptVideoError(f"{self.name}: frame {index} is {frame.shape[1]}x{frame.shape[0]}, the first "
+                                    f"decoded frame {self.array.shape[2]}x{self.array.shape[1]}")
+        for p in self.positions[index]:
+            self.array[p] = frame
+        self.done.add(index)
