@@ -1,5 +1,6 @@
 """Frame decoding of longer clips: one decord reader (the reference's way) vs the engine's decode
-(``auto``: PyAV where its pixels are decord's, else parallel decord readers over keyframe segments).
+(``auto``: PyAV where its pixels are decord's, else decord; either on parallel readers over
+keyframe segments).
 
     python benchmarks/video_decode.py [--repeats 5] [--ttft] [--out FILE]
 
