@@ -1,0 +1,78 @@
+"""The benchmark scripts run and write results in the shared format (../shared/BENCHMARKS.md), and
+every committed result file follows it: ``ratio`` is "the engine is better by", so baseline /
+engine for times and engine / baseline for rates. Smoke runs on the tiny preset or quick settings
+(numbers not checked: speed targets live in the benchmarks themselves)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+TIMES = {"s", "ms"}
+RATES = {"tokens/s", "requests/s", "TFLOP/s", "GB/s"}
+TOP_KEYS = {"benchmark", "device", "commit", "date", "rows"}
+ROW_KEYS = {"config", "metric", "engine", "baseline", "baseline_value", "ratio", "unit"}
+
+
+def check_result(d: dict, where: str) -> None:
+    assert TOP_KEYS <= set(d), f"{where}: missing {TOP_KEYS - set(d)}"
+    assert d["rows"], f"{where}: no rows"
+    for i, r in enumerate(d["rows"]):
+        at = f"{where} row {i} ({r.get('metric')})"
+        assert ROW_KEYS <= set(r), f"{at}: missing {ROW_KEYS - set(r)}"
+        assert isinstance(r["config"], dict) and isinstance(r["baseline"], str), at
+        assert r["unit"] in TIMES | RATES, f"{at}: unit {r['unit']!r} is neither a time nor a rate"
+        e, b, ratio = r["engine"], r["baseline_value"], r["ratio"]
+        assert all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in (e, b, ratio)), at
+        want = b / e if r["unit"] in TIMES else e / b
+        assert ratio == pytest.approx(want, rel=0.02, abs=2e-3), f"{at}: ratio {ratio}, values say {want:.3f}"
+
+
+# eval-* / train-*: the default model's training and evaluation records
+# (scripts/train_default_model.py), not engine-vs-baseline comparisons
+COMPARISONS = sorted(p for p in RESULTS.glob("*.json") if not p.name.startswith(("eval-", "train-")))
+
+
+@pytest.mark.parametrize("path", COMPARISONS, ids=lambda p: p.name)
+def test_committed_results_follow_the_shared_format(path):
+    check_result(json.loads(path.read_text()), path.name)
+
+
+def run_script(tmp_path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "STLLM_CACHE": str(tmp_path / "cache")}  # its own checkpoints and clips
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("argv,metrics", [
+    (["e2e.py", "--preset", "tiny", "--quick"],
+     {"ttft", "decode_tokens_per_s", "requests_per_s", "cached_video_second_question_ttft", "chat_follow_up_ttft"}),
+    (["frames.py", "--repeats", "1"], {"decode_ms", "preprocess_ms"}),
+    (["attention_cpu.py", "--quick", "--repeats", "1"], None),
+    (["kernels.py", "--quick", "--no-gpu"], None),
+], ids=lambda a: a[0] if isinstance(a, list) else "")
+def test_benchmark_writes_rows_in_the_shared_format(tmp_path, argv, metrics):
+    out = tmp_path / "result.json"
+    proc = run_script(tmp_path, *argv, "--out", str(out))
+    d = json.loads(out.read_text())
+    check_result(d, argv[0])
+    assert d["benchmark"] and d["device"].startswith("cpu-")
+    if metrics is not None:
+        assert {r["metric"] for r in d["rows"]} == metrics
+    assert "ratio" in proc.stdout  # the table's header
+
+
+def test_profile_prints_every_phase_for_both_sides(tmp_path):
+    proc = run_script(tmp_path, "profile_e2e.py", "--preset", "tiny", "--dtype", "float32", "--repeats", "1",
+                      "--new-tokens", "4")
+    for phase in ("frame decode", "ViT", "Q-Former+proj", "LLM prefill"):
+        for side in ("engine", "reference"):
+            assert f"{phase} ({side})" in proc.stdout, phase
+    assert "LLMEngine.step" in proc.stdout
