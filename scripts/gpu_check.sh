@@ -14,8 +14,9 @@
 #   kernels  benchmarks/kernels.py --no-cpu (GPU rows)
 #   profile  benchmarks/profile_e2e.py --device cuda at the 7B shape (torch at nproc threads):
 #            both sides' stages, the decode step's parts and the prefills' GPU op tables
-#   frames   benchmarks/frames.py --device cuda: decord decode on 1 / 8 readers vs the engine's (PyAV where
-#            exact) on 1 / 8 threads, preprocessing CPU vs GPU
+#   frames   benchmarks/frames.py --device cuda: the engine's decode (PyAV where exact, runs on the
+#            engine's decode threads) and decord's on several readers vs one decord reader,
+#            preprocessing on the GPU vs the CPU
 # Writes $OUT/log.txt (every step's output) and the result JSON files to $OUT. E2E_ARGS: more
 # arguments for e2e.py (e.g. "--repeats 5").
 set -u
