@@ -33,7 +33,9 @@ def parse_answer_request(llm: STLLM, body: dict) -> tuple:
         if not isinstance(video, str) or not video:
             raise BadRequest("'video' must be a non-empty path string")
         if not Path(video).exists():
-            raise BadRequest(f"video file not found: {video}")
+            from stllm_engine.video.sources import not_found_message
+
+            raise BadRequest(not_found_message(video))
     else:
         if not isinstance(body["video_b64"], str):
             raise BadRequest("'video_b64' must be a base64 string")

@@ -174,7 +174,9 @@ def _check_answer_args(args) -> None:
     from stllm_engine.sampling_params import SamplingParams
 
     if args.video is not None and not Path(args.video).exists():
-        raise CLIError(f"video file not found: {args.video}")
+        from stllm_engine.video.sources import not_found_message
+
+        raise CLIError(not_found_message(args.video))
     if args.num_frames is not None and args.num_frames < 1:
         raise CLIError(f"--num-frames must be a positive int, got {args.num_frames}")
     if not 0 < args.keep_ratio <= 1:

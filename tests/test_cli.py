@@ -173,7 +173,8 @@ def test_reference_backend_matches_reference_model(files, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--video", "{d}/missing_clip.mp4"], "missing_clip.mp4"),
+    (["--video", "{d}/missing_clip.mp4"], "missing_clip.mp4 does not exist"),
+    (["--video", "https://example.com/clip.mp4"], "is a URL; videos are read from local files"),
     (["--temperature", "-1"], "--temperature"),
     (["--top-p", "1.5"], "--top-p"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
@@ -208,7 +209,7 @@ def test_module_entry_point_missing_video_exit_code(files, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stllm_engine", "answer", "--model", str(files[0]),
                            "--video", str(missing)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"stllm: error: video file not found: {missing}"
+    assert proc.stderr.strip() == f"stllm: error: video not found: {missing} does not exist"
     assert proc.stdout == ""
 
 

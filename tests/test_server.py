@@ -102,7 +102,8 @@ def test_video_b64_same_answer_as_path(server, files, expected):
 
 @pytest.mark.parametrize("body, needle", [
     (b"{not json", "not valid JSON"),
-    ({"video": "/no/such/clip.mp4", "question": "q"}, "clip.mp4"),
+    ({"video": "/no/such/clip.mp4", "question": "q"}, "/no/such/clip.mp4 does not exist"),
+    ({"video": "http://example.com/clip.mp4", "question": "q"}, "is a URL; videos are read from local files"),
     ({"question": "q"}, "video"),
     ({"video": "X", "video_b64": "AAAA", "question": "q"}, "exactly one"),
     ({"video_b64": "@@not base64@@", "question": "q"}, "video_b64"),

@@ -292,6 +292,8 @@ def test_bound_beyond_the_end(media, kind):
     (lambda d: np.zeros((4, 8, 8), np.uint8), NotAVideoError, r"\[T, H, W, 3\]"),
     (lambda d: 42, NotAVideoError, "unsupported video source of type int"),
     (lambda d: "", VideoNotFoundError, "the path is empty"),  # not the working directory's frames
+    (lambda d: "https://example.com/a.mp4", VideoNotFoundError, "is a URL; .*nothing is downloaded"),
+    (lambda d: "rtsp://camera.local/stream", VideoNotFoundError, "is a URL"),
     (lambda d: b"\xff\xd8\xff\xe0" + b"\x00" * 300, CorruptVideoError, "corrupt jpeg image"),
 ])
 def test_other_bad_inputs(tmp_path, make, err, match):

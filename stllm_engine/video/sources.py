@@ -90,6 +90,17 @@ def _natural_key(p: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
 
 
+URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def not_found_message(path: str) -> str:
+    """Why a video path names no file: it does not exist, or it is a URL (nothing is downloaded)."""
+    if URL_RE.match(path):
+        return (f"video not found: {path} is a URL; videos are read from local files (nothing is "
+                f"downloaded): download it and pass its path or its bytes")
+    return f"video not found: {path} does not exist"
+
+
 def resolve_source(source) -> Source:
     """Classify ``source``; raises :class:`VideoNotFoundError`, :class:`EmptyVideoError` (empty
     file / folder without frames / zero-length array) or :class:`NotAVideoError` (wrong type,
@@ -99,7 +110,7 @@ def resolve_source(source) -> Source:
             raise VideoNotFoundError("video not found: the path is empty")
         path = Path(source)
         if not path.exists():
-            raise VideoNotFoundError(f"video not found: {path} does not exist")
+            raise VideoNotFoundError(not_found_message(os.fspath(source)))
         if path.is_dir():
             files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
                             and p.is_file()), key=_natural_key)
