@@ -377,12 +377,23 @@ def test_inline_decodes_use_parallel_readers_background_ones_one(eva_all, video,
         seen.append(kw.get("decode_workers", 1))
         return real(*a, **kw)
     monkeypatch.setattr(sv, "load_video", spy)
-    monkeypatch.setattr(vd, "min_run_frames", lambda pixels: 4)
+    from stllm_engine.video import pyav_reader
+
+    monkeypatch.setattr(vd, "min_run_frames", lambda pixels: 4)  # decord's and PyAV's runs split
+    monkeypatch.setattr(pyav_reader, "min_run_frames", lambda pixels: 4)
+    containers = []
+    real_seeking = pyav_reader.PyAVReader._read_seeking
+
+    def seeking(self, wanted, out, threads):
+        containers.append(threads)
+        return real_seeking(self, wanted, out, threads)
+    monkeypatch.setattr(pyav_reader.PyAVReader, "_read_seeking", seeking)
     long_clip = write_video(tmp_path / "long.mp4", num_frames=120, size=(64, 48), seed=3, gop=10)
     p = SamplingParams(max_new_tokens=4)
     (one,) = run(make_engine(f, decode_threads=1), [(long_clip, Q, p, {})])
     (two,) = run(make_engine(f, decode_threads=3), [(long_clip, Q, p, {})])
     assert seen == [1, 3] and one.token_ids == two.token_ids
+    assert containers[0] != 1 and containers[1:] == [1, 1, 1]  # one container, then three runs in parallel
     eng = make_engine(f, decode_threads=3)
     seen.clear()
     run(eng, [(video, Q, p, {}), (long_clip, Q, p, {})])  # the second decodes while the first runs
