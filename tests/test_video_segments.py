@@ -223,6 +223,29 @@ def test_a_failing_parallel_reader_fails_the_decode_cleanly(long_clips, monkeypa
         load_video(path, 16, decode_workers=2, backend="decord")
 
 
+def test_a_failing_parallel_pyav_container_fails_the_decode_cleanly(long_clips, monkeypatch):
+    """A run's PyAV container failing on its thread: the engine's ``auto`` decode falls back to
+    decord (the same frames), ``pyav`` raises CorruptVideoError naming the failure."""
+    from stllm_engine.video import pyav_reader
+
+    path = long_clips["gop20"]
+    monkeypatch.setattr(pyav_reader, "min_run_frames", lambda pixels: 8)
+    want = load_video(path, 16, backend="release", preprocess=False).frames
+    real_seeking = pyav_reader.PyAVReader._read_seeking
+    runs = []
+
+    def seeking(self, wanted, out, threads):
+        runs.append(wanted[0])
+        if wanted[0] != uniform_indices(240, 16)[0]:  # every run but the first fails
+            raise RuntimeError("simulated container failure")
+        return real_seeking(self, wanted, out, threads)
+    monkeypatch.setattr(pyav_reader.PyAVReader, "_read_seeking", seeking)
+    got = load_video(path, 16, decode_workers=2, preprocess=False)
+    assert len(runs) == 2 and got.backend == "decord" and np.array_equal(got.frames, want)
+    with pytest.raises(CorruptVideoError, match="simulated container failure"):
+        load_video(path, 16, decode_workers=2, backend="pyav")
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
 def test_decode_workers_must_be_a_positive_int(long_clips, bad):
     with pytest.raises(ValueError, match="decode_workers"):
