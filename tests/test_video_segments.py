@@ -168,6 +168,20 @@ def test_parallel_decode_returns_the_same_frames(long_clips, clip, workers, num_
     assert np.array_equal(pre.frames.numpy(), load_video(path, num_frames, size=56).frames.numpy())
 
 
+@pytest.mark.parametrize("decode_size", [48, (40, 30)])
+def test_parallel_pyav_runs_at_a_reduced_decode_size(long_clips, decode_size, monkeypatch):
+    """PyAV's scaled decode (``decode_size``) on parallel containers equals its one-container decode."""
+    from stllm_engine.video import pyav_reader
+
+    monkeypatch.setattr(pyav_reader, "min_run_frames", lambda pixels: 8)
+    one = load_video(long_clips["gop20"], 16, decode_size=decode_size, backend="pyav", preprocess=False)
+    par = load_video(long_clips["gop20"], 16, decode_size=decode_size, backend="pyav", preprocess=False,
+                     decode_workers=3)
+    want = (48, 72) if decode_size == 48 else (30, 40)  # 96x64 frames: the shorter side 48, or (W, H)
+    assert par.frames.shape == (16, *want, 3) and np.array_equal(par.frames, one.frames)
+    assert par.indices == one.indices == uniform_indices(240, 16)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_pyav_repeats_and_unsorted_indices_keep_their_places(long_clips, workers, monkeypatch):
     """The output holds each requested position, repeats and any order included, whether the
