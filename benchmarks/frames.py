@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,22 +43,18 @@ def median_ms(fn, repeats: int, device: str = "cpu") -> float:
     return statistics.median(ts) * 1e3
 
 
+@contextmanager
 def min_run(least: int | None):
-    """Context: the parallel-run rule of both decoders replaced by runs of >= ``least`` frames."""
-    from contextlib import contextmanager
-
+    """The parallel-run rule of both decoders replaced by runs of >= ``least`` frames (None: kept)."""
     from stllm_engine.video import decode, pyav_reader
 
-    @contextmanager
-    def patched():
-        rules = decode.min_run_frames, pyav_reader.min_run_frames
-        if least is not None:
-            decode.min_run_frames = pyav_reader.min_run_frames = lambda pixels: least
-        try:
-            yield
-        finally:
-            decode.min_run_frames, pyav_reader.min_run_frames = rules
-    return patched()
+    rules = decode.min_run_frames, pyav_reader.min_run_frames
+    if least is not None:
+        decode.min_run_frames = pyav_reader.min_run_frames = lambda pixels: least
+    try:
+        yield
+    finally:
+        decode.min_run_frames, pyav_reader.min_run_frames = rules
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
     release; PyAV fallback), ``"decord"`` or ``"pyav"`` (:mod:`.decode`). ``device``: where preprocessing runs and ``frames`` lives. ``preprocess=False``
     stops after decoding (``frames`` = uint8 [T, H, W, 3] numpy; :func:`preprocessed` finishes),
     e.g. to decode on a worker thread and run torch's (multi-threaded) preprocessing elsewhere.
-    ``decode_workers``: decord readers that may decode runs of the sampled frames starting at
+    ``decode_workers``: readers (decord's or PyAV's) that may decode runs of the sampled frames starting at
     different keyframes in parallel (:mod:`.segments`; the frames are the same).
     Raises a :class:`VideoError` subclass naming the source and the problem.
     """

@@ -12,7 +12,6 @@ frame folders and still images; arrays are indexed directly. Failures end in a
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -20,7 +19,7 @@ import numpy as np
 from .errors import CorruptVideoError, EmptyVideoError, NotAVideoError, VideoError
 from .preprocess import resize_frames_uint8, resize_shape
 from .pyav_reader import PyAVReader
-from .segments import min_run_frames, split_runs
+from .segments import map_runs, min_run_frames, split_runs
 from .sources import Source, resolve_source
 
 BACKENDS = ("auto", "release", "decord", "pyav")
@@ -117,10 +116,7 @@ class DecordReader:
 
         def read_run(run: list[int]) -> np.ndarray:
             return self._open(decord, self._dims, threads=1).get_batch(run).asnumpy()
-        with ThreadPoolExecutor(len(runs) - 1, thread_name_prefix="stllm-decode") as pool:
-            rest = [pool.submit(read_run, run) for run in runs[1:]]
-            first = read_run(runs[0])
-            return np.concatenate([first] + [f.result() for f in rest])
+        return np.concatenate(map_runs(runs, read_run))
 
 
 class FastDecordReader(DecordReader):

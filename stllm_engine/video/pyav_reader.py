@@ -13,12 +13,11 @@ from __future__ import annotations
 import bisect
 import io
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .errors import CorruptVideoError, EmptyVideoError
-from .segments import min_run_frames, split_runs
+from .segments import map_runs, min_run_frames, split_runs
 from .sources import Source
 
 
@@ -124,12 +123,8 @@ class PyAVReader:
             runs = split_runs(wanted, self._key_ords, workers, min_run_frames(self.width * self.height))
         if len(runs) == 1:
             self._read_seeking(wanted, out, self.threads)
-            return
-        with ThreadPoolExecutor(len(runs) - 1, thread_name_prefix="stllm-decode") as pool:
-            rest = [pool.submit(self._read_seeking, run, out, 1) for run in runs[1:]]
-            self._read_seeking(runs[0], out, 1)
-            for f in rest:
-                f.result()
+        else:
+            map_runs(runs, lambda run: self._read_seeking(run, out, 1))
 
     def _read_sequential(self, wanted: list[int], out: "_Output") -> None:
         want, last = set(wanted), wanted[-1]

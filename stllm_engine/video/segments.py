@@ -13,7 +13,10 @@ decoded in 229 ms on one reader and 136 ms on two (2-core host); a 48-frame clip
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
 
 MIN_RUN_FRAMES = 32  # decoded frames a run needs when the frame size is unknown
 MIN_RUN_PIXELS = 1_000_000  # decoded pixels a run needs to pay for its own reader (see min_run_frames)
@@ -89,3 +92,13 @@ def split_runs(indices: Sequence[int], keys: Sequence[int], parts: int,
         if len(starts) > 2 and min(cost(a, b) for a, b in zip(starts, starts[1:])) >= min_frames:
             return [idx[a:b] for a, b in zip(starts, starts[1:])]
     return [idx]
+
+
+def map_runs(runs: list[list[int]], decode: Callable[[list[int]], T]) -> list[T]:
+    """``[decode(run) for run in runs]``, the first run on this thread and the others on their own
+    threads at the same time (the decoders release the GIL); an exception in any run propagates."""
+    if len(runs) == 1:
+        return [decode(runs[0])]
+    with ThreadPoolExecutor(len(runs) - 1, thread_name_prefix="stllm-decode") as pool:
+        rest = [pool.submit(decode, run) for run in runs[1:]]
+        return [decode(runs[0])] + [f.result() for f in rest]
