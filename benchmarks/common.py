@@ -24,8 +24,14 @@ def row(config: dict, metric: str, engine: float, baseline: str, baseline_value:
     if engine <= 0 or baseline_value <= 0:
         raise ValueError(f"{metric}: engine ({engine}) and baseline ({baseline_value}) must be positive")
     ratio = engine / baseline_value if higher_is_better else baseline_value / engine
-    return {"config": config, "metric": metric, "engine": round(engine, 4), "baseline": baseline,
-            "baseline_value": round(baseline_value, 4), "ratio": round(ratio, 3), "unit": unit}
+    return {"config": config, "metric": metric, "engine": significant(engine), "baseline": baseline,
+            "baseline_value": significant(baseline_value), "ratio": round(ratio, 3), "unit": unit}
+
+
+def significant(x: float, digits: int = 6) -> float:
+    """x to ``digits`` significant digits: a tiny model's 2 ms kept to 4 decimal places (0.0022)
+    had lost 2% of itself, and the ratio no longer followed from the stored values."""
+    return float(f"{x:.{digits}g}")
 
 
 def median_ms(fn, calls: int, warmup: int = 0) -> float:

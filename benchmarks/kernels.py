@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from stllm_engine import ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_ms  # noqa: E402
+from common import median_ms, row  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,12 +37,6 @@ def cpu_time_ms(fn, repeats: int, warmup: int = 1) -> float:
 def gpu_time_ms(fn) -> float:
     import triton.testing
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
-def row(config, metric, engine, baseline, baseline_value, unit, higher_is_better):
-    ratio = engine / baseline_value if higher_is_better else baseline_value / engine
-    return {"config": config, "metric": metric, "engine": round(engine, 4), "baseline": baseline,
-            "baseline_value": round(baseline_value, 4), "ratio": round(ratio, 3), "unit": unit}
 
 
 def paged_setup(B, ctx, Hq, Hk, d, bs, dtype, device):
