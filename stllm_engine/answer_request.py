@@ -7,7 +7,7 @@ from pathlib import Path
 
 from stllm_engine.api import STLLM
 
-REQUEST_OPTIONS = ("system", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling")
+REQUEST_OPTIONS = ("system", "history", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling")
 ANSWER_KEYS = {"video", "video_b64", "question", "params", "stream", "progress", *REQUEST_OPTIONS}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stllm_engine.api import STLLM
 from stllm_engine.outputs import RequestOutput
-from stllm_engine.prompts import decode_output, postprocess_answer
+from stllm_engine.prompts import SEP, release_answer
 
 
 class AnswerText:
@@ -15,18 +15,21 @@ class AnswerText:
     joins a run of byte tokens, so a later byte can turn earlier ones into U+FFFD), "#" of a coming
     "###" and whitespace the final strip drops. If the text stops extending what was sent (the
     model wrote "Assistant:", whose prefix the release drops), no more pieces come; the final text
-    (``text``) is always complete.
+    (``text``) is always complete. With ``stop`` strings (the request's ``SamplingParams.stop``)
+    pieces also hold back a tail that may still become one, and the final text is cut before
+    the one that ended the answer (``RequestOutput.stop_reason``).
     """
 
     HOLD = " \t\r\n#\ufffd"
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, stop=()) -> None:
         self.tokenizer = tokenizer
+        self.hold = max((len(s) - 1 for s in stop if s != SEP), default=0)  # "###" is in HOLD
         self.sent = ""
         self._byte_token: dict[int, bool] = {}
 
-    def text(self, ids: list[int]) -> str:
-        return postprocess_answer(decode_output(self.tokenizer, ids, self.tokenizer.eos_token_id))
+    def text(self, ids: list[int], stop_reason: str | None = None) -> str:
+        return release_answer(self.tokenizer, ids, stop_reason)
 
     def _is_byte(self, i: int) -> bool:
         if i not in self._byte_token:
@@ -34,14 +37,15 @@ class AnswerText:
             self._byte_token[i] = isinstance(tok, str) and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
         return self._byte_token[i]
 
-    def piece(self, ids: list[int], final: bool = False) -> str:
+    def piece(self, ids: list[int], final: bool = False, stop_reason: str | None = None) -> str:
         ids = list(ids)
         if not final:
             while ids and self._is_byte(ids[-1]):
                 ids.pop()
-        cur = self.text(ids)
+        cur = self.text(ids, stop_reason if final else None)
         if not final:
             cur = cur.rstrip(self.HOLD)
+            cur = cur[:max(0, len(cur) - self.hold)]
         if len(cur) <= len(self.sent) or not cur.startswith(self.sent):
             return ""
         out, self.sent = cur[len(self.sent):], cur
@@ -50,8 +54,32 @@ class AnswerText:
 
 def result_json(llm: STLLM, out: RequestOutput) -> dict:
     """The JSON body of a finished request."""
-    return {"text": AnswerText(llm.tokenizer).text(out.token_ids), "finish_reason": out.finish_reason,
+    return {"text": release_answer(llm.tokenizer, out.token_ids, out.stop_reason), "finish_reason": out.finish_reason,
             "timings": out.timings.as_dict(),
             "usage": {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": len(out.token_ids),
                       "cached_prompt_tokens": out.num_cached_tokens,
                       "truncated_prompt_tokens": out.num_truncated_prompt_tokens}}
+
+
+class AnswerFormat:
+    """The bodies and stream events of ``POST /v1/answer`` (the server's answer loop calls these;
+    :class:`stllm_engine.openai_api.ChatFormat` is the chat-completions twin)."""
+
+    def __init__(self, llm: STLLM) -> None:
+        self.llm = llm
+
+    def result(self, out: RequestOutput) -> dict:
+        return result_json(self.llm, out)
+
+    def start(self) -> list[dict]:
+        return []
+
+    def piece(self, text: str) -> dict:
+        return {"text": text}
+
+    def end(self, out: RequestOutput) -> list[dict]:
+        return [dict(result_json(self.llm, out), done=True)]
+
+    def error(self, message: str) -> dict:
+        return {"done": True, "error": message, "finish_reason": "error"}
+

@@ -22,12 +22,12 @@ import torch
 
 from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
 from stllm_engine.outputs import RequestFailedError, RequestOutput
-from stllm_engine.prompts import (MVBENCH_SYSTEM, SEP, chat_prompt, decode_output, mvbench_postprocess,
-                                  postprocess_answer)
+from stllm_engine.prompts import (MVBENCH_SYSTEM, SEP, chat_turns_prompt, decode_output, mvbench_postprocess,
+                                  release_answer)
 from stllm_engine.sampling_params import SamplingParams
 
 _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
-_REQUEST_KEYS = {"system", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling"}
+_REQUEST_KEYS = {"system", "history", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling"}
 _MVBENCH_KEYS = ("video", "question", "candidates", "num_frames", "bound", "system", "video_tokens", "params")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -116,7 +116,7 @@ class STLLM:
         """Release answer text of a finished output (raises if the request failed)."""
         if out.error is not None:
             raise RequestFailedError(out)
-        return postprocess_answer(decode_output(self.tokenizer, out.token_ids, self.tokenizer.eos_token_id))
+        return release_answer(self.tokenizer, out.token_ids, out.stop_reason)
 
     # --- one request ------------------------------------------------------------------------
     def _run_until_done(self, rids: list[str]) -> dict[str, RequestOutput]:
@@ -242,7 +242,7 @@ class ChatSession:
     from the prefix cache."""
 
     def __init__(self, llm: STLLM, video, system: str | None, video_kw: dict[str, Any]) -> None:
-        bad = set(video_kw) - (_REQUEST_KEYS - {"system"})
+        bad = set(video_kw) - (_REQUEST_KEYS - {"system", "history"})
         if bad:
             raise TypeError(f"unknown chat options {sorted(bad)}")
         self.llm = llm
@@ -254,14 +254,7 @@ class ChatSession:
         self._prepared = None
 
     def prompt_text(self, question: str) -> str:
-        text = chat_prompt(self.history[0][0] if self.history else question, self.system)
-        for i, (q, a) in enumerate(self.history):
-            if i:
-                text += q + " " + SEP + "Assistant: "
-            text += a + SEP + "Human: "
-        if self.history:
-            text += question + " " + SEP + "Assistant: "
-        return text
+        return chat_turns_prompt(question, self.history, self.system)
 
     def ask(self, question: str, **kw) -> str:
         eng = self.llm.engine

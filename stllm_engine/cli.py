@@ -88,11 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print the answer and timings as one JSON object")
     a.add_argument("--no-progress", action="store_true",
                    help="print no progress lines on stderr while a long request runs (video, prefill, generation)")
-    s = sub.add_parser("serve", help="HTTP server: GET /health, POST /v1/answer")
+    s = sub.add_parser("serve", help="HTTP server: GET /health, POST /v1/answer, and OpenAI-compatible "
+                                      "GET /v1/models, POST /v1/chat/completions")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model id of /v1/models and chat completions (default: the --model folder as given)")
     return ap
 
 
@@ -213,7 +216,7 @@ def answer_engine(args, folder: Path, video) -> dict:
     opts = {k: v for k, v in (("system", args.system), ("num_frames", args.num_frames),
                               ("keep_ratio", args.keep_ratio)) if v is not None}
     eng = llm.engine
-    streamer = AnswerText(llm.tokenizer) if args.stream and not args.json else None
+    streamer = AnswerText(llm.tokenizer, params.stop) if args.stream and not args.json else None
     shown = None if args.no_progress else ProgressLine(decode=streamer is None)
     ids: list[str] = []  # the request's id once add_request (which may decode and encode the video) returns
     if shown is not None:  # also while a long call runs: the video's decode and ViT, a prefill chunk
@@ -232,7 +235,7 @@ def answer_engine(args, folder: Path, video) -> dict:
                     bad_input = not o.error.startswith(MODEL_FAILURE)
                     raise CLIError(one_line(o.error), EXIT_USAGE if bad_input else EXIT_FAILURE)
                 if streamer is not None:
-                    piece = streamer.piece(o.token_ids, final=o.finished)
+                    piece = streamer.piece(o.token_ids, final=o.finished, stop_reason=o.stop_reason)
                     if piece and shown is not None:
                         shown.close()
                     sys.stdout.write(piece)
@@ -357,11 +360,11 @@ def cmd_serve(args) -> int:
                       warmup=not args.no_warmup)
 
     def ready(server) -> None:
-        progress(f"serving {folder} on http://{server.host}:{server.port} (GET /health, POST /v1/answer); "
-                 "Ctrl-C stops")
+        progress(f"serving {folder} as model {server.served_model!r} on http://{server.host}:{server.port} "
+                 "(GET /health, GET /v1/models, POST /v1/answer, POST /v1/chat/completions); Ctrl-C stops")
 
     try:
-        asyncio.run(serve(llm, args.host, args.port, model_name=str(folder), ready=ready))
+        asyncio.run(serve(llm, args.host, args.port, model_name=args.served_model_name or str(folder), ready=ready))
     except OSError as e:
         raise CLIError(f"cannot listen on {args.host}:{args.port}: {one_line(e)}", EXIT_FAILURE) from None
     except KeyboardInterrupt:

@@ -43,7 +43,8 @@ class RequestOutput:
 
     text: the answer so far (stop strings excluded); delta: text new since the previous output of
     this request; token_ids: generated ids (a matched stop sequence / EOS included, as
-    ``generate`` returns them); finish_reason: "stop" | "length" | "abort" | "error";
+    ``generate`` returns them); finish_reason: "stop" | "length" | "abort" | "error"; stop_reason:
+    the stop string that ended it (None when EOS, a stop id sequence or a limit ended it);
     num_truncated_prompt_tokens: prompt positions (video tokens first) cut from the left to keep
     prompt + max_new_tokens within max_length, as the release cuts (0: none);
     error: message when the request failed (then text is empty); exception: the exception behind
@@ -56,6 +57,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
+    stop_reason: str | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0

@@ -43,6 +43,32 @@ def chat_prompt(question: str, system: str | None = None) -> str:
     return sys_text + SEP + "Human: " + question + " " + SEP + "Assistant: "
 
 
+def chat_turns_prompt(question: str, history: Sequence[tuple[str, str]] = (), system: str | None = None) -> str:
+    """Text after the video tokens for ``question`` asked after the turns ``history`` ((question,
+    answer) pairs, oldest first): the release's conversation, ``chat_prompt(first question)`` then
+    ``answer + "###Human: " + q + " ###Assistant: "`` per later turn. Without history it is
+    :func:`chat_prompt`; each turn's prompt extends the previous turn's prompt + answer, so a
+    follow-up's prefix is in the KV prefix cache."""
+    check_history(history)
+    turns = list(history) + [(question, None)]
+    text = chat_prompt(turns[0][0], system)
+    for (_, answer), (q, _) in zip(turns, turns[1:]):
+        text += answer + SEP + "Human: " + q + " " + SEP + "Assistant: "
+    return text
+
+
+def check_history(history) -> None:
+    """``history`` must be a sequence of (question, answer) string pairs."""
+    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+        raise TypeError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
+    for i, turn in enumerate(history):
+        if (isinstance(turn, (str, bytes)) or not isinstance(turn, Sequence) or len(turn) != 2
+                or not all(isinstance(t, str) for t in turn)):
+            raise TypeError(f"history[{i}] must be a (question, answer) pair of strings, got {turn!r}")
+        if not turn[0].strip():
+            raise ValueError(f"history[{i}]'s question is empty")
+
+
 def mvbench_question(question: str, candidates: Sequence[str]) -> str:
     """MVBench ``qa_template`` question: ``"Question: q\\nOptions:\\n(A) c0\\n(B) c1"``."""
     if len(candidates) == 0:
@@ -86,6 +112,16 @@ def mvbench_prompt_segments(question: str, system: str = MVBENCH_SYSTEM,
 def postprocess_answer(text: str) -> str:
     """Release post-processing of decoded output: cut at "###", keep after "Assistant:", strip."""
     return text.split(SEP)[0].split("Assistant:")[-1].strip()
+
+
+def release_answer(tokenizer, ids: list[int], stop_reason: str | None = None) -> str:
+    """The release's answer text of generated ids; where a stop string ended the answer
+    (``RequestOutput.stop_reason``), the text is cut before it, as the engine's ``text`` is (the
+    release's own "###" is cut by :func:`postprocess_answer` anyway)."""
+    text = decode_output(tokenizer, ids, tokenizer.eos_token_id)
+    if stop_reason and stop_reason in text:
+        text = text[:text.rfind(stop_reason)]
+    return postprocess_answer(text)
 
 
 def mvbench_postprocess(text: str, return_prompt: str = MVBENCH_RETURN_PROMPT) -> str:

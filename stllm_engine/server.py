@@ -5,7 +5,8 @@ Endpoints (one request per connection, ``Connection: close``):
 * ``GET /health`` -> ``{"status": "ok", "model", "variant", "stats"}`` (``stats["kernels"]`` names the
   device, dtype and attention kernels in use).
 * ``POST /v1/answer`` with JSON ``{"video": path | "video_b64": base64 bytes, "question": str,
-  "params": {SamplingParams fields}, "stream": bool, "system", "num_frames", "keep_ratio",
+  "params": {SamplingParams fields}, "stream": bool, "system", "history": [[question, answer], ...],
+  "num_frames", "keep_ratio",
   "keep_mode", "keep_seed", "sampling"}`` -> ``{"text", "finish_reason", "timings", "usage"}``.
   ``"stream": true`` answers with server-sent events (chunked): ``data: {"text": piece}`` per piece,
   then ``data: {"done": true, "text", "finish_reason", "timings", "usage"}`` and ``data: [DONE]``.
@@ -14,6 +15,11 @@ Endpoints (one request per connection, ``Connection: close``):
   decode and encode, the prompt positions prefilled, chunk by chunk for long videos); the
   headers then go out with the first progress event, so a request refused after that gets its
   error as the final event instead of a 400.
+
+* ``POST /v1/chat/completions``: OpenAI's chat-completions API (``video_url`` content parts,
+  multi-turn messages, streamed ``chat.completion.chunk`` events, errors as ``{"error": {"message",
+  "type", "code"}}``), see :mod:`stllm_engine.openai_api`; ``GET /v1/models`` names the one model
+  (``model_name``, else "stllm").
 
 ``text`` is the release's answer text (what ``STLLM.answer`` returns); streamed pieces are stable
 prefixes of it (see :class:`AnswerText`). A client that closes its connection before the answer
@@ -31,9 +37,10 @@ import time
 import uuid
 
 from stllm_engine.answer_request import BadRequest, parse_answer_request
-from stllm_engine.answer_text import AnswerText, result_json
+from stllm_engine.answer_text import AnswerFormat, AnswerText
 from stllm_engine.api import STLLM
 from stllm_engine.engine.async_engine import AsyncLLMEngine
+from stllm_engine.openai_api import ChatFormat, error_body, models_json, parse_chat_request
 from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
 
 PROGRESS_SECONDS = 1.0  # between progress events of a streamed request
@@ -116,18 +123,23 @@ class Server:
         await writer.drain()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        path = ""
+
+        async def fail(status: int, message: str) -> None:
+            openai = path.startswith(("/v1/chat/", "/v1/models"))
+            await self._send(writer, status, error_body(message, status) if openai else {"error": message})
         try:
             try:
                 method, path, body = await self._read_request(reader)
                 await self._route(reader, writer, method, path, body)
             except BadRequest as e:
-                await self._send(writer, e.status, {"error": str(e)})
+                await fail(e.status, str(e))
             except asyncio.IncompleteReadError as e:
-                await self._send(writer, 400, {"error": f"malformed HTTP request: {e}"})
+                await fail(400, f"malformed HTTP request: {e}")
             except (ConnectionError, asyncio.CancelledError):
                 raise
             except Exception as e:  # noqa: BLE001 - never let one request take the server down
-                await self._send(writer, 500, {"error": f"{type(e).__name__}: {e}"})
+                await fail(500, f"{type(e).__name__}: {e}")
         except (ConnectionError, asyncio.CancelledError):
             pass  # client went away; its request (if any) was aborted by the stream's cleanup
         finally:
@@ -141,16 +153,31 @@ class Server:
             await self._send(writer, 200, {"status": "ok" if self.engine.error is None else "engine failed",
                                            "model": self.model_name,
                                            "variant": self._variant(), "stats": stats})
-        elif path == "/v1/answer":
+        elif path == "/v1/models":
+            if method != "GET":
+                raise BadRequest(f"{path} accepts GET, not {method}", 405)
+            await self._send(writer, 200, models_json(self.served_model))
+        elif path in ("/v1/answer", "/v1/chat/completions"):
             if method != "POST":
                 raise BadRequest(f"{path} accepts POST, not {method}", 405)
             try:
                 req = json.loads(body.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise BadRequest(f"request body is not valid JSON: {e}") from None
-            await self._answer(reader, writer, *parse_answer_request(self.llm, req))
+            if path == "/v1/answer":
+                await self._answer(reader, writer, *parse_answer_request(self.llm, req))
+                return
+            video, question, params, options, stream, usage = parse_chat_request(self.llm, req, self.served_model)
+            await self._answer(reader, writer, video, question, params, options, stream,
+                               fmt=ChatFormat(self.llm, self.served_model, usage))
         else:
-            raise BadRequest(f"no such endpoint {path}; use GET /health or POST /v1/answer", 404)
+            raise BadRequest(f"no such endpoint {path}; use GET /health, GET /v1/models, POST /v1/answer "
+                             "or POST /v1/chat/completions", 404)
+
+    @property
+    def served_model(self) -> str:
+        """The model id of ``/v1/models`` and chat completions: the name given, else "stllm"."""
+        return self.model_name or "stllm"
 
     def _variant(self) -> str:
         c = self.llm.engine.model.config
@@ -222,30 +249,36 @@ class Server:
                 await asyncio.gather(first, return_exceptions=True)
 
     async def _answer(self, reader, writer, video, question, params, options, stream: bool,
-                      progress: bool = False) -> None:
+                      progress: bool = False, fmt=None) -> None:
+        """Run one request and answer it in ``fmt`` (:class:`AnswerFormat` or
+        :class:`ChatFormat`): one JSON body, or with ``stream`` server-sent events."""
+        fmt = fmt or AnswerFormat(self.llm)
         rid = f"http-{uuid.uuid4().hex[:16]}"
         outputs = self.engine.generate(video, question, params, request_id=rid, **options)
         try:
             if not stream:
                 out = await self._final(outputs, reader)
                 self._check(out)
-                await self._send(writer, 200, result_json(self.llm, out))
+                await self._send(writer, 200, fmt.result(out))
                 return
             first, head = await self._first(writer, outputs, rid, progress)
             if not head:
                 self._check(first)  # a request the engine refuses fails before any header is sent
                 writer.write(self.STREAM_HEAD)
-            text = AnswerText(self.llm.tokenizer)
+            for event in fmt.start():
+                await self._event(writer, event)
+            text = AnswerText(self.llm.tokenizer, params.stop)
             out = first
             while True:
                 if out.error is not None:
-                    await self._event(writer, {"done": True, "error": out.error, "finish_reason": "error"})
+                    await self._event(writer, fmt.error(out.error))
                     break
-                piece = text.piece(out.token_ids, final=out.finished)
+                piece = text.piece(out.token_ids, final=out.finished, stop_reason=out.stop_reason)
                 if piece:
-                    await self._event(writer, {"text": piece})
+                    await self._event(writer, fmt.piece(piece))
                 if out.finished:
-                    await self._event(writer, dict(result_json(self.llm, out), done=True))
+                    for event in fmt.end(out):
+                        await self._event(writer, event)
                     break
                 out = await outputs.__anext__()
             await self._event(writer, b"[DONE]")

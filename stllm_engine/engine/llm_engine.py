@@ -32,7 +32,8 @@ from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, d
 from stllm_engine.engine.vision_cache import VisionCache
 from stllm_engine.engine.warmup import warm_up
 from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
-from stllm_engine.prompts import MVBENCH_SYSTEM, chat_prompt, mvbench_prompt_segments, mvbench_question
+from stllm_engine.prompts import (MVBENCH_SYSTEM, chat_turns_prompt, check_history, mvbench_prompt_segments,
+                                  mvbench_question)
 from stllm_engine.sampling_params import SamplingParams
 
 def _import_video_stack() -> None:
@@ -108,12 +109,14 @@ class LLMEngine(BeamRequests):
         self._next_id = 0
 
     # --- requests ---------------------------------------------------------------------------
-    def prompt_ids(self, question: str, system: str | None = None) -> list[int]:
-        """BOS + system + "###Human: " + question + " ###Assistant: " as the release tokenizes it.
+    def prompt_ids(self, question: str, system: str | None = None, history=()) -> list[int]:
+        """BOS + system + "###Human: " + question + " ###Assistant: " as the release tokenizes it;
+        with ``history`` ((question, answer) pairs before this question) the multi-turn
+        conversation of :func:`chat_turns_prompt`.
 
         The release re-assigns the tokenizer's bos to "</s>" on this path, so the first id is EOS
         (see ``stllm_engine.reference.chat``)."""
-        ids = self.tokenizer(chat_prompt(question, system), add_special_tokens=False).input_ids
+        ids = self.tokenizer(chat_turns_prompt(question, history, system), add_special_tokens=False).input_ids
         return [self.tokenizer.eos_token_id] + list(ids)
 
     def mvbench_prompt_ids(self, question: str, system: str = MVBENCH_SYSTEM) -> tuple[list[int], int]:
@@ -132,14 +135,23 @@ class LLMEngine(BeamRequests):
                              graphs=self.video_graphs, **kw)
 
     def add_request(self, video, question: str, params: SamplingParams | None = None, *,
-                    request_id: str | None = None, system: str | None = None,
+                    request_id: str | None = None, system: str | None = None, history=None,
                     num_frames: int | None = None, keep_ratio: float = 1.0, keep_mode: str = "even",
                     keep_seed: int = 0, sampling: str = "uniform") -> str:
-        """Queue one question about one video; returns its request id (errors end up in its output)."""
+        """Queue one question about one video; returns its request id (errors end up in its output).
+
+        ``history``: earlier (question, answer) turns of a conversation about this video, oldest
+        first. As in :meth:`STLLM.chat`, the video tokens are then the first question's (the
+        Q-Former reads the first question) and the prompt is the whole conversation, so a
+        follow-up sent with its history (a stateless HTTP client) reuses the previous turn's KV
+        blocks from the prefix cache."""
         def build(req: Request) -> None:
             _check_question(question)
-            self._prepare_then(req, video, question, lambda pv: self._admit(
-                req, pv.tokens, pv.key, self.prompt_ids(question, system)), num_frames=num_frames,
+            check_history(() if history is None else history)
+            turns = list(history or ())
+            ids = self.prompt_ids(question, system, turns)
+            self._prepare_then(req, video, turns[0][0] if turns else question, lambda pv: self._admit(
+                req, pv.tokens, pv.key, ids), num_frames=num_frames,
                 keep_ratio=keep_ratio, keep_mode=keep_mode, keep_seed=keep_seed, sampling=sampling)
         return self._queue(request_id, params, build)
 
@@ -424,7 +436,7 @@ class LLMEngine(BeamRequests):
                 t.num_decode_tokens = max(0, len(ids) - 1)
         return RequestOutput(
             request_id=req.request_id, text=text, delta=delta, token_ids=ids, finished=finished, finish_reason=req.finish_reason,
-            error=req.error, exception=req.exception, num_prompt_tokens=seq.num_prompt_tokens if seq else 0,
+            stop_reason=req.checker.stop_string if finished and req.checker is not None else None, error=req.error, exception=req.exception, num_prompt_tokens=seq.num_prompt_tokens if seq else 0,
             num_cached_tokens=seq.num_cached_tokens if seq else 0,
             num_preemptions=seq.num_preemptions if seq else 0, num_truncated_prompt_tokens=req.num_truncated,
             timings=t)

@@ -138,6 +138,7 @@ class StopChecker:
         self.eos_token_id = eos_token_id
         self.max_total_tokens = max_total_tokens
         self.text = ""
+        self.stop_string: str | None = None  # the stop string that ended the answer
         self._full = ""
         self._streamed = 0
         self._hold = max((len(s) for s in seq.params.stop), default=1) - 1
@@ -152,9 +153,10 @@ class StopChecker:
         may_stop = len(out) >= p.min_new_tokens
         if may_stop and p.stop:
             start = max(0, min(prev_len, len(self._full)) - self._hold)
-            hits = [i for i in (self._full.find(s, start) for s in p.stop) if i >= 0]
+            hits = [(i, s) for i, s in ((self._full.find(s, start), s) for s in p.stop) if i >= 0]
             if hits:
-                self.text = self._full[:min(hits)]
+                i, self.stop_string = min(hits)
+                self.text = self._full[:i]
                 return "stop"
         if may_stop and not p.ignore_eos and self.eos_token_id is not None and out and out[-1] == self.eos_token_id:
             return "stop"

@@ -1,0 +1,219 @@
+"""OpenAI-compatible chat completions: the ``POST /v1/chat/completions`` body and its answers.
+
+An application written against OpenAI's (or vLLM's) chat API talks to the engine unchanged: the
+video is a ``video_url`` content part of the first user message (``file:///abs/clip.mp4``, a plain
+local path, or ``data:video/mp4;base64,...``; nothing is downloaded, so http(s) URLs are refused),
+earlier user / assistant messages are the conversation's history (see
+:meth:`LLMEngine.add_request`: the video tokens come from the first question, and a follow-up
+reuses the previous turn's KV blocks from the prefix cache), and a ``system`` message replaces the
+release's chat system text (``""`` is the release's ``system=False``).
+
+Generation fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``,
+``seed``, ``stop`` (added to the release's "###", which ends an assistant turn), ``n`` (1 only),
+``stream`` and ``stream_options.include_usage``; vLLM's extensions ``top_k``, ``min_tokens``,
+``repetition_penalty``, ``ignore_eos``; and this engine's ``num_frames``, ``keep_ratio``,
+``keep_mode``, ``keep_seed``, ``sampling``. Fields left out keep the release chat's settings
+(greedy, repetition penalty 1.5, 300 new tokens), not OpenAI's (temperature 1): the model was
+tuned and evaluated that way. ``presence_penalty`` / ``frequency_penalty`` other than 0,
+``logprobs``, tools and other unsupported fields get a 400 that names them.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from pathlib import Path
+
+from stllm_engine.answer_request import BadRequest
+from stllm_engine.api import STLLM
+from stllm_engine.outputs import RequestOutput
+from stllm_engine.prompts import release_answer
+
+VIDEO_OPTIONS = ("num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling")
+PARAM_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+                "min_tokens": "min_new_tokens", "repetition_penalty": "repetition_penalty",
+                "ignore_eos": "ignore_eos"}
+ZERO_FIELDS = ("presence_penalty", "frequency_penalty")  # accepted when 0 (what clients send)
+OTHER_FIELDS = {"model", "messages", "stop", "n", "stream", "stream_options", "user", "logprobs"}
+CHAT_KEYS = set(PARAM_FIELDS) | set(ZERO_FIELDS) | OTHER_FIELDS | set(VIDEO_OPTIONS)
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def error_body(message: str, status: int) -> dict:
+    """OpenAI's error object."""
+    kind = ("not_found_error" if status == 404 else "server_error" if status >= 500
+            else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def models_json(model: str) -> dict:
+    """``GET /v1/models``: the one model this server runs."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "stllm-engine"}]}
+
+
+def _video(url) -> str | bytes:
+    if not isinstance(url, str) or not url:
+        raise BadRequest("video_url.url must be a non-empty string")
+    if url.startswith("data:"):
+        head, sep, data = url.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise BadRequest("a data: video URL must be base64 ('data:video/mp4;base64,...')")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise BadRequest(f"the data: video URL is not valid base64: {e}") from None
+        if not raw:
+            raise BadRequest("the data: video URL decodes to no bytes")
+        return raw
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if not Path(path).exists():
+        from stllm_engine.video.sources import not_found_message
+
+        raise BadRequest(not_found_message(path))
+    return path
+
+
+def _content(i: int, msg: dict, videos: list) -> str:
+    """The text of message ``i``; its video parts (user messages only) go to ``videos``."""
+    content = msg.get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise BadRequest(f"messages[{i}].content must be a string or a non-empty list of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "video_url" and msg["role"] == "user":
+            ref = part.get("video_url")
+            videos.append((i, _video(ref.get("url") if isinstance(ref, dict) else ref)))
+        else:
+            raise BadRequest(f"messages[{i}].content[{j}] must be a text part or (in a user message) a "
+                             f"video_url part, got {str(part)[:80]}")
+    return "\n".join(texts)
+
+
+def parse_messages(messages) -> tuple:
+    """``messages`` -> (video, question, history, system): an optional system message first, then
+    user and assistant messages alternating, ending with a user message; one video, in the first
+    user message."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content} messages")
+    system, turns, videos = None, [], []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+            raise BadRequest(f"messages[{i}] must be an object with role 'system', 'user' or 'assistant'")
+        text = _content(i, msg, videos)
+        role = msg["role"]
+        if role == "system":
+            if i:
+                raise BadRequest(f"messages[{i}]: a system message may only come first")
+            system = text
+            continue
+        want = "user" if len(turns) % 2 == 0 else "assistant"
+        if role != want:
+            raise BadRequest(f"messages[{i}] has role {role!r} where {want!r} was expected: user and "
+                             "assistant messages alternate, starting and ending with user")
+        if role == "user" and not text.strip():
+            raise BadRequest(f"messages[{i}] (user) has no text: the question is missing")
+        turns.append(text)
+    if len(turns) % 2 == 0:
+        raise BadRequest("the last message must be the user's question")
+    first_user = 1 if system is not None else 0
+    if len(videos) != 1:
+        raise BadRequest(f"the conversation must carry exactly one video (a video_url part), got {len(videos)}")
+    if videos[0][0] != first_user:
+        raise BadRequest("the video must be in the first user message: ST-LLM puts it before the "
+                         "first question")
+    history = [(turns[k], turns[k + 1]) for k in range(0, len(turns) - 1, 2)]
+    return videos[0][1], turns[-1], history, system
+
+
+def parse_chat_request(llm: STLLM, body, model: str) -> tuple:
+    """Validate a chat-completions body -> (video, question, SamplingParams, options, stream,
+    include_usage); ``options`` go to ``add_request`` (history, system, video options)."""
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    unknown = sorted(set(body) - CHAT_KEYS)
+    if unknown:
+        raise BadRequest(f"unsupported request fields {unknown}; this server accepts {sorted(CHAT_KEYS)}")
+    if "model" in body and body["model"] != model:
+        raise BadRequest(f"model {body['model']!r} is not served here; this server serves {model!r}", 404)
+    for k in ZERO_FIELDS:
+        if body.get(k, 0) != 0:
+            raise BadRequest(f"'{k}' is not supported (use 'repetition_penalty')")
+    if body.get("logprobs", False) is not False:
+        raise BadRequest("'logprobs' is not supported")
+    if body.get("n", 1) != 1:
+        raise BadRequest("'n' must be 1: send one request per answer")
+    video, question, history, system = parse_messages(body.get("messages"))
+    raw = {PARAM_FIELDS[k]: v for k, v in body.items() if k in PARAM_FIELDS and v is not None}
+    if "max_tokens" in body and "max_completion_tokens" in body:
+        raise BadRequest("give one of 'max_tokens' and 'max_completion_tokens'")
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise BadRequest("'stop' must be a non-empty string or a list of them")
+        raw["stop"] = ["###"] + [s for s in stop if s != "###"]
+    try:
+        params = llm.params(**raw)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"bad generation parameters: {e}") from None
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be true or false")
+    so = body.get("stream_options") or {}
+    if not isinstance(so, dict) or set(so) - {"include_usage"} or not isinstance(so.get("include_usage", False), bool):
+        raise BadRequest("'stream_options' may only hold 'include_usage': true or false")
+    options = {k: body[k] for k in VIDEO_OPTIONS if k in body}
+    options["history"] = history
+    if system is not None:
+        options["system"] = system
+    return video, question, params, options, stream, bool(so.get("include_usage", False))
+
+
+class ChatFormat:
+    """The bodies and stream events of one chat completion (the server's answer loop calls these)."""
+
+    def __init__(self, llm: STLLM, model: str, include_usage: bool = False) -> None:
+        self.llm, self.model, self.include_usage = llm, model, include_usage
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _usage(self, out: RequestOutput) -> dict:
+        n, m = out.num_prompt_tokens, len(out.token_ids)
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m,
+                "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+
+    def _chunk(self, delta: dict, finish_reason=None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    def result(self, out: RequestOutput) -> dict:
+        """The non-streamed answer; ``timings`` is this engine's extension."""
+        text = release_answer(self.llm.tokenizer, out.token_ids, out.stop_reason)
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": FINISH_REASONS.get(out.finish_reason, out.finish_reason)}],
+                "usage": self._usage(out), "timings": out.timings.as_dict()}
+
+    def start(self) -> list[dict]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def piece(self, text: str) -> dict:
+        return self._chunk({"content": text})
+
+    def end(self, out: RequestOutput) -> list[dict]:
+        last = self._chunk({}, FINISH_REASONS.get(out.finish_reason, out.finish_reason))
+        if not self.include_usage:
+            return [last]
+        usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "choices": [], "usage": self._usage(out), "timings": out.timings.as_dict()}
+        return [last, usage]
+
+    def error(self, message: str) -> dict:
+        return error_body(message, 500)

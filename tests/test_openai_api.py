@@ -1,0 +1,279 @@
+"""OpenAI-compatible chat completions on a tiny checkpoint and real mp4 files: answers equal the
+Python API's, streams equal the whole answer, multi-turn messages equal a chat session and hit the
+prefix cache, stop strings and limits, and every malformed request gets an OpenAI error naming
+its problem. Also the stateless ``history`` request option behind it."""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+
+import pytest
+
+from stllm_engine.answer_request import BadRequest
+from stllm_engine.api import STLLM
+from stllm_engine.outputs import RequestFailedError
+from stllm_engine.openai_api import parse_chat_request, parse_messages
+from stllm_engine.server import ServerThread
+from stllm_engine.testing.checkpoints import write_tiny_checkpoint
+from stllm_engine.testing.videos import write_video
+
+Q1, Q2, Q3 = "What happens in the video?", "Which shape moves?", "And then?"
+MAX_NEW = 8
+MODEL = "stllm-tiny"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("openai")
+    ckpt = write_tiny_checkpoint(d / "ckpt", vit="eva", video_input="all", seed=3)
+    videos = [write_video(d / f"v{i}.mp4", num_frames=12, size=(96, 72), seed=i) for i in range(2)]
+    return ckpt, videos
+
+
+@pytest.fixture(scope="module")
+def llm(files):
+    """A separate engine on the same checkpoint: what the server's answers must equal."""
+    return STLLM.from_pretrained(files[0])
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    with ServerThread(STLLM.from_pretrained(files[0]), model_name=MODEL) as s:
+        yield s
+
+
+def post(server, path: str, body, method: str = "POST"):
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=120)
+    conn.request(method, path, body=None if body is None else json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    status, ctype, payload = resp.status, resp.getheader("Content-Type"), resp.read()
+    conn.close()
+    return status, ctype, payload
+
+
+def chat(server, body):
+    status, _, payload = post(server, "/v1/chat/completions", body)
+    return status, json.loads(payload)
+
+
+def events(payload: bytes) -> list:
+    lines = [ln[len("data: "):] for ln in payload.decode().split("\n") if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+def user(video, text: str) -> dict:
+    return {"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
+                                        {"type": "text", "text": text}]}
+
+
+def test_models_lists_the_served_model(server):
+    status, ctype, payload = post(server, "/v1/models", None, "GET")
+    body = json.loads(payload)
+    assert status == 200 and ctype == "application/json"
+    assert [m["id"] for m in body["data"]] == [MODEL] and body["object"] == "list"
+
+
+@pytest.mark.parametrize("url", ["file", "path"])
+def test_completion_equals_the_python_api(server, llm, files, url):
+    video = str(files[1][0])
+    status, body = chat(server, {"model": MODEL, "max_tokens": MAX_NEW,
+                                 "messages": [user("file://" + video if url == "file" else video, Q1)]})
+    assert status == 200, body
+    want = llm.answer(video, Q1, max_new_tokens=MAX_NEW)
+    out = llm.last_output
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and body["model"] == MODEL and body["id"].startswith("chatcmpl-")
+    assert choice["message"] == {"role": "assistant", "content": want}
+    assert choice["finish_reason"] == out.finish_reason
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == out.num_prompt_tokens and usage["completion_tokens"] == len(out.token_ids)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert body["timings"]["ttft"] > 0
+
+
+def test_data_url_video_equals_the_file(server, files):
+    video = files[1][1]
+    b64 = "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()
+    answers = [chat(server, {"max_tokens": MAX_NEW, "messages": [user(v, Q2)]})
+               for v in (b64, str(video))]
+    assert [s for s, _ in answers] == [200, 200]
+    assert answers[0][1]["choices"][0]["message"] == answers[1][1]["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_stream_pieces_join_to_the_answer(server, files, include_usage):
+    body = {"max_tokens": MAX_NEW, "messages": [user(str(files[1][0]), Q2)]}
+    status, whole = chat(server, body)
+    assert status == 200
+    so = {"stream_options": {"include_usage": True}} if include_usage else {}
+    status, ctype, payload = post(server, "/v1/chat/completions", dict(body, stream=True, **so))
+    assert status == 200 and ctype == "text/event-stream"
+    chunks = events(payload)
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    if include_usage:
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+        chunks = chunks[:-1]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+
+
+def test_multi_turn_messages_equal_a_chat_session_and_hit_the_prefix_cache(server, llm, files):
+    video = str(files[1][0])
+    session = llm.chat(video)
+    a1, a2 = session.ask(Q1, max_new_tokens=MAX_NEW), session.ask(Q2, max_new_tokens=MAX_NEW)
+    a3 = session.ask(Q3, max_new_tokens=MAX_NEW)
+    msgs = [user(video, Q1)]
+    status, b1 = chat(server, {"max_tokens": MAX_NEW, "messages": msgs})
+    assert status == 200 and b1["choices"][0]["message"]["content"] == a1
+    msgs += [b1["choices"][0]["message"], {"role": "user", "content": Q2}]
+    status, b2 = chat(server, {"max_tokens": MAX_NEW, "messages": msgs})
+    assert status == 200 and b2["choices"][0]["message"]["content"] == a2
+    # the first turn's prompt (video tokens + text) came from the KV prefix cache
+    assert b2["usage"]["prompt_tokens_details"]["cached_tokens"] >= b1["usage"]["prompt_tokens"] - 16
+    assert b2["usage"]["prompt_tokens"] == session.outputs[1].num_prompt_tokens
+    msgs += [b2["choices"][0]["message"], {"role": "user", "content": [{"type": "text", "text": Q3}]}]
+    status, b3 = chat(server, {"max_tokens": MAX_NEW, "messages": msgs})
+    assert status == 200 and b3["choices"][0]["message"]["content"] == a3
+    # the same conversation through /v1/answer's "history"
+    status, _, payload = post(server, "/v1/answer", {"video": video, "question": Q3, "history": [[Q1, a1], [Q2, a2]],
+                                                      "params": {"max_new_tokens": MAX_NEW}})
+    assert status == 200 and json.loads(payload)["text"] == a3
+    assert json.loads(payload)["usage"]["cached_prompt_tokens"] >= b2["usage"]["prompt_tokens"] - 16
+
+
+def test_system_message_replaces_the_chat_system(server, llm, files):
+    video = str(files[1][1])
+    want = llm.answer(video, Q1, system="You answer about videos.\n", max_new_tokens=MAX_NEW)
+    status, body = chat(server, {"max_tokens": MAX_NEW, "messages": [
+        {"role": "system", "content": "You answer about videos.\n"}, user(video, Q1)]})
+    assert status == 200 and body["choices"][0]["message"]["content"] == want
+    assert body["usage"]["prompt_tokens"] == llm.last_output.num_prompt_tokens
+
+
+def test_history_option_equals_the_chat_session(llm, files):
+    video = str(files[1][1])
+    session = llm.chat(video)
+    a1, a2 = session.ask(Q2, max_new_tokens=MAX_NEW), session.ask(Q1, max_new_tokens=MAX_NEW)
+    assert llm.answer(video, Q1, history=[(Q2, a1)], max_new_tokens=MAX_NEW) == a2
+    assert llm.last_output.token_ids == session.outputs[1].token_ids
+    for bad, message in (("not a list", "history must be a list"), ([(Q2,)], r"history\[0\] must be"),
+                         ([("", "a")], r"history\[0\]'s question is empty")):
+        with pytest.raises(RequestFailedError, match=message):
+            llm.answer(video, Q1, history=bad)
+
+
+def test_max_tokens_and_stop(server, llm, files):
+    video = str(files[1][0])
+    status, body = chat(server, {"max_tokens": 2, "messages": [user(video, Q1)]})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 2
+    full = llm.answer(video, Q1, max_new_tokens=MAX_NEW, repetition_penalty=1.0)
+    stop = next(ch for ch in full[2:] if ch.isalpha())  # a letter the answer really contains
+    want = llm.answer(video, Q1, max_new_tokens=MAX_NEW, repetition_penalty=1.0, stop=["###", stop])
+    assert llm.last_output.stop_reason == stop and want == full[:full.index(stop)].strip()
+    for stream in (False, True):
+        status, _, payload = post(server, "/v1/chat/completions", {
+            "max_tokens": MAX_NEW, "repetition_penalty": 1.0, "stop": stop, "stream": stream,
+            "messages": [user(video, Q1)]})
+        assert status == 200
+        if stream:
+            chunks = events(payload)
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+            reason = chunks[-1]["choices"][0]["finish_reason"]
+        else:
+            body = json.loads(payload)
+            text, reason = body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]
+        assert text == want and reason == "stop"
+
+
+BAD = [
+    ({"messages": []}, 400, "non-empty list"),
+    ({"model": "gpt-4o"}, 404, "'gpt-4o' is not served here"),
+    ({"n": 2}, 400, "'n' must be 1"),
+    ({"presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"tools": []}, 400, "unsupported request fields ['tools']"),
+    ({"temperature": -1}, 400, "temperature"),
+    ({"max_tokens": 0}, 400, "max_new_tokens"),
+    ({"stop": [""]}, 400, "'stop'"),
+    ({"stream_options": {"x": 1}}, 400, "stream_options"),
+    ({"logprobs": True}, 400, "logprobs"),
+    ({"keep_ratio": 0}, 400, "keep_ratio"),
+]
+
+
+@pytest.mark.parametrize("change,status,message", BAD)
+def test_bad_requests_get_openai_errors(server, files, change, status, message):
+    body = dict({"max_tokens": 4, "messages": [user(str(files[1][0]), Q1)]}, **change)
+    got, resp = chat(server, body)
+    assert got == status, resp
+    err = resp["error"]
+    assert message in err["message"] and err["code"] == status
+    assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+def test_wrong_method_and_bad_json_get_openai_errors(server):
+    status, _, payload = post(server, "/v1/chat/completions", None, "GET")
+    assert status == 405 and "accepts POST" in json.loads(payload)["error"]["message"]
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=b"{not json")
+    resp = conn.getresponse()
+    assert resp.status == 400 and "not valid JSON" in json.loads(resp.read())["error"]["message"]
+    conn.close()
+
+
+def test_server_still_answers_after_bad_requests(server, files):
+    bad, _ = chat(server, {"messages": [user("/no/such/clip.mp4", Q1)]})
+    good, body = chat(server, {"max_tokens": 3, "messages": [user(str(files[1][0]), Q1)]})
+    assert bad == 400 and good == 200 and body["usage"]["completion_tokens"] >= 1
+
+
+V = "/tmp/x.mp4"
+MESSAGE_ERRORS = [
+    ([{"role": "user", "content": Q1}], "exactly one video"),
+    ([user(V, Q1), user(V, Q2)], "alternate"),
+    ([user(V, Q1), {"role": "assistant", "content": "a"}], "last message must be the user's question"),
+    ([{"role": "user", "content": Q1}, {"role": "assistant", "content": "a"}, user(V, Q2)],
+     "first user message"),
+    ([user(V, Q1), {"role": "system", "content": "s"}, {"role": "user", "content": Q2}], "may only come first"),
+    ([{"role": "tool", "content": "x"}], "role"),
+    ([user(V, "  ")], "no text"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": V}}]}], "content[0]"),
+    ([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "https://x.org/a.mp4"}},
+                                   {"type": "text", "text": Q1}]}], "URL"),
+    ([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:video/mp4,abc"}},
+                                   {"type": "text", "text": Q1}]}], "base64"),
+    ([user(V, Q1) | {"content": [{"type": "video_url", "video_url": {"url": V}}] * 2 + [
+        {"type": "text", "text": Q1}]}], "(a video_url part), got 2"),
+]
+
+
+@pytest.mark.parametrize("messages,message", MESSAGE_ERRORS)
+def test_parse_messages_names_the_problem(tmp_path, messages, message):
+    path = tmp_path / "x.mp4"
+    path.write_bytes(b"\0")  # the parser checks that the file exists, not that it decodes
+    messages = json.loads(json.dumps(messages).replace(V, str(path)))
+    with pytest.raises(BadRequest) as e:
+        parse_messages(messages)
+    assert message in str(e.value)
+
+
+def test_parse_maps_openai_fields_to_sampling_params(llm, tmp_path):
+    path = tmp_path / "x.mp4"
+    path.write_bytes(b"\0")
+    body = {"messages": [{"role": "system", "content": "S"}, user(f"file://{path}", Q1),
+                         {"role": "assistant", "content": "A1"}, {"role": "user", "content": Q2}],
+            "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 4, "seed": 11,
+            "min_tokens": 2, "stop": ["END"], "num_frames": 4, "presence_penalty": 0, "user": "u1"}
+    video, question, params, options, stream, usage = parse_chat_request(llm, body, MODEL)
+    assert video == str(path) and question == Q2 and not stream and not usage
+    assert options == {"num_frames": 4, "history": [(Q1, "A1")], "system": "S"}
+    assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k, params.seed,
+            params.min_new_tokens, params.stop) == (7, 0.5, 0.9, 4, 11, 2, ["###", "END"])
+    defaults = parse_chat_request(llm, {"messages": [user(str(path), Q1)]}, MODEL)[2]
+    assert defaults == llm.params()  # fields left out keep the release chat's settings
