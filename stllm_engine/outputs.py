@@ -14,7 +14,9 @@ class RequestTimings:
 
     frame_decode: reading + preprocessing frames; vision: ViT (+BT-Adapter) + ln_vision;
     qformer: Q-Former + projection (``encode_video``); prefill: engine steps that computed this
-    request's prompt; ttft: arrival to first token; decode: first token to finish.
+    request's prompt; ttft: arrival to first token; decode: first token to finish;
+    vision_cache_hit: the ViT was skipped (features cached); video_tokens_cache_hit: the Q-Former
+    too (this question's video tokens cached).
     """
 
     frame_decode: float = 0.0
@@ -25,6 +27,7 @@ class RequestTimings:
     decode: float = 0.0
     total: float = 0.0
     vision_cache_hit: bool = False
+    video_tokens_cache_hit: bool = False
     num_decode_tokens: int = 0
 
     @property

@@ -188,11 +188,37 @@ def test_prefix_and_vision_cache_hits(eva_all, video):
     assert b.token_ids == a.token_ids
     assert b.num_cached_tokens == (b.num_prompt_tokens - 1) // 8 * 8 > 0
     assert b.timings.vision_cache_hit and b.timings.vision == pytest.approx(0, abs=0.05)
+    assert b.timings.video_tokens_cache_hit and not a.timings.video_tokens_cache_hit  # same question
     (c,) = run(eng, [(video, "a different question", p, {})])
     assert c.timings.vision_cache_hit and c.num_cached_tokens == 0  # Q-Former tokens differ
+    assert not c.timings.video_tokens_cache_hit
     s = eng.stats()
     assert s["vision_cache"]["hits"] == 2 and s["vision_cache"]["misses"] == 1
+    assert s["vision_cache"]["token_hits"] == 1 and s["vision_cache"]["token_misses"] == 2
     assert s["kv"]["prefix_hit_tokens"] == b.num_cached_tokens
+    assert_clean(eng)
+
+
+def test_cached_video_tokens_skip_the_qformer_and_equal_a_fresh_run(eva_all, video, monkeypatch):
+    """The same question on the same video again (a stateless client resending a conversation)
+    reuses its video tokens: the Q-Former does not run, and the answer equals an engine without
+    caches; keep_ratio still masks the reused tokens."""
+    f, _ = eva_all
+    eng = make_engine(f)
+    calls = []
+    real = type(eng.model).encode_video
+    monkeypatch.setattr(type(eng.model), "encode_video", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    p = SamplingParams(max_new_tokens=6)
+    (a,) = run(eng, [(video, Q, p, {})])
+    (b,) = run(eng, [(video, Q, p, {})])
+    assert len(calls) == 1 and b.timings.video_tokens_cache_hit and b.token_ids == a.token_ids
+    (half,) = run(eng, [(video, Q, p, {"keep_ratio": 0.5})])
+    assert len(calls) == 1 and half.timings.video_tokens_cache_hit
+    fresh = make_engine(f, vision_cache_bytes=0, enable_prefix_caching=False)
+    (want_half,) = run(fresh, [(video, Q, p, {"keep_ratio": 0.5})])
+    assert len(calls) == 2  # the cache-less engine ran its Q-Former
+    assert half.token_ids == want_half.token_ids and half.num_prompt_tokens == want_half.num_prompt_tokens
+    assert half.num_prompt_tokens < a.num_prompt_tokens
     assert_clean(eng)
 
 

@@ -191,7 +191,7 @@ class LLMEngine(BeamRequests):
         pv = self.prepare_video(video, question, **kw)
         t = req.timings
         t.frame_decode, t.vision, t.qformer = pv.frame_decode_s, pv.vision_s, pv.qformer_s
-        t.vision_cache_hit = pv.cache_hit
+        t.vision_cache_hit, t.video_tokens_cache_hit = pv.cache_hit, pv.tokens_hit
         return pv
 
     def _prepare_then(self, req: Request, video, question: str, admit, **kw) -> None:

@@ -32,7 +32,8 @@ class PreparedVideo:
     frame_decode_s: float = 0.0
     vision_s: float = 0.0
     qformer_s: float = 0.0
-    cache_hit: bool = False
+    cache_hit: bool = False  # the ViT was skipped (vision features or video tokens cached)
+    tokens_hit: bool = False  # the Q-Former was skipped too (this question's video tokens cached)
 
 
 def variant_name(config) -> str:
@@ -219,18 +220,24 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
     t1 = _synced(model)
     variant = variant_name(cfg)
     key = vision_key(chash, indices, variant, model.dtype)
-    if embeds is None and cache is not None:
+    memo = (key, question, video_tokens)  # the Q-Former's output for this question
+    tokens = cache.get_tokens(memo) if cache is not None else None
+    if tokens is None and embeds is None and cache is not None:
         embeds = cache.get(key)
-    hit = embeds is not None
-    if embeds is None:
+    hit = embeds is not None or tokens is not None
+    if tokens is None and embeds is None:
         embeds = (graphs or model).encode_vision(frames)
         if cache is not None:
             cache.put(key, embeds)
     t2 = _synced(model)
-    if video_tokens == "own":
-        tokens = (graphs or model).encode_video(embeds, question)
-    else:
-        tokens = frame_tokens(model, embeds, question)
+    tokens_hit = tokens is not None
+    if not tokens_hit:
+        if video_tokens == "own":
+            tokens = (graphs or model).encode_video(embeds, question)
+        else:
+            tokens = frame_tokens(model, embeds, question)
+        if cache is not None:
+            cache.put_tokens(memo, tokens)
     t3 = _synced(model)
     ident = f"{chash}|{','.join(map(str, indices))}|{variant}|{model.dtype}|q={question}"
     if video_tokens != "own":
@@ -242,4 +249,4 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
         tokens = pack_by_mask(tokens[None], mask[None])[0]
         ident += f"|keep={keep_ratio}:{keep_mode}" + (f":{keep_seed}" if keep_mode == "random" else "")
     return PreparedVideo(tokens=tokens, key=ident, num_frames=len(indices), frame_decode_s=t1 - t0,
-                         vision_s=t2 - t1, qformer_s=t3 - t2, cache_hit=hit)
+                         vision_s=t2 - t1, qformer_s=t3 - t2, cache_hit=hit, tokens_hit=tokens_hit)

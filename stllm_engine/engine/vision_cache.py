@@ -4,6 +4,11 @@ Key: (video content hash, frame indices, model variant, dtype). The question doe
 key: the instruction-aware Q-Former runs after this cache. An entry larger than the whole budget is
 not stored.
 
+It also keeps, in the same LRU and byte budget, the video tokens the Q-Former made for a question
+(key: features key + question + token mode): the Q-Former is deterministic, so the same question
+again (a repeated prompt, or a stateless multi-turn client resending the conversation, whose video
+tokens are the first question's) skips it too; ``token_hits`` / ``token_misses`` count those.
+
 Beside the features it remembers sampling plans: (content hash, sampling request) -> the frame
 indices a decode chose. A repeat request for the same file then finds its features without
 opening the video at all (no probe, no decode): the second question on a video skips frame
@@ -32,6 +37,8 @@ class VisionCache:
         self.misses = 0
         self.evictions = 0
         self.decodes_skipped = 0
+        self.token_hits = 0
+        self.token_misses = 0
         self._plans: OrderedDict[Hashable, tuple[int, ...]] = OrderedDict()
 
     PLAN_ENTRIES = 4096
@@ -61,6 +68,19 @@ class VisionCache:
         self._entries.move_to_end(key)
         self.hits += 1
         return t
+
+    def get_tokens(self, key: Hashable) -> torch.Tensor | None:
+        """Video tokens stored by :meth:`put_tokens` (counted in token_hits / token_misses)."""
+        t = self._entries.get(("tokens", key))
+        if t is None:
+            self.token_misses += 1
+            return None
+        self._entries.move_to_end(("tokens", key))
+        self.token_hits += 1
+        return t
+
+    def put_tokens(self, key: Hashable, value: torch.Tensor) -> bool:
+        return self.put(("tokens", key), value)
 
     def peek(self, key: Hashable) -> torch.Tensor | None:
         """Like get, without counting a hit/miss or refreshing the entry."""
@@ -96,4 +116,5 @@ class VisionCache:
     def stats(self) -> dict:
         return dict(hits=self.hits, misses=self.misses, bytes=self.bytes, entries=len(self._entries),
                     evictions=self.evictions, capacity_bytes=self.capacity_bytes,
-                    decodes_skipped=self.decodes_skipped)
+                    decodes_skipped=self.decodes_skipped, token_hits=self.token_hits,
+                    token_misses=self.token_misses)
