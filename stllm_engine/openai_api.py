@@ -6,7 +6,9 @@ local path, or ``data:video/mp4;base64,...``; nothing is downloaded, so http(s) 
 earlier user / assistant messages are the conversation's history (see
 :meth:`LLMEngine.add_request`: the video tokens come from the first question, and a follow-up
 reuses the previous turn's KV blocks from the prefix cache), and a ``system`` message replaces the
-release's chat system text (``""`` is the release's ``system=False``).
+release's chat system text (``""`` is the release's ``system=False``). An ``image_url`` part
+(a still image: path, ``file://`` or ``data:image/png;base64,...``) takes the video's place, as
+:meth:`STLLM.answer` takes an image.
 
 Generation fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``,
 ``seed``, ``stop`` (added to the release's "###", which ends an assistant turn), ``n`` (1 only),
@@ -59,13 +61,13 @@ def _video(url) -> str | bytes:
     if url.startswith("data:"):
         head, sep, data = url.partition(",")
         if not sep or not head.endswith(";base64"):
-            raise BadRequest("a data: video URL must be base64 ('data:video/mp4;base64,...')")
+            raise BadRequest("a data: URL must be base64 ('data:video/mp4;base64,...')")
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as e:
-            raise BadRequest(f"the data: video URL is not valid base64: {e}") from None
+            raise BadRequest(f"the data: URL is not valid base64: {e}") from None
         if not raw:
-            raise BadRequest("the data: video URL decodes to no bytes")
+            raise BadRequest("the data: URL decodes to no bytes")
         return raw
     path = url[len("file://"):] if url.startswith("file://") else url
     if not Path(path).exists():
@@ -87,12 +89,12 @@ def _content(i: int, msg: dict, videos: list) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "video_url" and msg["role"] == "user":
-            ref = part.get("video_url")
+        elif kind in ("video_url", "image_url") and msg["role"] == "user":
+            ref = part.get(kind)
             videos.append((i, _video(ref.get("url") if isinstance(ref, dict) else ref)))
         else:
             raise BadRequest(f"messages[{i}].content[{j}] must be a text part or (in a user message) a "
-                             f"video_url part, got {str(part)[:80]}")
+                             f"video_url / image_url part, got {str(part)[:80]}")
     return "\n".join(texts)
 
 
@@ -124,7 +126,8 @@ def parse_messages(messages) -> tuple:
         raise BadRequest("the last message must be the user's question")
     first_user = 1 if system is not None else 0
     if len(videos) != 1:
-        raise BadRequest(f"the conversation must carry exactly one video (a video_url part), got {len(videos)}")
+        raise BadRequest("the conversation must carry exactly one video (a video_url part, or an image_url "
+                         f"part for a still image), got {len(videos)}")
     if videos[0][0] != first_user:
         raise BadRequest("the video must be in the first user message: ST-LLM puts it before the "
                          "first question")

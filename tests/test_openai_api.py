@@ -103,6 +103,23 @@ def test_data_url_video_equals_the_file(server, files):
     assert answers[0][1]["choices"][0]["message"] == answers[1][1]["choices"][0]["message"]
 
 
+def test_image_url_is_a_still_image(server, llm, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    img = Image.fromarray((np.random.RandomState(0).rand(64, 80, 3) * 255).astype("uint8"))
+    img.save(tmp_path / "a.png")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    want = llm.answer(str(tmp_path / "a.png"), Q1, max_new_tokens=MAX_NEW)
+    for url in (str(tmp_path / "a.png"), "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()):
+        status, body = chat(server, {"max_tokens": MAX_NEW, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": Q1}]}]})
+        assert status == 200 and body["choices"][0]["message"]["content"] == want
+
+
 @pytest.mark.parametrize("include_usage", [False, True])
 def test_stream_pieces_join_to_the_answer(server, files, include_usage):
     body = {"max_tokens": MAX_NEW, "messages": [user(str(files[1][0]), Q2)]}
@@ -243,13 +260,14 @@ MESSAGE_ERRORS = [
     ([user(V, Q1), {"role": "system", "content": "s"}, {"role": "user", "content": Q2}], "may only come first"),
     ([{"role": "tool", "content": "x"}], "role"),
     ([user(V, "  ")], "no text"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": V}}]}], "content[0]"),
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}],
+     "content[0] must be a text part"),
     ([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "https://x.org/a.mp4"}},
                                    {"type": "text", "text": Q1}]}], "URL"),
     ([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:video/mp4,abc"}},
                                    {"type": "text", "text": Q1}]}], "base64"),
     ([user(V, Q1) | {"content": [{"type": "video_url", "video_url": {"url": V}}] * 2 + [
-        {"type": "text", "text": Q1}]}], "(a video_url part), got 2"),
+        {"type": "text", "text": Q1}]}], "for a still image), got 2"),
 ]
 
 
