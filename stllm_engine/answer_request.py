@@ -19,6 +19,22 @@ class BadRequest(ValueError):
         self.status = status
 
 
+def sampling_params(llm: STLLM, raw: dict, what: str = "params"):
+    """``llm.params(**raw)``, or a 400 naming the bad field."""
+    try:
+        return llm.params(**raw)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(f"bad {what}: {e}") from None
+
+
+def flag(body: dict, name: str) -> bool:
+    """The boolean field ``name`` (False when absent), or a 400."""
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be true or false")
+    return value
+
+
 def parse_answer_request(llm: STLLM, body: dict) -> tuple:
     """Validate a /v1/answer body -> (video, question, SamplingParams, options, stream, progress)."""
     if not isinstance(body, dict):
@@ -51,18 +67,11 @@ def parse_answer_request(llm: STLLM, body: dict) -> tuple:
     raw = body.get("params", {})
     if not isinstance(raw, dict):
         raise BadRequest("'params' must be a JSON object of generation parameters")
-    try:
-        params = llm.params(**raw)
-    except (TypeError, ValueError) as e:
-        raise BadRequest(f"bad params: {e}") from None
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be true or false")
+    params = sampling_params(llm, raw)
+    stream = flag(body, "stream")
     if stream and params.num_beams > 1:
         raise BadRequest("'stream' does not support beam search (params.num_beams > 1)")
-    progress = body.get("progress", False)
-    if not isinstance(progress, bool):
-        raise BadRequest("'progress' must be true or false")
+    progress = flag(body, "progress")
     if progress and not stream:
         raise BadRequest("'progress' events need 'stream': true")
     options = {k: body[k] for k in REQUEST_OPTIONS if k in body}

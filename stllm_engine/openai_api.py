@@ -27,10 +27,10 @@ import time
 import uuid
 from pathlib import Path
 
-from stllm_engine.answer_request import BadRequest
+from stllm_engine.answer_request import BadRequest, flag, sampling_params
 from stllm_engine.api import STLLM
 from stllm_engine.outputs import RequestOutput
-from stllm_engine.prompts import release_answer
+from stllm_engine.prompts import SEP, release_answer
 
 VIDEO_OPTIONS = ("num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling")
 PARAM_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
@@ -161,14 +161,9 @@ def parse_chat_request(llm: STLLM, body, model: str) -> tuple:
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise BadRequest("'stop' must be a non-empty string or a list of them")
-        raw["stop"] = ["###"] + [s for s in stop if s != "###"]
-    try:
-        params = llm.params(**raw)
-    except (TypeError, ValueError) as e:
-        raise BadRequest(f"bad generation parameters: {e}") from None
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("'stream' must be true or false")
+        raw["stop"] = [SEP] + [s for s in stop if s != SEP]
+    params = sampling_params(llm, raw, "generation parameters")
+    stream = flag(body, "stream")
     so = body.get("stream_options") or {}
     if not isinstance(so, dict) or set(so) - {"include_usage"} or not isinstance(so.get("include_usage", False), bool):
         raise BadRequest("'stream_options' may only hold 'include_usage': true or false")
