@@ -253,7 +253,9 @@ def test_serve_command_warms_up_then_answers(files, engine_answer, no_warmup):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "stllm_engine", "serve", "--model", str(files[0]), "--port", str(port)]
-    proc = subprocess.Popen(cmd + (["--no-warmup"] if no_warmup else []), stderr=subprocess.PIPE, text=True,
+    name = "tiny-stllm" if no_warmup else str(files[0])  # --served-model-name, else the folder
+    extra = ["--no-warmup", "--served-model-name", name] if no_warmup else []
+    proc = subprocess.Popen(cmd + extra, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         lines = []
@@ -274,6 +276,15 @@ def test_serve_command_warms_up_then_answers(files, engine_answer, no_warmup):
         req = urllib.request.Request(base_url + "/v1/answer", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             assert json.loads(r.read())["text"] == engine_answer
+        assert f"as model {name!r}" in log, log
+        with urllib.request.urlopen(base_url + "/v1/models", timeout=30) as r:
+            assert [m["id"] for m in json.loads(r.read())["data"]] == [name]
+        body = json.dumps({"model": name, "max_tokens": MAX_NEW, "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": "file://" + str(files[1])}},
+            {"type": "text", "text": QUESTION}]}]}).encode()
+        req = urllib.request.Request(base_url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read())["choices"][0]["message"]["content"] == engine_answer
     finally:
         proc.terminate()
         proc.wait(timeout=30)
