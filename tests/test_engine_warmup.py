@@ -55,7 +55,7 @@ def test_warmup_runs_its_paths_then_leaves_no_trace(folder, video, monkeypatch):
     assert follow.num_cached_tokens == again.num_cached_tokens
     assert follow.num_prompt_tokens - follow.num_cached_tokens > 8
     assert seen["kv"]["prefix_hit_tokens"] == again.num_cached_tokens + follow.num_cached_tokens
-    assert seen["vision"]["hits"] == 2  # the repeat and the follow-up's video tokens
+    assert seen["vision"]["token_hits"] == 2  # the repeat's and the follow-up's video tokens
     s = warm.stats()
     assert s["kv"]["prefix_hit_tokens"] == 0 and s["kv"]["prefix_queried_blocks"] == 0
     assert s["vision_cache"] == dict(s["vision_cache"], hits=0, misses=0, entries=0, bytes=0)
