@@ -16,6 +16,8 @@ Endpoints (one request per connection, ``Connection: close``):
   headers then go out with the first progress event, so a request refused after that gets its
   error as the final event instead of a 400.
 
+* ``GET /metrics``: Prometheus text exposition of the engine's request metrics, gauges and cache
+  counters (:mod:`stllm_engine.engine.metrics`).
 * ``POST /v1/chat/completions``: OpenAI's chat-completions API (``video_url`` content parts,
   multi-turn messages, streamed ``chat.completion.chunk`` events, errors as ``{"error": {"message",
   "type", "code"}}``), see :mod:`stllm_engine.openai_api`; ``GET /v1/models`` names the one model
@@ -40,6 +42,7 @@ from stllm_engine.answer_request import BadRequest, parse_answer_request
 from stllm_engine.answer_text import AnswerFormat, AnswerText
 from stllm_engine.api import STLLM
 from stllm_engine.engine.async_engine import AsyncLLMEngine
+from stllm_engine.engine.metrics import prometheus_text
 from stllm_engine.openai_api import ChatFormat, error_body, models_json, parse_chat_request
 from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
 
@@ -109,9 +112,9 @@ class Server:
         return parts[0].upper(), parts[1].split("?")[0], body
 
     @staticmethod
-    async def _send(writer, status: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        head = (f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\nContent-Type: application/json\r\n"
+    async def _send(writer, status: int, obj: dict | bytes, content_type: str = "application/json") -> None:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        head = (f"HTTP/1.1 {status} {REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n")
         writer.write(head.encode() + data)
         await writer.drain()
@@ -153,6 +156,13 @@ class Server:
             await self._send(writer, 200, {"status": "ok" if self.engine.error is None else "engine failed",
                                            "model": self.model_name,
                                            "variant": self._variant(), "stats": stats})
+        elif path == "/metrics":
+            if method != "GET":
+                raise BadRequest(f"{path} accepts GET, not {method}", 405)
+            eng = self.llm.engine
+            text = await asyncio.to_thread(self.engine._call, lambda: prometheus_text(
+                eng.metrics, eng.stats(), self.served_model))
+            await self._send(writer, 200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/v1/models":
             if method != "GET":
                 raise BadRequest(f"{path} accepts GET, not {method}", 405)
@@ -171,8 +181,8 @@ class Server:
             await self._answer(reader, writer, video, question, params, options, stream,
                                fmt=ChatFormat(self.llm, self.served_model, usage))
         else:
-            raise BadRequest(f"no such endpoint {path}; use GET /health, GET /v1/models, POST /v1/answer "
-                             "or POST /v1/chat/completions", 404)
+            raise BadRequest(f"no such endpoint {path}; use GET /health, GET /metrics, GET /v1/models, "
+                             "POST /v1/answer or POST /v1/chat/completions", 404)
 
     @property
     def served_model(self) -> str:

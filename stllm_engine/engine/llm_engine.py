@@ -29,6 +29,7 @@ from stllm_engine.engine.scheduler import Scheduler
 from stllm_engine.engine.sequence import Sequence
 from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, decode_video, finish_frames,
                                             needs_decoding, plan_hit, prepare_video, record_plan)
+from stllm_engine.engine.metrics import EngineMetrics
 from stllm_engine.engine.vision_cache import VisionCache
 from stllm_engine.engine.warmup import warm_up
 from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
@@ -103,6 +104,7 @@ class LLMEngine(BeamRequests):
                                           self.bytes_per_block)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.vision_cache = VisionCache(cfg.vision_cache_bytes)
+        self.metrics = EngineMetrics()
         self._requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self._pending: list[RequestOutput] = []
@@ -434,18 +436,24 @@ class LLMEngine(BeamRequests):
             if req.first_token_at is not None:
                 t.decode = now - req.first_token_at
                 t.num_decode_tokens = max(0, len(ids) - 1)
-        return RequestOutput(
-            request_id=req.request_id, text=text, delta=delta, token_ids=ids, finished=finished, finish_reason=req.finish_reason,
-            stop_reason=req.checker.stop_string if finished and req.checker is not None else None, error=req.error, exception=req.exception, num_prompt_tokens=seq.num_prompt_tokens if seq else 0,
+        out = RequestOutput(
+            request_id=req.request_id, text=text, delta=delta, token_ids=ids, finished=finished,
+            finish_reason=req.finish_reason,
+            stop_reason=req.checker.stop_string if finished and req.checker is not None else None,
+            error=req.error, exception=req.exception, num_prompt_tokens=seq.num_prompt_tokens if seq else 0,
             num_cached_tokens=seq.num_cached_tokens if seq else 0,
             num_preemptions=seq.num_preemptions if seq else 0, num_truncated_prompt_tokens=req.num_truncated,
             timings=t)
+        if finished and not req.counted:
+            req.counted = True
+            self.metrics.observe(out)
+        return out
 
     def stats(self) -> dict:
         return {"kv": self.block_manager.stats(), "vision_cache": self.vision_cache.stats(),
                 "preemptions": self.scheduler.num_preemptions,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "kernels": self.kernels()}
+                "requests": self.metrics.as_dict(), "kernels": self.kernels()}
 
     def kernels(self) -> dict:
         """Which kernel paths this engine's model runs (for /health and benchmark reports)."""

@@ -36,5 +36,6 @@ class Request:
         self.exception: BaseException | None = None  # behind ``error``
         self.num_truncated = 0  # prompt positions cut from the left (max_length)
         self.finish_reason: str | None = None
+        self.counted = False  # its final output went into the engine's metrics
         self.token_ids: list[int] = []
         self.final_text: str | None = None  # beam search: text of the best hypothesis
