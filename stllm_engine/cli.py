@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print the answer and timings as one JSON object")
     a.add_argument("--no-progress", action="store_true",
                    help="print no progress lines on stderr while a long request runs (video, prefill, generation)")
-    s = sub.add_parser("serve", help="HTTP server: GET /health, POST /v1/answer, and OpenAI-compatible "
-                                      "GET /v1/models, POST /v1/chat/completions")
+    s = sub.add_parser("serve", help="HTTP server: GET /health, GET /metrics (Prometheus), POST /v1/answer, "
+                                      "and OpenAI-compatible GET /v1/models, POST /v1/chat/completions")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
@@ -361,7 +361,8 @@ def cmd_serve(args) -> int:
 
     def ready(server) -> None:
         progress(f"serving {folder} as model {server.served_model!r} on http://{server.host}:{server.port} "
-                 "(GET /health, GET /v1/models, POST /v1/answer, POST /v1/chat/completions); Ctrl-C stops")
+                 "(GET /health, GET /metrics, GET /v1/models, POST /v1/answer, POST /v1/chat/completions); "
+                 "Ctrl-C stops")
 
     try:
         asyncio.run(serve(llm, args.host, args.port, model_name=args.served_model_name or str(folder), ready=ready))
