@@ -1,4 +1,5 @@
-"""Command line: ``stllm answer ...`` (one question about one video) and ``stllm serve ...`` (HTTP).
+"""Command line: ``stllm answer ...`` (one question about one video), ``stllm serve ...`` (HTTP) and
+``stllm run-batch ...`` (a file of requests in OpenAI's batch format, see :mod:`stllm_engine.batch`).
 
 ``python -m stllm_engine.cli``, ``python -m stllm_engine`` and the ``stllm`` console script are the
 same. Answers go to stdout (``--json``: answer + timings as JSON); progress, notices and a short
@@ -64,7 +65,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="stllm", description="ST-LLM video question answering: answer or serve.")
+    ap = _Parser(prog="stllm", description="ST-LLM video question answering: answer, serve or run a batch file.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     a = sub.add_parser("answer", help="answer one question about one video")
     a.add_argument("--video", help="video file, GIF, image or folder of frames (default: the sample video)")
@@ -96,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)")
     s.add_argument("--served-model-name", default=None,
                    help="the model id of /v1/models and chat completions (default: the --model folder as given)")
+    b = sub.add_parser("run-batch", help="answer a JSONL file of requests in OpenAI's batch format "
+                                         "(/v1/chat/completions or /v1/answer bodies), continuously batched")
+    _add_model_args(b)
+    b.add_argument("-i", "--input", required=True, help="JSONL file of requests, or - for stdin")
+    b.add_argument("-o", "--output", required=True, help="JSONL file of results (input order), or - for stdout")
+    b.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)")
+    b.add_argument("--window", type=int, default=None,
+                   help="most lines in flight (default: 2 x --max-num-seqs); bounds memory on long files")
+    b.add_argument("--served-model-name", default=None, help="the model id in chat results (default: the folder)")
+    b.add_argument("--no-progress", action="store_true", help="print no progress lines on stderr")
     return ap
 
 
@@ -373,11 +384,37 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# --- run-batch --------------------------------------------------------------------------------
+def cmd_run_batch(args) -> int:
+    from contextlib import ExitStack
+
+    from stllm_engine.batch import run_batch_file
+
+    sizes = engine_sizes(args)
+    window = args.window if args.window is not None else 2 * args.max_num_seqs
+    if args.max_num_seqs < 1 or window < 1:
+        raise CLIError(f"bad --max-num-seqs / --window: {args.max_num_seqs} / {window}")
+    with ExitStack() as stack:
+        try:
+            src = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
+            dst = sys.stdout if args.output == "-" else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+        except OSError as e:
+            raise CLIError(f"cannot open {e.filename}: {e.strerror}") from None
+        folder = resolve_model(args.model)
+        args.device = check_device(args.device)
+        llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
+                          max_num_seqs=args.max_num_seqs, **sizes, qformer_tokenizer=args.qformer_tokenizer,
+                          enforce_eager=args.enforce_eager)
+        run_batch_file(llm, src, dst, args.served_model_name or str(folder), window,
+                       None if args.no_progress else progress)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input, 1 other failure)."""
     try:
         args = build_parser().parse_args(argv)
-        return {"answer": cmd_answer, "serve": cmd_serve}[args.command](args)
+        return {"answer": cmd_answer, "serve": cmd_serve, "run-batch": cmd_run_batch}[args.command](args)
     except CLIError as e:
         print(f"stllm: error: {e}", file=sys.stderr)
         return e.code
