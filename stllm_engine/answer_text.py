@@ -52,13 +52,36 @@ class AnswerText:
         return out
 
 
+def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    """(text, UTF-8 bytes) of one token as it reads inside a text: SentencePiece's "▁" is a
+    space, a byte-fallback token "<0xNN>" is that byte (its text "" unless ASCII)."""
+    tok = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not isinstance(tok, str):
+        return "", []
+    if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+        b = int(tok[3:5], 16)
+        return (chr(b) if b < 0x80 else ""), [b]
+    text = tok.replace("\u2581", " ")
+    return text, list(text.encode("utf-8"))
+
+
+def logprobs_json(tokenizer, logprobs) -> list[dict]:
+    """``RequestOutput.logprobs`` as JSON: token id, text, log-probability and the top ones."""
+    def one(tid: int, lp: float) -> dict:
+        return {"token_id": int(tid), "token": token_text(tokenizer, tid)[0], "logprob": lp}
+    return [dict(one(x.token_id, x.logprob), top_logprobs=[one(t, v) for t, v in x.top]) for x in logprobs]
+
+
 def result_json(llm: STLLM, out: RequestOutput) -> dict:
-    """The JSON body of a finished request."""
-    return {"text": release_answer(llm.tokenizer, out.token_ids, out.stop_reason), "finish_reason": out.finish_reason,
+    """The JSON body of a finished request (``logprobs`` when the request asked for them)."""
+    body = {"text": release_answer(llm.tokenizer, out.token_ids, out.stop_reason), "finish_reason": out.finish_reason,
             "timings": out.timings.as_dict(),
             "usage": {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": len(out.token_ids),
                       "cached_prompt_tokens": out.num_cached_tokens,
                       "truncated_prompt_tokens": out.num_truncated_prompt_tokens}}
+    if out.logprobs is not None:
+        body["logprobs"] = logprobs_json(llm.tokenizer, out.logprobs)
+    return body
 
 
 class AnswerFormat:
@@ -74,7 +97,7 @@ class AnswerFormat:
     def start(self) -> list[dict]:
         return []
 
-    def piece(self, text: str) -> dict:
+    def piece(self, text: str, out: RequestOutput) -> dict:
         return {"text": text}
 
     def end(self, out: RequestOutput) -> list[dict]:

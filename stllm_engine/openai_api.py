@@ -12,12 +12,13 @@ release's chat system text (``""`` is the release's ``system=False``). An ``imag
 
 Generation fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``,
 ``seed``, ``stop`` (added to the release's "###", which ends an assistant turn), ``n`` (1 only),
-``stream`` and ``stream_options.include_usage``; vLLM's extensions ``top_k``, ``min_tokens``,
+``logprobs`` / ``top_logprobs`` (0-20; every generated token, of the model's own distribution
+before penalties, see ``SamplingParams.logprobs``), ``stream`` and ``stream_options.include_usage``; vLLM's extensions ``top_k``, ``min_tokens``,
 ``repetition_penalty``, ``ignore_eos``; and this engine's ``num_frames``, ``keep_ratio``,
 ``keep_mode``, ``keep_seed``, ``sampling``. Fields left out keep the release chat's settings
 (greedy, repetition penalty 1.5, 300 new tokens), not OpenAI's (temperature 1): the model was
 tuned and evaluated that way. ``presence_penalty`` / ``frequency_penalty`` other than 0,
-``logprobs``, tools and other unsupported fields get a 400 that names them.
+tools and other unsupported fields get a 400 that names them.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import uuid
 from pathlib import Path
 
 from stllm_engine.answer_request import BadRequest, flag, sampling_params
+from stllm_engine.answer_text import token_text
 from stllm_engine.api import STLLM
 from stllm_engine.outputs import RequestOutput
 from stllm_engine.prompts import SEP, release_answer
@@ -38,7 +40,7 @@ PARAM_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_ne
                 "min_tokens": "min_new_tokens", "repetition_penalty": "repetition_penalty",
                 "ignore_eos": "ignore_eos"}
 ZERO_FIELDS = ("presence_penalty", "frequency_penalty")  # accepted when 0 (what clients send)
-OTHER_FIELDS = {"model", "messages", "stop", "n", "stream", "stream_options", "user", "logprobs"}
+OTHER_FIELDS = {"model", "messages", "stop", "n", "stream", "stream_options", "user", "logprobs", "top_logprobs"}
 CHAT_KEYS = set(PARAM_FIELDS) | set(ZERO_FIELDS) | OTHER_FIELDS | set(VIDEO_OPTIONS)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 
@@ -148,8 +150,10 @@ def parse_chat_request(llm: STLLM, body, model: str) -> tuple:
     for k in ZERO_FIELDS:
         if body.get(k, 0) != 0:
             raise BadRequest(f"'{k}' is not supported (use 'repetition_penalty')")
-    if body.get("logprobs", False) is not False:
-        raise BadRequest("'logprobs' is not supported")
+    logprobs = flag(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None and not logprobs:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true")
     if body.get("n", 1) != 1:
         raise BadRequest("'n' must be 1: send one request per answer")
     video, question, history, system = parse_messages(body.get("messages"))
@@ -162,6 +166,8 @@ def parse_chat_request(llm: STLLM, body, model: str) -> tuple:
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise BadRequest("'stop' must be a non-empty string or a list of them")
         raw["stop"] = [SEP] + [s for s in stop if s != SEP]
+    if logprobs:
+        raw["logprobs"] = 0 if top is None else top
     params = sampling_params(llm, raw, "generation parameters")
     stream = flag(body, "stream")
     so = body.get("stream_options") or {}
@@ -179,6 +185,7 @@ class ChatFormat:
 
     def __init__(self, llm: STLLM, model: str, include_usage: bool = False) -> None:
         self.llm, self.model, self.include_usage = llm, model, include_usage
+        self.sent_logprobs = 0  # tokens whose logprobs went out in stream chunks
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -187,26 +194,42 @@ class ChatFormat:
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m,
                 "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
 
-    def _chunk(self, delta: dict, finish_reason=None) -> dict:
+    def _logprobs(self, logprobs) -> dict | None:
+        """OpenAI's ``choices[].logprobs`` of these ``Logprob``s."""
+        if logprobs is None:
+            return None
+
+        def one(tid: int, lp: float) -> dict:
+            text, raw = token_text(self.llm.tokenizer, tid)
+            return {"token": text, "logprob": lp, "bytes": raw}
+        return {"content": [dict(one(x.token_id, x.logprob), top_logprobs=[one(t, v) for t, v in x.top])
+                            for x in logprobs]}
+
+    def _chunk(self, delta: dict, finish_reason=None, out: RequestOutput | None = None) -> dict:
+        lp = None
+        if out is not None and out.logprobs is not None:  # the tokens generated since the last chunk
+            lp = self._logprobs(out.logprobs[self.sent_logprobs:])
+            self.sent_logprobs = len(out.logprobs)
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+                "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]}
 
     def result(self, out: RequestOutput) -> dict:
         """The non-streamed answer; ``timings`` is this engine's extension."""
         text = release_answer(self.llm.tokenizer, out.token_ids, out.stop_reason)
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": self._logprobs(out.logprobs),
                              "finish_reason": FINISH_REASONS.get(out.finish_reason, out.finish_reason)}],
                 "usage": self._usage(out), "timings": out.timings.as_dict()}
 
     def start(self) -> list[dict]:
         return [self._chunk({"role": "assistant", "content": ""})]
 
-    def piece(self, text: str) -> dict:
-        return self._chunk({"content": text})
+    def piece(self, text: str, out: RequestOutput) -> dict:
+        return self._chunk({"content": text}, out=out)
 
     def end(self, out: RequestOutput) -> list[dict]:
-        last = self._chunk({}, FINISH_REASONS.get(out.finish_reason, out.finish_reason))
+        last = self._chunk({}, FINISH_REASONS.get(out.finish_reason, out.finish_reason), out)
         if not self.include_usage:
             return [last]
         usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,

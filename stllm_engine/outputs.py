@@ -41,6 +41,16 @@ class RequestTimings:
 
 
 @dataclass
+class Logprob:
+    """A generated token's log-probability and the ``SamplingParams.logprobs`` most likely tokens
+    at its step, as (token id, log-probability), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class RequestOutput:
     """State of one request after an engine step (``finished`` once it ended).
 
@@ -50,6 +60,7 @@ class RequestOutput:
     the stop string that ended it (None when EOS, a stop id sequence or a limit ended it);
     num_truncated_prompt_tokens: prompt positions (video tokens first) cut from the left to keep
     prompt + max_new_tokens within max_length, as the release cuts (0: none);
+    logprobs: one :class:`Logprob` per generated token when ``SamplingParams.logprobs`` is set;
     error: message when the request failed (then text is empty); exception: the exception behind
     it, where the request failed in this process (not compared, not printed).
     """
@@ -61,6 +72,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: str | None = None
+    logprobs: list[Logprob] | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0

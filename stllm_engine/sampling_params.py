@@ -21,7 +21,10 @@ class SamplingParams:
     temperature: 0 means greedy; top_p in (0, 1]; top_k 0 means off; repetition_penalty > 0 (1 is
     off); stop: strings that end the answer (checked on the detokenized text, excluded from it);
     stop_token_ids: token-id sequences that end the answer (the release's "###" criterion);
-    num_beams > 1 runs beam search (greedy only) scored with ``length_penalty``.
+    num_beams > 1 runs beam search (greedy only) scored with ``length_penalty``; logprobs: None,
+    or return each generated token's log-probability with that many most likely alternatives
+    (0-20) - of the model's own distribution, before penalties and temperature (as vLLM returns
+    them by default).
     """
 
     temperature: float = 0.0
@@ -37,6 +40,7 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     penalize_prompt: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def num(name: str) -> float:
@@ -85,6 +89,11 @@ class SamplingParams:
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError("SamplingParams: beam search (num_beams > 1) with sampling (temperature > 0) "
                              "is not supported; set temperature=0")
+        if self.logprobs is not None:
+            if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
+                raise ValueError(f"SamplingParams.logprobs must be None or an int in 0..20, got {self.logprobs!r}")
+            if self.num_beams > 1:
+                raise ValueError("SamplingParams: logprobs are not returned for beam search (num_beams > 1)")
         for name in ("ignore_eos", "penalize_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")

@@ -285,7 +285,7 @@ class Server:
                     break
                 piece = text.piece(out.token_ids, final=out.finished, stop_reason=out.stop_reason)
                 if piece:
-                    await self._event(writer, fmt.piece(piece))
+                    await self._event(writer, fmt.piece(piece, out))
                 if out.finished:
                     for event in fmt.end(out):
                         await self._event(writer, event)

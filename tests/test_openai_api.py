@@ -219,7 +219,9 @@ BAD = [
     ({"max_tokens": 0}, 400, "max_new_tokens"),
     ({"stop": [""]}, 400, "'stop'"),
     ({"stream_options": {"x": 1}}, 400, "stream_options"),
-    ({"logprobs": True}, 400, "logprobs"),
+    ({"top_logprobs": 2}, 400, "'top_logprobs' needs 'logprobs': true"),
+    ({"logprobs": True, "top_logprobs": 30}, 400, "SamplingParams.logprobs must be"),
+    ({"logprobs": 1}, 400, "'logprobs' must be true or false"),
     ({"keep_ratio": 0}, 400, "keep_ratio"),
 ]
 

@@ -32,7 +32,7 @@ from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, d
 from stllm_engine.engine.metrics import EngineMetrics
 from stllm_engine.engine.vision_cache import VisionCache
 from stllm_engine.engine.warmup import warm_up
-from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
+from stllm_engine.outputs import MODEL_FAILURE, Logprob, RequestOutput
 from stllm_engine.prompts import (MVBENCH_SYSTEM, chat_turns_prompt, check_history, mvbench_prompt_segments,
                                   mvbench_question)
 from stllm_engine.sampling_params import SamplingParams
@@ -254,6 +254,7 @@ class LLMEngine(BeamRequests):
                        request_id=req.request_id, video_start=video_start)
         self.scheduler.add(seq)
         req.seq = seq
+        req.logprobs = [] if p.logprobs is not None else None
         req.checker = StopChecker(self.tokenizer, seq, self.eos_token_id, self.max_positions)
         self._by_seq[seq.seq_id] = req
 
@@ -365,6 +366,7 @@ class LLMEngine(BeamRequests):
             rows = {s.seq_id: i for i, s in enumerate(sampled)}
             plain = [s for s in sampled if s.params.num_beams == 1]
             tokens = self._sample(logits[[rows[s.seq_id] for s in plain]], plain) if plain else []
+            self._record_logprobs(logits, rows, plain, tokens)
             now = time.perf_counter()
             for seq, tok in zip(plain, tokens):
                 req = self._by_seq[seq.seq_id]
@@ -407,6 +409,23 @@ class LLMEngine(BeamRequests):
                     out.append(e)
             return out
 
+    def _record_logprobs(self, logits: torch.Tensor, rows: dict, seqs: list[Sequence], tokens: list) -> None:
+        """Append each sampled token's log-probability (and its step's top ``params.logprobs``)
+        to its request, for the sequences that asked: a log-softmax of the raw logits."""
+        want = [(s, t) for s, t in zip(seqs, tokens) if s.params.logprobs is not None and not isinstance(t, Exception)]
+        if not want:
+            return
+        lp = torch.log_softmax(logits[[rows[s.seq_id] for s, _ in want]].float(), dim=-1)
+        k = max(s.params.logprobs for s, _ in want)
+        top_v, top_i = torch.topk(lp, k, dim=-1) if k else (None, None)
+        chosen = lp.gather(1, torch.tensor([[t] for _, t in want], device=lp.device))[:, 0].tolist()
+        top_v = top_v.tolist() if k else None
+        top_i = top_i.tolist() if k else None
+        for j, (seq, tok) in enumerate(want):
+            n = seq.params.logprobs
+            top = list(zip(top_i[j][:n], top_v[j][:n])) if n else []
+            self._by_seq[seq.seq_id].logprobs.append(Logprob(int(tok), chosen[j], top))
+
     def _drain(self) -> list[RequestOutput]:
         outs, self._pending = self._pending, []
         return outs
@@ -440,6 +459,7 @@ class LLMEngine(BeamRequests):
             request_id=req.request_id, text=text, delta=delta, token_ids=ids, finished=finished,
             finish_reason=req.finish_reason,
             stop_reason=req.checker.stop_string if finished and req.checker is not None else None,
+            logprobs=None if req.logprobs is None else list(req.logprobs),
             error=req.error, exception=req.exception, num_prompt_tokens=seq.num_prompt_tokens if seq else 0,
             num_cached_tokens=seq.num_cached_tokens if seq else 0,
             num_preemptions=seq.num_preemptions if seq else 0, num_truncated_prompt_tokens=req.num_truncated,

@@ -37,5 +37,6 @@ class Request:
         self.num_truncated = 0  # prompt positions cut from the left (max_length)
         self.finish_reason: str | None = None
         self.counted = False  # its final output went into the engine's metrics
+        self.logprobs: list | None = None  # Logprob per generated token, when params.logprobs is set
         self.token_ids: list[int] = []
         self.final_text: str | None = None  # beam search: text of the best hypothesis
