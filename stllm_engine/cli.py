@@ -16,7 +16,8 @@ from pathlib import Path
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-SAMPLING_FLAGS = ("num_beams", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+SAMPLING_FLAGS = ("num_beams", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+                  "logprobs")
 DEFAULT_QUESTION = "What happens in the video?"
 
 
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, help="engine only")
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--seed", type=int)
+    g.add_argument("--logprobs", type=int, help="with --json: each token's log-probability and this many "
+                                                "alternatives (0-20; engine only)")
     a.add_argument("--num-frames", type=int, help="frames sampled (default: the model's)")
     a.add_argument("--keep-ratio", type=float, default=1.0, help="share of video tokens kept (engine only)")
     a.add_argument("--stream", action="store_true", help="print the answer as it is generated (engine only)")
@@ -203,13 +206,16 @@ def _check_answer_args(args) -> None:
                        {f.replace("_", "-") for f in SAMPLING_FLAGS} else f"bad sampling flags: {e}") from None
     engine_sizes(args)
     if args.backend == "reference":
-        for flag, bad in (("--top-k", args.top_k is not None), ("--keep-ratio", args.keep_ratio != 1.0),
+        for flag, bad in (("--top-k", args.top_k is not None), ("--logprobs", args.logprobs is not None),
+                          ("--keep-ratio", args.keep_ratio != 1.0),
                           ("--stream", args.stream), ("--kv-cache-mib", args.kv_cache_mib is not None),
                           ("--max-length", args.max_length is not None)):
             if bad:
                 raise CLIError(f"{flag} is not supported by --backend reference")
     if args.stream and (args.num_beams or 1) > 1:
         raise CLIError("--stream does not support beam search (--num-beams > 1)")
+    if args.logprobs is not None and not args.json:
+        raise CLIError("--logprobs needs --json (they are printed in the JSON object)")
 
 
 def answer_engine(args, folder: Path, video) -> dict:

@@ -64,6 +64,22 @@ def test_json_has_answer_and_timings(files, engine_answer, capsys):
     assert "timings:" not in err
 
 
+def test_json_logprobs(files, engine_answer, capsys):
+    code, out, err = run(capsys, *base(files, "--json", "--logprobs", "2"))
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["text"] == engine_answer and "logprobs" in res
+    assert len(res["logprobs"]) == res["usage"]["completion_tokens"]
+    assert all(x["logprob"] <= 0 and len(x["top_logprobs"]) == 2 for x in res["logprobs"])
+    for extra, message in ((["--logprobs", "2"], "--logprobs needs --json"),
+                           (["--json", "--logprobs", "21"], "bad sampling flag --logprobs"),
+                           (["--json", "--logprobs", "1", "--backend", "reference"], "not supported by --backend")):
+        code, _, err = run(capsys, *base(files, *extra))
+        assert code == 2 and message in err, err
+    code, out, _ = run(capsys, *base(files, "--json"))
+    assert code == 0 and "logprobs" not in json.loads(out)
+
+
 def test_stream_prints_the_same_answer(files, engine_answer, capsys):
     code, out, err = run(capsys, *base(files, "--stream"))
     assert code == 0, err
