@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default 64)")
     s.add_argument("--served-model-name", default=None,
                    help="the model id of /v1/models and chat completions (default: the --model folder as given)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM / Ctrl-C, seconds the requests in flight get to finish before they are "
+                        "aborted (default 30; a second signal stops at once)")
     b = sub.add_parser("run-batch", help="answer a JSONL file of requests in OpenAI's batch format "
                                          "(/v1/chat/completions or /v1/answer bodies), continuously batched")
     _add_model_args(b)
@@ -365,6 +368,8 @@ def cmd_serve(args) -> int:
     from stllm_engine.server import serve
 
     sizes = engine_sizes(args)
+    if not args.shutdown_timeout >= 0:
+        raise CLIError(f"bad --shutdown-timeout: {args.shutdown_timeout} (seconds, >= 0)")
     for name in ("port", "max_num_seqs"):
         v = getattr(args, name)
         if v is not None and (v < (0 if name == "port" else 1) or (name == "port" and v > 65535)):
@@ -382,11 +387,12 @@ def cmd_serve(args) -> int:
                  "Ctrl-C stops")
 
     try:
-        asyncio.run(serve(llm, args.host, args.port, model_name=args.served_model_name or str(folder), ready=ready))
+        asyncio.run(serve(llm, args.host, args.port, model_name=args.served_model_name or str(folder), ready=ready,
+                          stop_signals=True, shutdown_timeout=args.shutdown_timeout, report=progress))
     except OSError as e:
         raise CLIError(f"cannot listen on {args.host}:{args.port}: {one_line(e)}", EXIT_FAILURE) from None
     except KeyboardInterrupt:
-        progress("stopped")
+        progress("stopped at once")
     return 0
 
 

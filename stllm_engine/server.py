@@ -62,6 +62,7 @@ class Server:
         self.max_body_bytes = max_body_bytes
         self.model_name = model_name
         self._server: asyncio.base_events.Server | None = None
+        self._active: set[asyncio.Task] = set()  # connection handlers running now
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=1 << 16)
@@ -71,6 +72,25 @@ class Server:
         if self._server is None:
             await self.start()
         await self._server.serve_forever()
+
+    @property
+    def in_flight(self) -> int:
+        """Connections being handled now (a request being read, run or answered)."""
+        return len(self._active)
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting connections and wait up to ``timeout`` seconds for the ones being handled
+        to finish; the rest are cancelled (their requests aborted). Returns how many were cut."""
+        if self._server is not None:
+            self._server.close()
+        pending = set(self._active)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -126,6 +146,14 @@ class Server:
         await writer.drain()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._active.add(task)
+        try:
+            await self._handle_one(reader, writer)
+        finally:
+            self._active.discard(task)
+
+    async def _handle_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         path = ""
 
         async def fail(status: int, message: str) -> None:
@@ -299,15 +327,41 @@ class Server:
 
 
 async def serve(llm: STLLM, host: str = "127.0.0.1", port: int = 8000, model_name: str = "",
-                ready=None, max_body_bytes: int = 512 << 20) -> None:
-    """Run a :class:`Server` until cancelled; ``ready(server)`` is called once it listens."""
+                ready=None, max_body_bytes: int = 512 << 20, stop_signals: bool = False,
+                shutdown_timeout: float = 30.0, report=None) -> None:
+    """Run a :class:`Server` until cancelled; ``ready(server)`` is called once it listens.
+
+    ``stop_signals``: SIGTERM or SIGINT (a container stop, Ctrl-C) then shut down gracefully: no
+    new connections, the requests in flight run to their end for up to ``shutdown_timeout``
+    seconds (then they are aborted), and ``serve`` returns; a second signal acts at once (SIGINT
+    raises KeyboardInterrupt). ``report(message)`` hears about the shutdown."""
+    import signal
+
     server = Server(llm, host, port, max_body_bytes=max_body_bytes, model_name=model_name)
     await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    sigs = (signal.SIGTERM, signal.SIGINT) if stop_signals else ()
+
+    def on_signal(name: str) -> None:
+        for s in sigs:  # the next signal gets its default action
+            loop.remove_signal_handler(s)
+        if report is not None:
+            report(f"{name}: stopping; {server.in_flight} connection(s) in flight get up to "
+                   f"{shutdown_timeout:g} s to finish (a second signal stops at once)")
+        stop.set()
+    for s in sigs:
+        loop.add_signal_handler(s, on_signal, s.name)
     if ready is not None:
         ready(server)
     try:
-        await server.serve_forever()
+        await stop.wait()
+        cut = await server.drain(shutdown_timeout)
+        if report is not None:
+            report(f"stopped ({cut} request(s) aborted at the timeout)" if cut else "stopped")
     finally:
+        for s in sigs:
+            loop.remove_signal_handler(s)
         await server.close()
 
 

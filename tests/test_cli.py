@@ -304,3 +304,70 @@ def test_serve_command_warms_up_then_answers(files, engine_answer, no_warmup):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _serve(files, port, *extra):
+    import threading
+
+    cmd = [sys.executable, "-m", "stllm_engine", "serve", "--model", str(files[0]), "--port", str(port),
+           "--no-warmup", *extra]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    return proc, lines
+
+
+def _wait_for(lines, text: str, timeout: float = 60.0) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(text in ln for ln in list(lines)):
+            return "".join(lines)
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in {''.join(lines)!r}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("finish", [True, False])
+def test_serve_stops_gracefully_on_sigterm(files, engine_answer, finish):
+    """SIGTERM: no new connections, the request in flight (its body half sent when the signal
+    came) still gets its answer and the server exits 0; with a client that never finishes, the
+    shutdown timeout aborts it."""
+    import signal
+    import socket
+
+    port = _free_port()
+    proc, lines = _serve(files, port, "--shutdown-timeout", "60" if finish else "0.5")
+    try:
+        _wait_for(lines, "serving")
+        body = json.dumps({"video": str(files[1]), "question": QUESTION,
+                           "params": {"max_new_tokens": MAX_NEW}}).encode()
+        conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+        conn.sendall(b"POST /v1/answer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
+        time.sleep(0.3)  # the server has accepted the connection and waits for the rest of the body
+        proc.send_signal(signal.SIGTERM)
+        log = _wait_for(lines, "SIGTERM: stopping")
+        assert "1 connection(s) in flight" in log, log
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        if finish:
+            conn.sendall(body[10:])
+            raw = b""
+            while chunk := conn.recv(65536):
+                raw += chunk
+            head, _, payload = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and json.loads(payload)["text"] == engine_answer
+        assert proc.wait(timeout=60) == 0
+        log = _wait_for(lines, "stopped")
+        assert ("aborted at the timeout" in log) != finish, log
+        conn.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
