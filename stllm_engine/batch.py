@@ -34,6 +34,7 @@ class _Line:
     def __init__(self, index: int, custom_id, url: str = "") -> None:
         self.index, self.custom_id, self.url = index, custom_id, url
         self.fmt = None
+        self.outs: list[RequestOutput | None] = []  # one per choice (n of a chat body)
         self.result: dict | None = None
 
     def response(self, status: int, body: dict, request_id: str | None = None) -> None:
@@ -51,7 +52,7 @@ class _Line:
 
 
 def _parse(llm: STLLM, index: int, text: str, model: str):
-    """(line, request args or None)."""
+    """(line, [request args per choice] or None)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -76,13 +77,16 @@ def _parse(llm: STLLM, index: int, text: str, model: str):
         if line.url == "/v1/answer":
             video, question, params, options, _, _ = parse_answer_request(llm, body)
             line.fmt = AnswerFormat(llm)
+            choices = [params]
         else:
-            video, question, params, options, _, _ = parse_chat_request(llm, body, body.get("model", model))
+            chat = parse_chat_request(llm, body, body.get("model", model))
+            video, question, options, choices = chat.video, chat.question, chat.options, chat.choice_params()
             line.fmt = ChatFormat(llm, model)
     except BadRequest as e:
         line.fail(e.status, str(e))
         return line, None
-    return line, (video, question, params, options)
+    line.outs = [None] * len(choices)
+    return line, [(video, question, p, options) for p in choices]
 
 
 def failed_line(result: dict) -> bool:
@@ -90,12 +94,19 @@ def failed_line(result: dict) -> bool:
     return result["error"] is not None or result["response"]["status_code"] != 200
 
 
-def _finish(line: _Line, out: RequestOutput) -> None:
-    if out.error is not None:
-        failed_model = out.error.startswith(MODEL_FAILURE) or bool(out.token_ids)
-        line.fail(500 if failed_model else 400, out.error, out.request_id)
+def _finish(line: _Line, choice: int, out: RequestOutput) -> None:
+    """Record a finished choice; the line's result once every choice has finished."""
+    line.outs[choice] = out
+    if any(o is None for o in line.outs):
+        return
+    bad = next((o for o in line.outs if o.error is not None), None)
+    if bad is not None:
+        failed_model = bad.error.startswith(MODEL_FAILURE) or bool(bad.token_ids)
+        line.fail(500 if failed_model else 400, bad.error, line.outs[0].request_id)
+    elif len(line.outs) == 1:
+        line.response(200, line.fmt.result(line.outs[0]), line.outs[0].request_id)
     else:
-        line.response(200, line.fmt.result(out), out.request_id)
+        line.response(200, line.fmt.results(line.outs), line.outs[0].request_id)
 
 
 def run_batch(llm: STLLM, lines: Iterable[str], model: str = "stllm", window: int = 64,
@@ -107,7 +118,7 @@ def run_batch(llm: STLLM, lines: Iterable[str], model: str = "stllm", window: in
     eng = llm.engine
     source = iter(enumerate(text for text in lines if text.strip()))
     pending: dict[int, _Line] = {}  # submitted or finished, not yet written
-    by_rid: dict[str, _Line] = {}
+    by_rid: dict[str, tuple[_Line, int]] = {}
     next_out, done, failed, exhausted = 0, 0, 0, False
     prefix = f"batch-{uuid.uuid4().hex[:8]}"
     while True:
@@ -119,10 +130,9 @@ def run_batch(llm: STLLM, lines: Iterable[str], model: str = "stllm", window: in
             index, text = item
             line, req = _parse(llm, index, text, model)
             pending[index] = line
-            if req is not None:
-                video, question, params, options = req
-                rid = eng.add_request(video, question, params, request_id=f"{prefix}-{index}", **options)
-                by_rid[rid] = line
+            for choice, (video, question, params, options) in enumerate(req or ()):
+                rid = eng.add_request(video, question, params, request_id=f"{prefix}-{index}-{choice}", **options)
+                by_rid[rid] = (line, choice)
         wrote = False
         while next_out in pending and pending[next_out].result is not None:
             result = pending.pop(next_out).result
@@ -141,7 +151,7 @@ def run_batch(llm: STLLM, lines: Iterable[str], model: str = "stllm", window: in
             continue
         for out in eng.step():
             if out.finished and out.request_id in by_rid:
-                _finish(by_rid.pop(out.request_id), out)
+                _finish(*by_rid.pop(out.request_id), out)
 
 
 def run_batch_file(llm: STLLM, src, dst, model: str = "stllm", window: int = 64,

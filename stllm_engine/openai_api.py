@@ -11,7 +11,9 @@ release's chat system text (``""`` is the release's ``system=False``). An ``imag
 :meth:`STLLM.answer` takes an image.
 
 Generation fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``,
-``seed``, ``stop`` (added to the release's "###", which ends an assistant turn), ``n`` (1 only),
+``seed``, ``stop`` (added to the release's "###", which ends an assistant turn), ``n`` (up to
+16 choices, not streamed; choice i samples with seed + i, and choices after the first take the
+prompt's KV from the prefix cache),
 ``logprobs`` / ``top_logprobs`` (0-20; every generated token, of the model's own distribution
 before penalties, see ``SamplingParams.logprobs``), ``stream`` and ``stream_options.include_usage``; vLLM's extensions ``top_k``, ``min_tokens``,
 ``repetition_penalty``, ``ignore_eos``; and this engine's ``num_frames``, ``keep_ratio``,
@@ -26,6 +28,7 @@ import base64
 import binascii
 import time
 import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stllm_engine.answer_request import BadRequest, flag, sampling_params
@@ -33,6 +36,7 @@ from stllm_engine.answer_text import token_text
 from stllm_engine.api import STLLM
 from stllm_engine.outputs import RequestOutput
 from stllm_engine.prompts import SEP, release_answer
+from stllm_engine.sampling_params import SamplingParams
 
 VIDEO_OPTIONS = ("num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling")
 PARAM_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
@@ -43,6 +47,7 @@ ZERO_FIELDS = ("presence_penalty", "frequency_penalty")  # accepted when 0 (what
 OTHER_FIELDS = {"model", "messages", "stop", "n", "stream", "stream_options", "user", "logprobs", "top_logprobs"}
 CHAT_KEYS = set(PARAM_FIELDS) | set(ZERO_FIELDS) | OTHER_FIELDS | set(VIDEO_OPTIONS)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+MAX_CHOICES = 16  # n
 
 
 def error_body(message: str, status: int) -> dict:
@@ -137,9 +142,29 @@ def parse_messages(messages) -> tuple:
     return videos[0][1], turns[-1], history, system
 
 
-def parse_chat_request(llm: STLLM, body, model: str) -> tuple:
-    """Validate a chat-completions body -> (video, question, SamplingParams, options, stream,
-    include_usage); ``options`` go to ``add_request`` (history, system, video options)."""
+@dataclass
+class ChatRequest:
+    """A validated chat-completions body; ``options`` go to ``add_request`` (history, system,
+    video options)."""
+
+    video: str | bytes
+    question: str
+    params: SamplingParams
+    options: dict
+    stream: bool = False
+    include_usage: bool = False
+    n: int = 1
+
+    def choice_params(self) -> list[SamplingParams]:
+        """SamplingParams of each of the ``n`` choices: choice i samples with seed + i (each its
+        own fresh seed when none is set); greedy choices are all the same answer."""
+        seed = self.params.seed
+        return [self.params] + [replace(self.params, seed=None if seed is None else seed + i)
+                                for i in range(1, self.n)]
+
+
+def parse_chat_request(llm: STLLM, body, model: str) -> ChatRequest:
+    """Validate a chat-completions body (400 / 404 :class:`BadRequest` naming the problem)."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     unknown = sorted(set(body) - CHAT_KEYS)
@@ -154,8 +179,9 @@ def parse_chat_request(llm: STLLM, body, model: str) -> tuple:
     top = body.get("top_logprobs")
     if top is not None and not logprobs:
         raise BadRequest("'top_logprobs' needs 'logprobs': true")
-    if body.get("n", 1) != 1:
-        raise BadRequest("'n' must be 1: send one request per answer")
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise BadRequest(f"'n' must be an int in 1..{MAX_CHOICES}, got {n!r}")
     video, question, history, system = parse_messages(body.get("messages"))
     raw = {PARAM_FIELDS[k]: v for k, v in body.items() if k in PARAM_FIELDS and v is not None}
     if "max_tokens" in body and "max_completion_tokens" in body:
@@ -170,6 +196,9 @@ def parse_chat_request(llm: STLLM, body, model: str) -> tuple:
         raw["logprobs"] = 0 if top is None else top
     params = sampling_params(llm, raw, "generation parameters")
     stream = flag(body, "stream")
+    if stream and n > 1:
+        raise BadRequest("'stream' with more than one choice (n > 1) is not supported: ask without 'stream', "
+                         "or send n streamed requests")
     so = body.get("stream_options") or {}
     if not isinstance(so, dict) or set(so) - {"include_usage"} or not isinstance(so.get("include_usage", False), bool):
         raise BadRequest("'stream_options' may only hold 'include_usage': true or false")
@@ -177,7 +206,7 @@ def parse_chat_request(llm: STLLM, body, model: str) -> tuple:
     options["history"] = history
     if system is not None:
         options["system"] = system
-    return video, question, params, options, stream, bool(so.get("include_usage", False))
+    return ChatRequest(video, question, params, options, stream, bool(so.get("include_usage", False)), n)
 
 
 class ChatFormat:
@@ -215,12 +244,20 @@ class ChatFormat:
 
     def result(self, out: RequestOutput) -> dict:
         """The non-streamed answer; ``timings`` is this engine's extension."""
-        text = release_answer(self.llm.tokenizer, out.token_ids, out.stop_reason)
+        return self.results([out])
+
+    def results(self, outs: list[RequestOutput]) -> dict:
+        """The non-streamed answer of ``n`` choices: the prompt is counted once (choice 0's, as
+        OpenAI bills it), the completion tokens of every choice; timings of choice 0."""
+        choices = [{"index": i, "message": {"role": "assistant",
+                                            "content": release_answer(self.llm.tokenizer, o.token_ids, o.stop_reason)},
+                    "logprobs": self._logprobs(o.logprobs),
+                    "finish_reason": FINISH_REASONS.get(o.finish_reason, o.finish_reason)} for i, o in enumerate(outs)]
+        usage = self._usage(outs[0])
+        usage["completion_tokens"] = sum(len(o.token_ids) for o in outs)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": self._logprobs(out.logprobs),
-                             "finish_reason": FINISH_REASONS.get(out.finish_reason, out.finish_reason)}],
-                "usage": self._usage(out), "timings": out.timings.as_dict()}
+                "choices": choices, "usage": usage, "timings": outs[0].timings.as_dict()}
 
     def start(self) -> list[dict]:
         return [self._chunk({"role": "assistant", "content": ""})]

@@ -205,9 +205,13 @@ class Server:
             if path == "/v1/answer":
                 await self._answer(reader, writer, *parse_answer_request(self.llm, req))
                 return
-            video, question, params, options, stream, usage = parse_chat_request(self.llm, req, self.served_model)
-            await self._answer(reader, writer, video, question, params, options, stream,
-                               fmt=ChatFormat(self.llm, self.served_model, usage))
+            chat = parse_chat_request(self.llm, req, self.served_model)
+            fmt = ChatFormat(self.llm, self.served_model, chat.include_usage)
+            if chat.n > 1:
+                await self._choices(reader, writer, chat, fmt)
+            else:
+                await self._answer(reader, writer, chat.video, chat.question, chat.params, chat.options,
+                                   chat.stream, fmt=fmt)
         else:
             raise BadRequest(f"no such endpoint {path}; use GET /health, GET /metrics, GET /v1/models, "
                              "POST /v1/answer or POST /v1/chat/completions", 404)
@@ -228,29 +232,60 @@ class Server:
             raise BadRequest(out.error, 500 if failed_model else 400)
 
     @staticmethod
-    async def _final(outputs, reader: asyncio.StreamReader) -> RequestOutput:
-        """The request's finished output, while watching the connection: the client sends nothing
-        after its body, so end-of-file means it closed the connection (ConnectionResetError; the
-        caller's ``aclose`` then aborts the request). Data instead ends the watch."""
-        gone = asyncio.ensure_future(reader.read(1))
-        try:
-            while True:
-                nxt = asyncio.ensure_future(outputs.__anext__())
-                await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
-                    if gone.exception() is None and gone.result():  # not a hang-up: stop watching
-                        gone = asyncio.get_running_loop().create_future()
-                        out = await nxt
-                    else:
-                        nxt.cancel()
-                        await asyncio.gather(nxt, return_exceptions=True)
-                        raise ConnectionResetError("client closed the connection before the answer")
-                else:
-                    out = nxt.result()
+    async def _finals(streams, reader: asyncio.StreamReader) -> list[RequestOutput]:
+        """The finished outputs of the requests ``streams`` (output iterators), while watching the
+        connection: the client sends nothing after its body, so end-of-file means it closed the
+        connection (ConnectionResetError; the callers' ``aclose`` then abort the requests). Data
+        instead ends the watch."""
+        async def final(outputs):
+            async for out in outputs:
                 if out.finished:
                     return out
+            raise RuntimeError("request output stream ended before the request finished")
+        tasks = [asyncio.ensure_future(final(o)) for o in streams]
+        gone = asyncio.ensure_future(reader.read(1))
+        try:
+            while not all(t.done() for t in tasks):
+                await asyncio.wait({gone, *(t for t in tasks if not t.done())}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done() and not all(t.done() for t in tasks):
+                    if gone.exception() is None and gone.result():  # not a hang-up: stop watching
+                        gone = asyncio.get_running_loop().create_future()
+                    else:
+                        raise ConnectionResetError("client closed the connection before the answer")
+            return [t.result() for t in tasks]
         finally:
             gone.cancel()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _final(self, outputs, reader: asyncio.StreamReader) -> RequestOutput:
+        return (await self._finals([outputs], reader))[0]
+
+    async def _choices(self, reader, writer, chat, fmt) -> None:
+        """``n`` answers to one chat request in one body. The first choice runs alone until its
+        prompt is prefilled (its first output), so the others find the prompt's KV blocks in the
+        prefix cache instead of prefilling it again beside it."""
+        rid = f"http-{uuid.uuid4().hex[:16]}"
+        params = chat.choice_params()
+        streams = [self.engine.generate(chat.video, chat.question, params[0], request_id=f"{rid}-0", **chat.options)]
+        try:
+            first = await streams[0].__anext__()
+            self._check(first)
+
+            async def resumed():
+                yield first
+                async for out in streams[0]:
+                    yield out
+            streams += [self.engine.generate(chat.video, chat.question, p, request_id=f"{rid}-{i}", **chat.options)
+                        for i, p in enumerate(params[1:], 1)]
+            outs = await self._finals([resumed(), *streams[1:]], reader)
+            for out in outs:
+                self._check(out)
+            await self._send(writer, 200, fmt.results(outs))
+        finally:
+            for s in streams:
+                await s.aclose()  # aborts the requests still running
 
     STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")

@@ -100,3 +100,11 @@ def test_run_batch_cli(files, llm, tmp_path, capsys):
 def test_run_batch_refuses_a_bad_window(llm):
     with pytest.raises(ValueError, match="window"):
         list(run_batch(llm, io.StringIO(""), window=0))
+
+
+def test_a_line_with_n_choices(files, llm):
+    _, videos, _ = files
+    out = list(run_batch(llm, [chat_line("n3", videos[1], Q1, n=3, temperature=0.8, seed=11)], model="tiny"))
+    body = out[0]["response"]["body"]
+    want = [llm.answer(videos[1], Q1, max_new_tokens=N, temperature=0.8, seed=11 + i) for i in range(3)]
+    assert [c["message"]["content"] for c in body["choices"]] == want and out[0]["error"] is None

@@ -212,7 +212,8 @@ def test_max_tokens_and_stop(server, llm, files):
 BAD = [
     ({"messages": []}, 400, "non-empty list"),
     ({"model": "gpt-4o"}, 404, "'gpt-4o' is not served here"),
-    ({"n": 2}, 400, "'n' must be 1"),
+    ({"n": 17}, 400, "'n' must be an int in 1..16"),
+    ({"n": 2, "stream": True}, 400, "more than one choice (n > 1) is not supported"),
     ({"presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"tools": []}, 400, "unsupported request fields ['tools']"),
     ({"temperature": -1}, 400, "temperature"),
@@ -290,10 +291,74 @@ def test_parse_maps_openai_fields_to_sampling_params(llm, tmp_path):
                          {"role": "assistant", "content": "A1"}, {"role": "user", "content": Q2}],
             "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 4, "seed": 11,
             "min_tokens": 2, "stop": ["END"], "num_frames": 4, "presence_penalty": 0, "user": "u1"}
-    video, question, params, options, stream, usage = parse_chat_request(llm, body, MODEL)
-    assert video == str(path) and question == Q2 and not stream and not usage
+    chat = parse_chat_request(llm, body, MODEL)
+    video, question, params, options = chat.video, chat.question, chat.params, chat.options
+    assert video == str(path) and question == Q2 and not chat.stream and not chat.include_usage and chat.n == 1
     assert options == {"num_frames": 4, "history": [(Q1, "A1")], "system": "S"}
     assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k, params.seed,
             params.min_new_tokens, params.stop) == (7, 0.5, 0.9, 4, 11, 2, ["###", "END"])
-    defaults = parse_chat_request(llm, {"messages": [user(str(path), Q1)]}, MODEL)[2]
+    defaults = parse_chat_request(llm, {"messages": [user(str(path), Q1)]}, MODEL).params
     assert defaults == llm.params()  # fields left out keep the release chat's settings
+
+
+def test_concurrent_mixed_requests_each_get_their_own_answer(server, llm, files):
+    """Eight chat completions at once - two videos, greedy and seeded sampling, streamed or not,
+    a corrupt-free bad one - are batched by the engine; each equals the answer it gets alone."""
+    import threading
+
+    v0, v1 = (str(v) for v in files[1])
+    jobs = [(v0, Q1, {}, False), (v1, Q2, {"temperature": 0.9, "seed": 5}, True), (v1, Q1, {"max_tokens": 3}, False),
+            (v0, Q2, {"top_k": 3, "temperature": 1.0, "seed": 1}, False), ("/no/such.mp4", Q1, {}, False),
+            (v0, Q3, {"stop": ["e"]}, True), (v1, Q3, {}, True), (v0, Q1, {"repetition_penalty": 1.0}, False)]
+    want = []
+    for video, q, extra, _ in jobs:
+        kw = {"max_new_tokens": extra.get("max_tokens", MAX_NEW), **{k: v for k, v in extra.items() if k != "max_tokens"}}
+        if "stop" in kw:
+            kw["stop"] = ["###"] + kw["stop"]
+        try:
+            want.append(llm.answer(video, q, **kw))
+        except Exception as e:  # noqa: BLE001 - the bad one
+            want.append(type(e).__name__)
+    got = [None] * len(jobs)
+
+    def run(i):
+        video, q, extra, stream = jobs[i]
+        body = dict({"max_tokens": MAX_NEW, "messages": [user(video, q)], "stream": stream}, **extra)
+        status, _, payload = post(server, "/v1/chat/completions", body)
+        if status != 200:
+            got[i] = status
+        elif stream:
+            got[i] = "".join(c["choices"][0]["delta"].get("content", "") for c in events(payload) if c["choices"])
+        else:
+            got[i] = json.loads(payload)["choices"][0]["message"]["content"]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got[4] == 400 and want[4] in ("VideoNotFoundError", "RequestFailedError")
+    assert got[:4] + got[5:] == want[:4] + want[5:]
+
+
+def test_n_choices_sample_with_consecutive_seeds_and_share_the_prompt(server, llm, files):
+    video = str(files[1][1])
+    q = "Describe the clip in a few words."
+    want = [llm.answer(video, q, max_new_tokens=MAX_NEW, temperature=0.9, seed=7 + i) for i in range(3)]
+    outs = []
+    status, _, payload = post(server, "/health", None, "GET")
+    hits = json.loads(payload)["stats"]["kv"]["prefix_hit_tokens"]
+    status, body = chat(server, {"max_tokens": MAX_NEW, "temperature": 0.9, "seed": 7, "n": 3,
+                                 "logprobs": True, "messages": [user(video, q)]})
+    assert status == 200, body
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["message"]["content"] for c in body["choices"]] == want
+    assert all(len(c["logprobs"]["content"]) >= 1 for c in body["choices"])
+    outs = [len(c["logprobs"]["content"]) for c in body["choices"]]
+    assert body["usage"]["completion_tokens"] == sum(outs)
+    _, _, payload = post(server, "/health", None, "GET")
+    # choices 1 and 2 started after choice 0's prefill: its prompt blocks came from the prefix cache
+    assert json.loads(payload)["stats"]["kv"]["prefix_hit_tokens"] - hits >= body["usage"]["prompt_tokens"]
+    status, body = chat(server, {"max_tokens": MAX_NEW, "n": 2, "messages": [user(video, q)]})
+    assert status == 200 and body["choices"][0]["message"] == body["choices"][1]["message"]  # greedy
+    status, body = chat(server, {"max_tokens": MAX_NEW, "n": 2, "messages": [user(str(files[0]) + "/x.mp4", q)]})
+    assert status == 400 and "not found" in body["error"]["message"]
