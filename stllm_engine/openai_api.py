@@ -12,8 +12,8 @@ release's chat system text (``""`` is the release's ``system=False``). An ``imag
 
 Generation fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``,
 ``seed``, ``stop`` (added to the release's "###", which ends an assistant turn), ``n`` (up to
-16 choices, not streamed; choice i samples with seed + i, and choices after the first take the
-prompt's KV from the prefix cache),
+16 choices, streamed chunks carry their ``index``; choice i samples with seed + i, and choices
+after the first take the prompt's KV from the prefix cache),
 ``logprobs`` / ``top_logprobs`` (0-20; every generated token, of the model's own distribution
 before penalties, see ``SamplingParams.logprobs``), ``stream`` and ``stream_options.include_usage``; vLLM's extensions ``top_k``, ``min_tokens``,
 ``repetition_penalty``, ``ignore_eos``; and this engine's ``num_frames``, ``keep_ratio``,
@@ -196,9 +196,6 @@ def parse_chat_request(llm: STLLM, body, model: str) -> ChatRequest:
         raw["logprobs"] = 0 if top is None else top
     params = sampling_params(llm, raw, "generation parameters")
     stream = flag(body, "stream")
-    if stream and n > 1:
-        raise BadRequest("'stream' with more than one choice (n > 1) is not supported: ask without 'stream', "
-                         "or send n streamed requests")
     so = body.get("stream_options") or {}
     if not isinstance(so, dict) or set(so) - {"include_usage"} or not isinstance(so.get("include_usage", False), bool):
         raise BadRequest("'stream_options' may only hold 'include_usage': true or false")
@@ -214,7 +211,7 @@ class ChatFormat:
 
     def __init__(self, llm: STLLM, model: str, include_usage: bool = False) -> None:
         self.llm, self.model, self.include_usage = llm, model, include_usage
-        self.sent_logprobs = 0  # tokens whose logprobs went out in stream chunks
+        self.sent_logprobs: dict[int, int] = {}  # per choice: tokens whose logprobs went out in chunks
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -234,44 +231,50 @@ class ChatFormat:
         return {"content": [dict(one(x.token_id, x.logprob), top_logprobs=[one(t, v) for t, v in x.top])
                             for x in logprobs]}
 
-    def _chunk(self, delta: dict, finish_reason=None, out: RequestOutput | None = None) -> dict:
+    def _chunk(self, delta: dict, finish_reason=None, out: RequestOutput | None = None, index: int = 0) -> dict:
         lp = None
         if out is not None and out.logprobs is not None:  # the tokens generated since the last chunk
-            lp = self._logprobs(out.logprobs[self.sent_logprobs:])
-            self.sent_logprobs = len(out.logprobs)
+            lp = self._logprobs(out.logprobs[self.sent_logprobs.get(index, 0):])
+            self.sent_logprobs[index] = len(out.logprobs)
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]}
+
+    def _usage_of(self, outs: list[RequestOutput]) -> dict:
+        """The prompt counted once (choice 0's, as OpenAI bills it), every choice's completion."""
+        usage = self._usage(outs[0])
+        usage["completion_tokens"] = sum(len(o.token_ids) for o in outs)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return usage
 
     def result(self, out: RequestOutput) -> dict:
         """The non-streamed answer; ``timings`` is this engine's extension."""
         return self.results([out])
 
     def results(self, outs: list[RequestOutput]) -> dict:
-        """The non-streamed answer of ``n`` choices: the prompt is counted once (choice 0's, as
-        OpenAI bills it), the completion tokens of every choice; timings of choice 0."""
+        """The non-streamed answer of ``n`` choices (usage: :meth:`_usage_of`; timings of choice 0)."""
         choices = [{"index": i, "message": {"role": "assistant",
                                             "content": release_answer(self.llm.tokenizer, o.token_ids, o.stop_reason)},
                     "logprobs": self._logprobs(o.logprobs),
                     "finish_reason": FINISH_REASONS.get(o.finish_reason, o.finish_reason)} for i, o in enumerate(outs)]
-        usage = self._usage(outs[0])
-        usage["completion_tokens"] = sum(len(o.token_ids) for o in outs)
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage, "timings": outs[0].timings.as_dict()}
+                "choices": choices, "usage": self._usage_of(outs), "timings": outs[0].timings.as_dict()}
 
-    def start(self) -> list[dict]:
-        return [self._chunk({"role": "assistant", "content": ""})]
+    def start(self, n: int = 1) -> list[dict]:
+        return [self._chunk({"role": "assistant", "content": ""}, index=i) for i in range(n)]
 
-    def piece(self, text: str, out: RequestOutput) -> dict:
-        return self._chunk({"content": text}, out=out)
+    def piece(self, text: str, out: RequestOutput, index: int = 0) -> dict:
+        return self._chunk({"content": text}, out=out, index=index)
+
+    def finish(self, out: RequestOutput, index: int = 0) -> dict:
+        """The chunk that ends choice ``index`` (its finish reason, its last logprobs)."""
+        return self._chunk({}, FINISH_REASONS.get(out.finish_reason, out.finish_reason), out, index)
+
+    def usage_chunk(self, outs: list[RequestOutput]) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [], "usage": self._usage_of(outs), "timings": outs[0].timings.as_dict()}
 
     def end(self, out: RequestOutput) -> list[dict]:
-        last = self._chunk({}, FINISH_REASONS.get(out.finish_reason, out.finish_reason), out)
-        if not self.include_usage:
-            return [last]
-        usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                 "choices": [], "usage": self._usage(out), "timings": out.timings.as_dict()}
-        return [last, usage]
+        return [self.finish(out)] + ([self.usage_chunk([out])] if self.include_usage else [])
 
     def error(self, message: str) -> dict:
         return error_body(message, 500)

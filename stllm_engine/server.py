@@ -263,9 +263,9 @@ class Server:
         return (await self._finals([outputs], reader))[0]
 
     async def _choices(self, reader, writer, chat, fmt) -> None:
-        """``n`` answers to one chat request in one body. The first choice runs alone until its
-        prompt is prefilled (its first output), so the others find the prompt's KV blocks in the
-        prefix cache instead of prefilling it again beside it."""
+        """``n`` answers to one chat request, in one body or one stream. The first choice runs
+        alone until its prompt is prefilled (its first output), so the others find the prompt's KV
+        blocks in the prefix cache instead of prefilling it again beside it."""
         rid = f"http-{uuid.uuid4().hex[:16]}"
         params = chat.choice_params()
         streams = [self.engine.generate(chat.video, chat.question, params[0], request_id=f"{rid}-0", **chat.options)]
@@ -279,6 +279,10 @@ class Server:
                     yield out
             streams += [self.engine.generate(chat.video, chat.question, p, request_id=f"{rid}-{i}", **chat.options)
                         for i, p in enumerate(params[1:], 1)]
+            if chat.stream:
+                writer.write(self.STREAM_HEAD)
+                await self._stream_choices(writer, [resumed(), *streams[1:]], fmt, chat.params.stop)
+                return
             outs = await self._finals([resumed(), *streams[1:]], reader)
             for out in outs:
                 self._check(out)
@@ -286,6 +290,45 @@ class Server:
         finally:
             for s in streams:
                 await s.aclose()  # aborts the requests still running
+
+    async def _stream_choices(self, writer, streams, fmt, stop) -> None:
+        """Server-sent events of several choices as their tokens come, each chunk naming its
+        choice; a failing choice ends the stream with its error."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, outputs) -> None:
+            try:
+                async for out in outputs:
+                    await queue.put((i, out))
+            except Exception as e:  # noqa: BLE001 - reported in the stream
+                await queue.put((i, e))
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        texts = [AnswerText(self.llm.tokenizer, stop) for _ in streams]
+        done: list[RequestOutput | None] = [None] * len(streams)
+        try:
+            for event in fmt.start(len(streams)):
+                await self._event(writer, event)
+            while any(d is None for d in done):
+                i, out = await queue.get()
+                if isinstance(out, Exception) or out.error is not None:
+                    await self._event(writer, fmt.error(str(out) if isinstance(out, Exception) else out.error))
+                    break
+                piece = texts[i].piece(out.token_ids, final=out.finished, stop_reason=out.stop_reason)
+                if piece:
+                    await self._event(writer, fmt.piece(piece, out, i))
+                if out.finished:
+                    done[i] = out
+                    await self._event(writer, fmt.finish(out, i))
+            else:
+                if fmt.include_usage:
+                    await self._event(writer, fmt.usage_chunk(done))
+            await self._event(writer, b"[DONE]")
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")

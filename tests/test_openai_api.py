@@ -213,7 +213,6 @@ BAD = [
     ({"messages": []}, 400, "non-empty list"),
     ({"model": "gpt-4o"}, 404, "'gpt-4o' is not served here"),
     ({"n": 17}, 400, "'n' must be an int in 1..16"),
-    ({"n": 2, "stream": True}, 400, "more than one choice (n > 1) is not supported"),
     ({"presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"tools": []}, 400, "unsupported request fields ['tools']"),
     ({"temperature": -1}, 400, "temperature"),
@@ -358,6 +357,19 @@ def test_n_choices_sample_with_consecutive_seeds_and_share_the_prompt(server, ll
     _, _, payload = post(server, "/health", None, "GET")
     # choices 1 and 2 started after choice 0's prefill: its prompt blocks came from the prefix cache
     assert json.loads(payload)["stats"]["kv"]["prefix_hit_tokens"] - hits >= body["usage"]["prompt_tokens"]
+    status, _, payload = post(server, "/v1/chat/completions", {
+        "max_tokens": MAX_NEW, "temperature": 0.9, "seed": 7, "n": 3, "logprobs": True, "stream": True,
+        "stream_options": {"include_usage": True}, "messages": [user(video, q)]})
+    assert status == 200
+    chunks = events(payload)
+    usage = chunks.pop()
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == sum(outs)
+    for i in range(3):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in mine) == want[i]
+        assert [c["finish_reason"] for c in mine].count(None) == len(mine) - 1 and mine[-1]["finish_reason"]
+        assert sum(len((c["logprobs"] or {}).get("content") or []) for c in mine) == outs[i]
     status, body = chat(server, {"max_tokens": MAX_NEW, "n": 2, "messages": [user(video, q)]})
     assert status == 200 and body["choices"][0]["message"] == body["choices"][1]["message"]  # greedy
     status, body = chat(server, {"max_tokens": MAX_NEW, "n": 2, "messages": [user(str(files[0]) + "/x.mp4", q)]})
