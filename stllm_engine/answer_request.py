@@ -6,6 +6,7 @@ import binascii
 from pathlib import Path
 
 from stllm_engine.api import STLLM
+from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
 
 REQUEST_OPTIONS = ("system", "history", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling")
 ANSWER_KEYS = {"video", "video_b64", "question", "params", "stream", "progress", *REQUEST_OPTIONS}
@@ -17,6 +18,12 @@ class BadRequest(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+def error_status(out: RequestOutput) -> int:
+    """HTTP status of a failed request: 500 when a model step failed under it (or it failed after
+    generating), else 400 (its input was bad)."""
+    return 500 if out.error.startswith(MODEL_FAILURE) or out.token_ids else 400
 
 
 def sampling_params(llm: STLLM, raw: dict, what: str = "params"):

@@ -33,8 +33,7 @@ class AnswerText:
 
     def _is_byte(self, i: int) -> bool:
         if i not in self._byte_token:
-            tok = self.tokenizer.convert_ids_to_tokens(i)
-            self._byte_token[i] = isinstance(tok, str) and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
+            self._byte_token[i] = fallback_byte(self.tokenizer.convert_ids_to_tokens(i)) is not None
         return self._byte_token[i]
 
     def piece(self, ids: list[int], final: bool = False, stop_reason: str | None = None) -> str:
@@ -52,14 +51,21 @@ class AnswerText:
         return out
 
 
+def fallback_byte(tok) -> int | None:
+    """The byte of a SentencePiece byte-fallback token "<0xNN>", else None."""
+    if isinstance(tok, str) and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+        return int(tok[3:5], 16)
+    return None
+
+
 def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
     """(text, UTF-8 bytes) of one token as it reads inside a text: SentencePiece's "▁" is a
     space, a byte-fallback token "<0xNN>" is that byte (its text "" unless ASCII)."""
     tok = tokenizer.convert_ids_to_tokens(int(token_id))
     if not isinstance(tok, str):
         return "", []
-    if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-        b = int(tok[3:5], 16)
+    b = fallback_byte(tok)
+    if b is not None:
         return (chr(b) if b < 0x80 else ""), [b]
     text = tok.replace("\u2581", " ")
     return text, list(text.encode("utf-8"))
@@ -94,14 +100,17 @@ class AnswerFormat:
     def result(self, out: RequestOutput) -> dict:
         return result_json(self.llm, out)
 
-    def start(self) -> list[dict]:
+    def start(self, n: int = 1) -> list[dict]:
         return []
 
-    def piece(self, text: str, out: RequestOutput) -> dict:
+    def piece(self, text: str, out: RequestOutput, index: int = 0) -> dict:
         return {"text": text}
 
-    def end(self, out: RequestOutput) -> list[dict]:
-        return [dict(result_json(self.llm, out), done=True)]
+    def finish(self, out: RequestOutput, index: int = 0) -> dict:
+        return dict(result_json(self.llm, out), done=True)
+
+    def close(self, outs: list[RequestOutput]) -> list[dict]:
+        return []
 
     def error(self, message: str) -> dict:
         return {"done": True, "error": message, "finish_reason": "error"}

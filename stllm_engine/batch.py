@@ -19,11 +19,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 
-from stllm_engine.answer_request import BadRequest, parse_answer_request
+from stllm_engine.answer_request import BadRequest, error_status, parse_answer_request
 from stllm_engine.answer_text import AnswerFormat
 from stllm_engine.api import STLLM
-from stllm_engine.openai_api import ChatFormat, error_body, parse_chat_request
-from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
+from stllm_engine.openai_api import ChatFormat, error_json, parse_chat_request
+from stllm_engine.outputs import RequestOutput
 
 URLS = ("/v1/chat/completions", "/v1/answer")
 
@@ -47,8 +47,7 @@ class _Line:
                        "error": {"code": code, "message": message}}
 
     def fail(self, status: int, message: str, request_id: str | None = None) -> None:
-        body = error_body(message, status) if self.url != "/v1/answer" else {"error": message}
-        self.response(status, body, request_id)
+        self.response(status, error_json(self.url, message, status), request_id)
 
 
 def _parse(llm: STLLM, index: int, text: str, model: str):
@@ -101,8 +100,7 @@ def _finish(line: _Line, choice: int, out: RequestOutput) -> None:
         return
     bad = next((o for o in line.outs if o.error is not None), None)
     if bad is not None:
-        failed_model = bad.error.startswith(MODEL_FAILURE) or bool(bad.token_ids)
-        line.fail(500 if failed_model else 400, bad.error, line.outs[0].request_id)
+        line.fail(error_status(bad), bad.error, line.outs[0].request_id)
     elif len(line.outs) == 1:
         line.response(200, line.fmt.result(line.outs[0]), line.outs[0].request_id)
     else:

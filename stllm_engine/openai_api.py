@@ -48,6 +48,7 @@ OTHER_FIELDS = {"model", "messages", "stop", "n", "stream", "stream_options", "u
 CHAT_KEYS = set(PARAM_FIELDS) | set(ZERO_FIELDS) | OTHER_FIELDS | set(VIDEO_OPTIONS)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 MAX_CHOICES = 16  # n
+OPENAI_PATHS = ("/v1/chat/", "/v1/models")
 
 
 def error_body(message: str, status: int) -> dict:
@@ -55,6 +56,12 @@ def error_body(message: str, status: int) -> dict:
     kind = ("not_found_error" if status == 404 else "server_error" if status >= 500
             else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def error_json(path: str, message: str, status: int) -> dict:
+    """The error body of an endpoint: OpenAI's error object on the OpenAI paths, else the
+    server's own ``{"error": message}``."""
+    return error_body(message, status) if path.startswith(OPENAI_PATHS) else {"error": message}
 
 
 def models_json(model: str) -> dict:
@@ -269,12 +276,12 @@ class ChatFormat:
         """The chunk that ends choice ``index`` (its finish reason, its last logprobs)."""
         return self._chunk({}, FINISH_REASONS.get(out.finish_reason, out.finish_reason), out, index)
 
-    def usage_chunk(self, outs: list[RequestOutput]) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [], "usage": self._usage_of(outs), "timings": outs[0].timings.as_dict()}
-
-    def end(self, out: RequestOutput) -> list[dict]:
-        return [self.finish(out)] + ([self.usage_chunk([out])] if self.include_usage else [])
+    def close(self, outs: list[RequestOutput]) -> list[dict]:
+        """After every choice finished: the usage chunk, when ``stream_options.include_usage``."""
+        if not self.include_usage:
+            return []
+        return [{"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "choices": [], "usage": self._usage_of(outs), "timings": outs[0].timings.as_dict()}]
 
     def error(self, message: str) -> dict:
         return error_body(message, 500)

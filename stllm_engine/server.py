@@ -38,13 +38,13 @@ import threading
 import time
 import uuid
 
-from stllm_engine.answer_request import BadRequest, parse_answer_request
+from stllm_engine.answer_request import BadRequest, error_status, parse_answer_request
 from stllm_engine.answer_text import AnswerFormat, AnswerText
 from stllm_engine.api import STLLM
 from stllm_engine.engine.async_engine import AsyncLLMEngine
 from stllm_engine.engine.metrics import prometheus_text
-from stllm_engine.openai_api import ChatFormat, error_body, models_json, parse_chat_request
-from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
+from stllm_engine.openai_api import ChatFormat, error_json, models_json, parse_chat_request
+from stllm_engine.outputs import RequestOutput
 
 PROGRESS_SECONDS = 1.0  # between progress events of a streamed request
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -157,8 +157,7 @@ class Server:
         path = ""
 
         async def fail(status: int, message: str) -> None:
-            openai = path.startswith(("/v1/chat/", "/v1/models"))
-            await self._send(writer, status, error_body(message, status) if openai else {"error": message})
+            await self._send(writer, status, error_json(path, message, status))
         try:
             try:
                 method, path, body = await self._read_request(reader)
@@ -228,8 +227,7 @@ class Server:
     @staticmethod
     def _check(out: RequestOutput) -> None:
         if out.error is not None:
-            failed_model = out.error.startswith(MODEL_FAILURE) or out.token_ids
-            raise BadRequest(out.error, 500 if failed_model else 400)
+            raise BadRequest(out.error, error_status(out))
 
     @staticmethod
     async def _finals(streams, reader: asyncio.StreamReader) -> list[RequestOutput]:
@@ -272,18 +270,13 @@ class Server:
         try:
             first = await streams[0].__anext__()
             self._check(first)
-
-            async def resumed():
-                yield first
-                async for out in streams[0]:
-                    yield out
             streams += [self.engine.generate(chat.video, chat.question, p, request_id=f"{rid}-{i}", **chat.options)
                         for i, p in enumerate(params[1:], 1)]
             if chat.stream:
                 writer.write(self.STREAM_HEAD)
-                await self._stream_choices(writer, [resumed(), *streams[1:]], fmt, chat.params.stop)
+                await self._stream(writer, [_after(first, streams[0]), *streams[1:]], fmt, chat.params.stop)
                 return
-            outs = await self._finals([resumed(), *streams[1:]], reader)
+            outs = await self._finals([_after(first, streams[0]), *streams[1:]], reader)
             for out in outs:
                 self._check(out)
             await self._send(writer, 200, fmt.results(outs))
@@ -291,9 +284,11 @@ class Server:
             for s in streams:
                 await s.aclose()  # aborts the requests still running
 
-    async def _stream_choices(self, writer, streams, fmt, stop) -> None:
-        """Server-sent events of several choices as their tokens come, each chunk naming its
-        choice; a failing choice ends the stream with its error."""
+    async def _stream(self, writer, streams, fmt, stop) -> None:
+        """Server-sent events (after the stream's headers) of one or several choices as their
+        tokens come, in ``fmt`` (:class:`AnswerFormat` or :class:`ChatFormat`, whose chunks name
+        their choice), stable text pieces of ``stop``-aware :class:`AnswerText`; a failing choice
+        ends the stream with its error."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, outputs) -> None:
@@ -320,8 +315,8 @@ class Server:
                     done[i] = out
                     await self._event(writer, fmt.finish(out, i))
             else:
-                if fmt.include_usage:
-                    await self._event(writer, fmt.usage_chunk(done))
+                for event in fmt.close(done):
+                    await self._event(writer, event)
             await self._event(writer, b"[DONE]")
             writer.write(b"0\r\n\r\n")
             await writer.drain()
@@ -381,27 +376,16 @@ class Server:
             if not head:
                 self._check(first)  # a request the engine refuses fails before any header is sent
                 writer.write(self.STREAM_HEAD)
-            for event in fmt.start():
-                await self._event(writer, event)
-            text = AnswerText(self.llm.tokenizer, params.stop)
-            out = first
-            while True:
-                if out.error is not None:
-                    await self._event(writer, fmt.error(out.error))
-                    break
-                piece = text.piece(out.token_ids, final=out.finished, stop_reason=out.stop_reason)
-                if piece:
-                    await self._event(writer, fmt.piece(piece, out))
-                if out.finished:
-                    for event in fmt.end(out):
-                        await self._event(writer, event)
-                    break
-                out = await outputs.__anext__()
-            await self._event(writer, b"[DONE]")
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
+            await self._stream(writer, [_after(first, outputs)], fmt, params.stop)
         finally:
             await outputs.aclose()  # aborts the request if it is still running
+
+
+async def _after(first: RequestOutput, outputs):
+    """``first`` (already taken from ``outputs``), then the rest of ``outputs``."""
+    yield first
+    async for out in outputs:
+        yield out
 
 
 async def serve(llm: STLLM, host: str = "127.0.0.1", port: int = 8000, model_name: str = "",

@@ -33,8 +33,7 @@ from stllm_engine.engine.metrics import EngineMetrics
 from stllm_engine.engine.vision_cache import VisionCache
 from stllm_engine.engine.warmup import warm_up
 from stllm_engine.outputs import MODEL_FAILURE, Logprob, RequestOutput
-from stllm_engine.prompts import (MVBENCH_SYSTEM, chat_turns_prompt, check_history, mvbench_prompt_segments,
-                                  mvbench_question)
+from stllm_engine.prompts import MVBENCH_SYSTEM, chat_turns_prompt, mvbench_prompt_segments, mvbench_question
 from stllm_engine.sampling_params import SamplingParams
 
 def _import_video_stack() -> None:
@@ -149,9 +148,8 @@ class LLMEngine(BeamRequests):
         blocks from the prefix cache."""
         def build(req: Request) -> None:
             _check_question(question)
-            check_history(() if history is None else history)
-            turns = list(history or ())
-            ids = self.prompt_ids(question, system, turns)
+            turns = () if history is None else history
+            ids = self.prompt_ids(question, system, turns)  # checks the history (chat_turns_prompt)
             self._prepare_then(req, video, turns[0][0] if turns else question, lambda pv: self._admit(
                 req, pv.tokens, pv.key, ids), num_frames=num_frames,
                 keep_ratio=keep_ratio, keep_mode=keep_mode, keep_seed=keep_seed, sampling=sampling)
