@@ -17,7 +17,7 @@ from pathlib import Path
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 SAMPLING_FLAGS = ("num_beams", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
-                  "logprobs")
+                  "logprobs", "choices")
 DEFAULT_QUESTION = "What happens in the video?"
 
 
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--logprobs", type=int, help="with --json: each token's log-probability and this many "
                                                 "alternatives (0-20; engine only)")
+    g.add_argument("--choice", dest="choices", action="append", metavar="TEXT",
+                   help="the answer is exactly one of the --choice texts (repeat the flag; engine only)")
     a.add_argument("--num-frames", type=int, help="frames sampled (default: the model's)")
     a.add_argument("--keep-ratio", type=float, default=1.0, help="share of video tokens kept (engine only)")
     a.add_argument("--stream", action="store_true", help="print the answer as it is generated (engine only)")
@@ -205,11 +207,13 @@ def _check_answer_args(args) -> None:
         SamplingParams(**_sampling_kw(args))
     except ValueError as e:
         flag = str(e).split(" ")[0].removeprefix("SamplingParams.").replace("_", "-")
+        flag = "choice" if flag == "choices" else flag
         raise CLIError(f"bad sampling flag --{flag}: {e}" if flag in
-                       {f.replace("_", "-") for f in SAMPLING_FLAGS} else f"bad sampling flags: {e}") from None
+                       {f.replace("_", "-") for f in SAMPLING_FLAGS} | {"choice"} else f"bad sampling flags: {e}") from None
     engine_sizes(args)
     if args.backend == "reference":
         for flag, bad in (("--top-k", args.top_k is not None), ("--logprobs", args.logprobs is not None),
+                          ("--choice", args.choices is not None),
                           ("--keep-ratio", args.keep_ratio != 1.0),
                           ("--stream", args.stream), ("--kv-cache-mib", args.kv_cache_mib is not None),
                           ("--max-length", args.max_length is not None)):

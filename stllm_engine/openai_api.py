@@ -11,12 +11,13 @@ release's chat system text (``""`` is the release's ``system=False``). An ``imag
 :meth:`STLLM.answer` takes an image.
 
 Generation fields: ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``,
-``seed``, ``stop`` (added to the release's "###", which ends an assistant turn), ``n`` (up to
+``seed``, ``stop`` (added to the release's "###", which ends an assistant turn), ``logit_bias``, ``n`` (up to
 16 choices, streamed chunks carry their ``index``; choice i samples with seed + i, and choices
 after the first take the prompt's KV from the prefix cache),
 ``logprobs`` / ``top_logprobs`` (0-20; every generated token, of the model's own distribution
 before penalties, see ``SamplingParams.logprobs``), ``stream`` and ``stream_options.include_usage``; vLLM's extensions ``top_k``, ``min_tokens``,
-``repetition_penalty``, ``ignore_eos``; and this engine's ``num_frames``, ``keep_ratio``,
+``repetition_penalty``, ``ignore_eos``, ``allowed_token_ids``, ``guided_choice`` (the answer is
+exactly one of these strings); and this engine's ``num_frames``, ``keep_ratio``,
 ``keep_mode``, ``keep_seed``, ``sampling``. Fields left out keep the release chat's settings
 (greedy, repetition penalty 1.5, 300 new tokens), not OpenAI's (temperature 1): the model was
 tuned and evaluated that way. ``presence_penalty`` / ``frequency_penalty`` other than 0,
@@ -42,7 +43,8 @@ VIDEO_OPTIONS = ("num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling
 PARAM_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                 "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
                 "min_tokens": "min_new_tokens", "repetition_penalty": "repetition_penalty",
-                "ignore_eos": "ignore_eos"}
+                "ignore_eos": "ignore_eos", "logit_bias": "logit_bias", "allowed_token_ids": "allowed_token_ids",
+                "guided_choice": "choices"}
 ZERO_FIELDS = ("presence_penalty", "frequency_penalty")  # accepted when 0 (what clients send)
 OTHER_FIELDS = {"model", "messages", "stop", "n", "stream", "stream_options", "user", "logprobs", "top_logprobs"}
 CHAT_KEYS = set(PARAM_FIELDS) | set(ZERO_FIELDS) | OTHER_FIELDS | set(VIDEO_OPTIONS)

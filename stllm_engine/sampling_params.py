@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+MAX_CHOICES = 1024
+
 
 @dataclass
 class SamplingParams:
@@ -24,7 +26,10 @@ class SamplingParams:
     num_beams > 1 runs beam search (greedy only) scored with ``length_penalty``; logprobs: None,
     or return each generated token's log-probability with that many most likely alternatives
     (0-20) - of the model's own distribution, before penalties and temperature (as vLLM returns
-    them by default).
+    them by default). Constraints (``engine/guided.py``): logit_bias: {token id: bias in
+    [-100, 100]} added to the logits before the repetition penalty (OpenAI's; string keys from JSON
+    accepted); allowed_token_ids: only these tokens may be generated (EOS too only if listed);
+    choices: the answer is exactly one of these strings (vLLM's guided_choice), then EOS ends it.
     """
 
     temperature: float = 0.0
@@ -41,6 +46,9 @@ class SamplingParams:
     length_penalty: float = 1.0
     penalize_prompt: bool = False
     logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    choices: list[str] | None = None
 
     def __post_init__(self) -> None:
         def num(name: str) -> float:
@@ -94,9 +102,44 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.logprobs must be None or an int in 0..20, got {self.logprobs!r}")
             if self.num_beams > 1:
                 raise ValueError("SamplingParams: logprobs are not returned for beam search (num_beams > 1)")
+        self._check_constraints()
         for name in ("ignore_eos", "penalize_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
+
+    def _check_constraints(self) -> None:
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"SamplingParams.logit_bias must be a dict {{token id: bias}}, got {self.logit_bias!r}")
+            bias = {}
+            for k, v in self.logit_bias.items():
+                t = int(k) if isinstance(k, str) and k.isdigit() else k
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    raise ValueError(f"SamplingParams.logit_bias keys must be token ids (ints >= 0), got {k!r}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                    raise ValueError(f"SamplingParams.logit_bias[{k!r}] must be a number in [-100, 100], got {v!r}")
+                bias[t] = float(v)
+            self.logit_bias = bias or None
+        ids = self.allowed_token_ids
+        if ids is not None:
+            if not isinstance(ids, (list, tuple)) or not ids or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise ValueError("SamplingParams.allowed_token_ids must be a non-empty list of token ids "
+                                 f"(ints >= 0), got {ids!r}")
+            self.allowed_token_ids = sorted(set(ids))
+        if self.choices is not None:
+            c = self.choices
+            if isinstance(c, str) or not isinstance(c, (list, tuple)) or not c or not all(
+                    isinstance(x, str) and x.strip() for x in c):
+                raise ValueError(f"SamplingParams.choices must be a non-empty list of non-blank strings, got {c!r}")
+            if len(c) > MAX_CHOICES:
+                raise ValueError(f"SamplingParams.choices: at most {MAX_CHOICES} choices, got {len(c)}")
+            self.choices = list(c)
+            for name, bad in (("allowed_token_ids", ids is not None), ("ignore_eos", self.ignore_eos is True),
+                              ("min_new_tokens > 1", self.min_new_tokens > 1)):
+                if bad:
+                    raise ValueError(f"SamplingParams: choices cannot be combined with {name} (a complete "
+                                     "choice ends the answer with EOS)")
 
     @property
     def greedy(self) -> bool:

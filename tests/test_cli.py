@@ -64,6 +64,23 @@ def test_json_has_answer_and_timings(files, engine_answer, capsys):
     assert "timings:" not in err
 
 
+def test_choice_flags_constrain_the_answer(files, capsys):
+    choices = ["a square", "a circle", "nothing moves"]
+    llm = STLLM.from_pretrained(files[0])
+    want = llm.answer(str(files[1]), QUESTION, max_new_tokens=32, choices=choices)
+    assert llm.last_output.finish_reason == "stop" and want in choices
+    code, out, err = run(capsys, *base(files, "--max-new-tokens", "32", *[a for c in choices for a in ("--choice", c)]))
+    assert code == 0, err
+    assert out == want + "\n"
+    code, out, err = run(capsys, *base(files, "--max-new-tokens", "2", "--choice", choices[2]))
+    cut = out.strip()  # too few tokens for the choice: cut (finish "length"), as vLLM does
+    assert cut and choices[2].startswith(cut) and cut != choices[2] and "finish: length" in err
+    code, out, err = run(capsys, *base(files, "--choice", "  "))
+    assert code == 2 and "bad sampling flag --choice: SamplingParams.choices must be" in err
+    code, out, err = run(capsys, *base(files, "--choice", "x", "--backend", "reference"))
+    assert code == 2 and "--choice is not supported by --backend reference" in err
+
+
 def test_json_logprobs(files, engine_answer, capsys):
     code, out, err = run(capsys, *base(files, "--json", "--logprobs", "2"))
     assert code == 0, err

@@ -64,6 +64,18 @@ def events(payload: bytes) -> list:
     return [json.loads(ln) for ln in lines[:-1]]
 
 
+def completion(server, body: dict, stream: bool) -> tuple[str, str]:
+    """(content, finish_reason) of a one-choice completion, streamed (the deltas joined) or not."""
+    status, _, payload = post(server, "/v1/chat/completions", dict(body, stream=stream))
+    assert status == 200, payload
+    if stream:
+        chunks = events(payload)
+        return ("".join(c["choices"][0]["delta"].get("content", "") for c in chunks),
+                chunks[-1]["choices"][0]["finish_reason"])
+    body = json.loads(payload)
+    return body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]
+
+
 def user(video, text: str) -> dict:
     return {"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
                                         {"type": "text", "text": text}]}
@@ -195,18 +207,8 @@ def test_max_tokens_and_stop(server, llm, files):
     want = llm.answer(video, Q1, max_new_tokens=MAX_NEW, repetition_penalty=1.0, stop=["###", stop])
     assert llm.last_output.stop_reason == stop and want == full[:full.index(stop)].strip()
     for stream in (False, True):
-        status, _, payload = post(server, "/v1/chat/completions", {
-            "max_tokens": MAX_NEW, "repetition_penalty": 1.0, "stop": stop, "stream": stream,
-            "messages": [user(video, Q1)]})
-        assert status == 200
-        if stream:
-            chunks = events(payload)
-            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-            reason = chunks[-1]["choices"][0]["finish_reason"]
-        else:
-            body = json.loads(payload)
-            text, reason = body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]
-        assert text == want and reason == "stop"
+        assert completion(server, {"max_tokens": MAX_NEW, "repetition_penalty": 1.0, "stop": stop,
+                                   "messages": [user(video, Q1)]}, stream) == (want, "stop")
 
 
 BAD = [
@@ -223,6 +225,11 @@ BAD = [
     ({"logprobs": True, "top_logprobs": 30}, 400, "SamplingParams.logprobs must be"),
     ({"logprobs": 1}, 400, "'logprobs' must be true or false"),
     ({"keep_ratio": 0}, 400, "keep_ratio"),
+    ({"guided_choice": []}, 400, "choices must be a non-empty list"),
+    ({"guided_choice": ["a"], "ignore_eos": True}, 400, "cannot be combined with ignore_eos"),
+    ({"logit_bias": {"a": 1}}, 400, "logit_bias keys must be token ids"),
+    ({"logit_bias": {"5": 1000}}, 400, "[-100, 100]"),
+    ({"allowed_token_ids": [10 ** 6]}, 400, "token id 1000000 is outside the vocabulary"),
 ]
 
 
@@ -374,3 +381,23 @@ def test_n_choices_sample_with_consecutive_seeds_and_share_the_prompt(server, ll
     assert status == 200 and body["choices"][0]["message"] == body["choices"][1]["message"]  # greedy
     status, body = chat(server, {"max_tokens": MAX_NEW, "n": 2, "messages": [user(str(files[0]) + "/x.mp4", q)]})
     assert status == 400 and "not found" in body["error"]["message"]
+
+
+def test_guided_choice_logit_bias_and_allowed_ids_equal_the_python_api(server, llm, files):
+    video = str(files[1][0])
+    choices = ["a red square", "a blue circle", "nothing"]
+    want = llm.answer(video, Q2, choices=choices, max_new_tokens=MAX_NEW)
+    assert want in choices
+    for stream in (False, True):
+        assert completion(server, {"guided_choice": choices, "max_tokens": MAX_NEW, "messages": [user(video, Q2)]},
+                          stream) == (want, "stop")
+    free = llm.answer(video, Q1, max_new_tokens=4)
+    first = llm.last_output.token_ids[0]
+    biased = llm.answer(video, Q1, max_new_tokens=4, logit_bias={first: -100})
+    assert llm.last_output.token_ids[0] != first and biased != free
+    status, body = chat(server, {"logit_bias": {str(first): -100}, "max_tokens": 4, "messages": [user(video, Q1)]})
+    assert status == 200 and body["choices"][0]["message"]["content"] == biased
+    allowed = sorted({first, *llm.last_output.token_ids})
+    only = llm.answer(video, Q1, max_new_tokens=4, allowed_token_ids=allowed)
+    status, body = chat(server, {"allowed_token_ids": allowed, "max_tokens": 4, "messages": [user(video, Q1)]})
+    assert status == 200 and body["choices"][0]["message"]["content"] == only

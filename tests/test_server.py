@@ -92,6 +92,22 @@ def test_answer_matches_engine(server, files, expected):
     assert body["timings"]["ttft"] > 0
 
 
+def test_params_take_choices_and_logit_bias(server, files):
+    video = str(files[1][0])
+    llm = STLLM.from_pretrained(files[0])
+    choices = ["left", "right", "up", "down"]
+    want = llm.answer(video, QUESTION, max_new_tokens=MAX_NEW, choices=choices)
+    status, body = answer(server, {"video": video, "question": QUESTION,
+                                   "params": {"max_new_tokens": MAX_NEW, "choices": choices}})
+    assert status == 200 and (body["text"], body["finish_reason"]) == (want, "stop") and want in choices
+    biased = llm.answer(video, QUESTION, max_new_tokens=3, logit_bias={7: 100})
+    status, body = answer(server, {"video": video, "question": QUESTION,
+                                   "params": {"max_new_tokens": 3, "logit_bias": {"7": 100}}})
+    assert status == 200 and body["text"] == biased
+    status, body = answer(server, {"video": video, "question": QUESTION, "params": {"choices": "left"}})
+    assert status == 400 and "choices must be a non-empty list" in body["error"]
+
+
 def test_video_b64_same_answer_as_path(server, files, expected):
     video = files[1][1]
     b64 = base64.b64encode(video.read_bytes()).decode()

@@ -33,6 +33,7 @@ def clone_sequence(parent: Sequence) -> Sequence:
                      video_key=parent.video_key, request_id=parent.request_id,
                      video_start=parent.video_start)
     child.output_token_ids = list(parent.output_token_ids)
+    child.guide = parent.guide
     child.cumulative_logprob = parent.cumulative_logprob
     child.num_cached_tokens = parent.num_cached_tokens
     child.status = parent.status

@@ -23,6 +23,7 @@ from stllm_engine.engine.cpu_malloc import tune_malloc
 from stllm_engine.engine.engine_config import (MAX_BLOCKS_PER_SLOT, EngineConfig, default_kv_cache_memory,  # noqa: F401
                                                 kv_bytes_per_block)
 from stllm_engine.engine.frame_loader import FrameLoader
+from stllm_engine.engine.guided import ChoiceGuide, TokenBytes
 from stllm_engine.engine.request import Request, truncate_left  # noqa: F401 (re-exported)
 from stllm_engine.engine.sampler import Sampler, StopChecker
 from stllm_engine.engine.scheduler import Scheduler
@@ -86,6 +87,7 @@ class LLMEngine(BeamRequests):
         self.num_kv_blocks = num_blocks
         self.eos_token_id = tokenizer.eos_token_id
         self.sampler = Sampler(self.eos_token_id)
+        self._token_bytes: TokenBytes | None = None  # built on the first request with choices
         self.frame_loader = FrameLoader(cfg.frame_workers)
         _import_video_stack()  # decord & co. load now, not inside the first request's TTFT
         # CPU: freed activations stay mapped between passes (process-wide; see cpu_malloc.py)
@@ -182,10 +184,29 @@ class LLMEngine(BeamRequests):
             if params is not None and not isinstance(params, SamplingParams):
                 raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
             req.params = params or SamplingParams()
+            req.guide = self._guide(req.params)
             build(req)
         except Exception as e:  # noqa: BLE001 - any bad input fails this request only
             self._fail(req, e)
         return rid
+
+    def _guide(self, p: SamplingParams):
+        """Check a request's token ids against the vocabulary; its choices' guide (or None)."""
+        vocab = self.model.config.llm.vocab_size
+        for name, ids in (("logit_bias", p.logit_bias or ()), ("allowed_token_ids", p.allowed_token_ids or ())):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"SamplingParams.{name}: token id {bad[0]} is outside the vocabulary "
+                                 f"({vocab} tokens)")
+        if p.choices is None:
+            return None
+        if self.eos_token_id is None:
+            raise ValueError("SamplingParams.choices needs a tokenizer with an EOS token (it ends the choice)")
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.tokenizer)
+        guide = ChoiceGuide(p.choices, self._token_bytes, self.eos_token_id)
+        guide.allowed([])  # every choice can start: fails here, not at the first step
+        return guide
 
     def _prepare_timed(self, req: Request, video, question: str, **kw) -> PreparedVideo:
         pv = self.prepare_video(video, question, **kw)
@@ -250,6 +271,7 @@ class LLMEngine(BeamRequests):
             req.num_truncated = over
         seq = Sequence(ids, p, video_embeds=tokens, video_key=key if tokens is not None else "",
                        request_id=req.request_id, video_start=video_start)
+        seq.guide = req.guide
         self.scheduler.add(seq)
         req.seq = seq
         req.logprobs = [] if p.logprobs is not None else None

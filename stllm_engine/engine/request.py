@@ -40,3 +40,4 @@ class Request:
         self.logprobs: list | None = None  # Logprob per generated token, when params.logprobs is set
         self.token_ids: list[int] = []
         self.final_text: str | None = None  # beam search: text of the best hypothesis
+        self.guide = None  # guided.ChoiceGuide of params.choices, given to its sequences

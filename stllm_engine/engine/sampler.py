@@ -1,8 +1,10 @@
 """Next-token selection with per-sequence parameters, and stop detection.
 
-Logit processing follows ``transformers`` (so greedy results match ``generate``): repetition
-penalty (a seen token's logit is divided by p if positive, else multiplied by p), min_new_tokens
-(EOS is masked until the minimum is reached; stop ids/strings are not checked before it), then
+Logit processing follows ``transformers`` (so greedy results match ``generate``): logit_bias
+(added, as its ``sequence_bias`` of single tokens), repetition penalty (a seen token's logit is
+divided by p if positive, else multiplied by p), the allowed-token masks (``guided.py``; its
+``prefix_allowed_tokens_fn``), min_new_tokens (EOS is masked until the minimum is reached; stop
+ids/strings are not checked before it), then
 for sampling: temperature, top-k, top-p (smallest set whose probability exceeds top_p; at least one
 token kept). Each sequence draws from its own ``torch.Generator`` seeded from ``params.seed``, so a
 request samples the same tokens alone or in any batch.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from stllm_engine.engine.guided import bias_rows, mask_rows
 from stllm_engine.engine.sequence import Sequence
 
 
@@ -41,9 +44,18 @@ def banned_by_min_tokens(seq: Sequence, eos_token_id: int | None) -> list[int]:
     return [eos_token_id]
 
 
+def allowed_token_ids(seq: Sequence) -> list[int] | None:
+    """The tokens ``seq`` may generate next (its choices' guide or ``allowed_token_ids``; None: all)."""
+    if seq.guide is not None:
+        return seq.guide.allowed(seq.output_token_ids)
+    return seq.params.allowed_token_ids
+
+
 def process_logits(logits: torch.Tensor, seq: Sequence, eos_token_id: int | None) -> torch.Tensor:
-    """Penalties and masks shared by greedy, sampling and beam search (logits [V] float32)."""
+    """Penalties, bias and masks shared by greedy, sampling and beam search (logits [V] float32)."""
+    logits = bias_rows(logits[None], [seq.params.logit_bias])[0]
     logits = apply_repetition_penalty(logits, seen_token_ids(seq), seq.params.repetition_penalty)
+    logits = mask_rows(logits[None], [allowed_token_ids(seq)])[0]
     banned = banned_by_min_tokens(seq, eos_token_id)
     if banned:
         logits = logits.clone()
@@ -55,6 +67,7 @@ def process_batch(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int 
     """:func:`process_logits` for a whole batch at once (same values; logits [B, V] float32)."""
     B, V = logits.shape
     dev = logits.device
+    logits = bias_rows(logits, [s.params.logit_bias for s in seqs])
     seen = [seen_token_ids(s) if s.params.repetition_penalty != 1.0 else [] for s in seqs]
     width = max((len(x) for x in seen), default=0)
     if width:
@@ -63,6 +76,7 @@ def process_batch(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int 
         mask = torch.zeros(B, V, dtype=torch.bool, device=dev).scatter_(1, idx, has.expand(B, width))
         pen = torch.tensor([[s.params.repetition_penalty] for s in seqs], dtype=logits.dtype, device=dev)
         logits = torch.where(mask, torch.where(logits < 0, logits * pen, logits / pen), logits)
+    logits = mask_rows(logits, [allowed_token_ids(s) for s in seqs])
     rows = [i for i, s in enumerate(seqs) if banned_by_min_tokens(s, eos_token_id)]
     if rows:
         logits = logits.clone()

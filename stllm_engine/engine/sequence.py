@@ -49,6 +49,7 @@ class Sequence:
         if self.num_prompt_tokens == 0:
             raise ValueError("a Sequence needs at least one prompt position (video or text)")
         self.params = params if params is not None else SamplingParams()
+        self.guide = None  # guided.ChoiceGuide when params.choices is set (the engine attaches it)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt positions served from the prefix cache at admission

@@ -95,8 +95,12 @@ def _max_length(self) -> int:
 def generate_from_embeds(self, embeds: torch.Tensor, num_beams: int = 1, max_new_tokens: int = 300,
                          min_length: int = 1, repetition_penalty: float = 1.5, temperature: float = 1.0,
                          do_sample: bool = False, top_p: float = 0.9, length_penalty: float = 1.0,
-                         output_scores: bool = False, seed: int | None = None) -> ReferenceGeneration:
-    """``LlamaForCausalLM.generate(inputs_embeds=...)`` with the release's settings and "###" stop."""
+                         output_scores: bool = False, seed: int | None = None, sequence_bias: dict | None = None,
+                         prefix_allowed_tokens_fn=None) -> ReferenceGeneration:
+    """``LlamaForCausalLM.generate(inputs_embeds=...)`` with the release's settings and "###" stop.
+    ``sequence_bias`` ({token id: bias}) and ``prefix_allowed_tokens_fn`` (called with the batch
+    row and the ids generated so far) pass to transformers' own logits processors: the oracle of
+    the engine's ``logit_bias`` / ``allowed_token_ids`` / ``choices``."""
     max_length = _max_length(self)
     if not 0 < max_new_tokens < max_length:
         raise ValueError(f"max_new_tokens must be in 1..{max_length - 1}, got {max_new_tokens}")
@@ -111,7 +115,8 @@ def generate_from_embeds(self, embeds: torch.Tensor, num_beams: int = 1, max_new
         temperature=temperature if do_sample else None, repetition_penalty=repetition_penalty,
         length_penalty=length_penalty, bos_token_id=lc.bos_token_id, eos_token_id=lc.eos_token_id,
         pad_token_id=lc.pad_token_id, use_cache=True, return_dict_in_generate=True,
-        output_scores=output_scores, output_logits=output_scores)
+        output_scores=output_scores, output_logits=output_scores,
+        sequence_bias={(t,): float(b) for t, b in sequence_bias.items()} if sequence_bias else None)
     stops = StoppingCriteriaList([StopOnSequences(model_stop_sequences(self), first_row_only=True)])
     if seed is not None:
         torch.manual_seed(seed)
@@ -119,7 +124,7 @@ def generate_from_embeds(self, embeds: torch.Tensor, num_beams: int = 1, max_new
     with warnings.catch_warnings():  # penalty on generated ids only is exactly the release's behaviour
         warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen,
-                                stopping_criteria=stops)
+                                stopping_criteria=stops, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
     scores = logits = None
     if output_scores and num_beams == 1:
         scores = torch.stack([s[0] for s in out.scores]).float()
@@ -131,13 +136,15 @@ def generate_from_embeds(self, embeds: torch.Tensor, num_beams: int = 1, max_new
 def generate_ids(self, video, question: str, num_beams: int = 1, max_new_tokens: int = 300,
                  min_length: int = 1, repetition_penalty: float = 1.5, temperature: float = 1.0,
                  do_sample: bool = False, top_p: float = 0.9, num_frames: int | None = None,
-                 system: str | None = None, output_scores: bool = False, seed: int | None = None
-                 ) -> ReferenceGeneration:
-    """Chat generation returning raw token ids (and per-step scores/logits when asked)."""
+                 system: str | None = None, output_scores: bool = False, seed: int | None = None,
+                 **constraints) -> ReferenceGeneration:
+    """Chat generation returning raw token ids (and per-step scores/logits when asked);
+    ``constraints``: ``sequence_bias`` / ``prefix_allowed_tokens_fn`` of :func:`generate_from_embeds`."""
     tokens = self.encode_video(load_frames(self, video, num_frames), question)
     embeds = chat_inputs_embeds(self, tokens, question, system)
     return generate_from_embeds(self, embeds, num_beams, max_new_tokens, min_length, repetition_penalty,
-                                temperature, do_sample, top_p, output_scores=output_scores, seed=seed)
+                                temperature, do_sample, top_p, output_scores=output_scores, seed=seed,
+                                **constraints)
 
 
 def decode_answer(self, token_ids: list[int]) -> str:
