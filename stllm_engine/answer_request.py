@@ -8,7 +8,8 @@ from pathlib import Path
 from stllm_engine.api import STLLM
 from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
 
-REQUEST_OPTIONS = ("system", "history", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling")
+REQUEST_OPTIONS = ("system", "history", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling",
+                   "priority")
 ANSWER_KEYS = {"video", "video_b64", "question", "params", "stream", "progress", *REQUEST_OPTIONS}
 
 

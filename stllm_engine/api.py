@@ -27,7 +27,7 @@ from stllm_engine.prompts import (MVBENCH_SYSTEM, SEP, chat_turns_prompt, decode
 from stllm_engine.sampling_params import SamplingParams
 
 _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
-_REQUEST_KEYS = {"system", "history", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling"}
+_REQUEST_KEYS = {"system", "history", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling", "priority"}
 _MVBENCH_KEYS = ("video", "question", "candidates", "num_frames", "bound", "system", "video_tokens", "params")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

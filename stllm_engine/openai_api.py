@@ -17,7 +17,7 @@ after the first take the prompt's KV from the prefix cache),
 ``logprobs`` / ``top_logprobs`` (0-20; every generated token, of the model's own distribution
 before penalties, see ``SamplingParams.logprobs``), ``stream`` and ``stream_options.include_usage``; vLLM's extensions ``top_k``, ``min_tokens``,
 ``repetition_penalty``, ``ignore_eos``, ``allowed_token_ids``, ``guided_choice`` (the answer is
-exactly one of these strings); and this engine's ``num_frames``, ``keep_ratio``,
+exactly one of these strings); vLLM's ``priority`` (lower first); and this engine's ``num_frames``, ``keep_ratio``,
 ``keep_mode``, ``keep_seed``, ``sampling``. Fields left out keep the release chat's settings
 (greedy, repetition penalty 1.5, 300 new tokens), not OpenAI's (temperature 1): the model was
 tuned and evaluated that way. ``presence_penalty`` / ``frequency_penalty`` other than 0,
@@ -39,7 +39,7 @@ from stllm_engine.outputs import RequestOutput
 from stllm_engine.prompts import SEP, release_answer
 from stllm_engine.sampling_params import SamplingParams
 
-VIDEO_OPTIONS = ("num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling")
+OPTION_FIELDS = ("num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling", "priority")
 PARAM_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                 "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
                 "min_tokens": "min_new_tokens", "repetition_penalty": "repetition_penalty",
@@ -47,7 +47,7 @@ PARAM_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_ne
                 "guided_choice": "choices"}
 ZERO_FIELDS = ("presence_penalty", "frequency_penalty")  # accepted when 0 (what clients send)
 OTHER_FIELDS = {"model", "messages", "stop", "n", "stream", "stream_options", "user", "logprobs", "top_logprobs"}
-CHAT_KEYS = set(PARAM_FIELDS) | set(ZERO_FIELDS) | OTHER_FIELDS | set(VIDEO_OPTIONS)
+CHAT_KEYS = set(PARAM_FIELDS) | set(ZERO_FIELDS) | OTHER_FIELDS | set(OPTION_FIELDS)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 MAX_CHOICES = 16  # n
 OPENAI_PATHS = ("/v1/chat/", "/v1/models")
@@ -208,7 +208,7 @@ def parse_chat_request(llm: STLLM, body, model: str) -> ChatRequest:
     so = body.get("stream_options") or {}
     if not isinstance(so, dict) or set(so) - {"include_usage"} or not isinstance(so.get("include_usage", False), bool):
         raise BadRequest("'stream_options' may only hold 'include_usage': true or false")
-    options = {k: body[k] for k in VIDEO_OPTIONS if k in body}
+    options = {k: body[k] for k in OPTION_FIELDS if k in body}
     options["history"] = history
     if system is not None:
         options["system"] = system

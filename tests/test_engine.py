@@ -472,3 +472,29 @@ def test_progress_follows_the_phases(folders, video, num_beams):
     assert decode and all(d["total"] == 6 for d in decode)
     assert [d["done"] for d in decode] == sorted(d["done"] for d in decode) and decode[-1]["done"] <= 6
     assert_clean(eng)
+
+
+def test_priority_request_preempts_and_finishes_first(eva_all, video):
+    f, _ = eva_all
+    p = SamplingParams(max_new_tokens=10)
+    alone = run(make_engine(f), [(video, Q, p, {}), (video, "urgent?", p, {})])
+    eng = make_engine(f, max_num_seqs=1)
+    low = eng.add_request(video, Q, p, priority=2)
+    outs = {}
+    while eng.progress(low) is None or eng.progress(low)["phase"] != "decode":
+        for o in eng.step():
+            outs[o.request_id] = o
+    urgent = eng.add_request(video, "urgent?", p, priority=-1)
+    order = []
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            outs[o.request_id] = o
+            if o.finished:
+                order.append(o.request_id)
+    assert order == [urgent, low] and eng.scheduler.num_preemptions == 1
+    assert [outs[low].token_ids, outs[urgent].token_ids] == [o.token_ids for o in alone]
+    assert outs[low].num_preemptions == 1
+    bad = eng.add_request(video, Q, p, priority="high")
+    (o,) = [o for o in eng.step() if o.request_id == bad]
+    assert o.finish_reason == "error" and "priority must be an int" in o.error
+    assert_clean(eng)

@@ -1,5 +1,5 @@
 """Seeded random workloads on one engine: requests of every kind (greedy, sampled, beams, stop
-strings, min tokens, logprobs, keep_ratio, history, choices, logit bias, allowed ids, bad input) arrive at random steps into a KV
+strings, min tokens, logprobs, keep_ratio, history, choices, logit bias, allowed ids, priorities, bad input) arrive at random steps into a KV
 pool too small for all of them and a small token budget (chunked prefills, preemption by
 recompute, prefix-cache hits), and random ones are aborted at random moments. Every request that
 was not aborted must return exactly what it returns alone on a roomy engine, every aborted one
@@ -58,6 +58,8 @@ def random_request(rng: random.Random, videos, missing: str):
             p.update(logit_bias={t: rng.uniform(-100, 100) for t in ids})
         else:
             p.update(allowed_token_ids=ids + [2])
+    if rng.random() < 0.3:
+        kw["priority"] = rng.choice([-1, 1, 2])
     if rng.random() < 0.06:
         video = missing
     return video, q, SamplingParams(**p), kw

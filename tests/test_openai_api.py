@@ -230,6 +230,7 @@ BAD = [
     ({"logit_bias": {"a": 1}}, 400, "logit_bias keys must be token ids"),
     ({"logit_bias": {"5": 1000}}, 400, "[-100, 100]"),
     ({"allowed_token_ids": [10 ** 6]}, 400, "token id 1000000 is outside the vocabulary"),
+    ({"priority": "high"}, 400, "priority must be an int"),
 ]
 
 
@@ -296,11 +297,11 @@ def test_parse_maps_openai_fields_to_sampling_params(llm, tmp_path):
     body = {"messages": [{"role": "system", "content": "S"}, user(f"file://{path}", Q1),
                          {"role": "assistant", "content": "A1"}, {"role": "user", "content": Q2}],
             "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.9, "top_k": 4, "seed": 11,
-            "min_tokens": 2, "stop": ["END"], "num_frames": 4, "presence_penalty": 0, "user": "u1"}
+            "min_tokens": 2, "stop": ["END"], "num_frames": 4, "presence_penalty": 0, "user": "u1", "priority": -3}
     chat = parse_chat_request(llm, body, MODEL)
     video, question, params, options = chat.video, chat.question, chat.params, chat.options
     assert video == str(path) and question == Q2 and not chat.stream and not chat.include_usage and chat.n == 1
-    assert options == {"num_frames": 4, "history": [(Q1, "A1")], "system": "S"}
+    assert options == {"num_frames": 4, "priority": -3, "history": [(Q1, "A1")], "system": "S"}
     assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k, params.seed,
             params.min_new_tokens, params.stop) == (7, 0.5, 0.9, 4, 11, 2, ["###", "END"])
     defaults = parse_chat_request(llm, {"messages": [user(str(path), Q1)]}, MODEL).params

@@ -253,3 +253,80 @@ def test_bad_scheduler_limits():
         Scheduler(bm, max_num_seqs=0)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Scheduler(bm, max_num_batched_tokens=0)
+
+
+def with_priority(seq, priority):
+    seq.priority = priority
+    return seq
+
+
+def first_scheduled_order(sched, runner):
+    order = []
+    while sched.has_unfinished():
+        for s, _ in step(sched, runner)[0].items:
+            if s.seq_id not in order:
+                order.append(s.seq_id)
+    return order
+
+
+@pytest.mark.parametrize("max_seqs", [1, 8])
+def test_waiting_queue_runs_by_priority_then_arrival(max_seqs):
+    sched, runner, bm = make_sched(num_blocks=64, bs=4, budget=64, max_seqs=max_seqs)
+    first = new_seq(30, 3, 0)  # admitted alone first
+    sched.add(first)
+    step(sched, runner)
+    blocker = with_priority(new_seq(200, 3, 9), 0)  # holds most of the pool while it runs
+    rest = [with_priority(new_seq(4, 3, i), p) for i, p in enumerate([5, 1, 1, -2, 5])]
+    if max_seqs == 1:
+        blocker = None
+    else:
+        sched.add(blocker)
+    for s in rest:
+        sched.add(s)
+    order = first_scheduled_order(sched, runner)
+    ids = {s.seq_id: i for i, s in enumerate(rest)}
+    got = [ids[i] for i in order if i in ids]
+    assert got == [3, 1, 2, 0, 4]  # priority -2, then 1, 1 (arrival), then 5, 5 (arrival)
+    assert_no_leak(bm)
+
+
+def test_higher_priority_preempts_lower_ones_for_blocks_and_outputs_stay_the_same():
+    specs = [(12, 20, 0), (12, 20, 1), (12, 6, 2)]
+    sched, runner, bm = make_sched(num_blocks=10, bs=4, budget=64)
+    low1, low2, urgent = [new_seq(*s) for s in specs]
+    for s in (low1, low2):
+        sched.add(with_priority(s, 1))
+    for _ in range(4):
+        step(sched, runner)
+    assert low1.status == low2.status == SequenceStatus.RUNNING
+    sched.add(with_priority(urgent, 0))  # 3 blocks: 2 free while the low ones hold 4 each
+    batch, _ = step(sched, runner)
+    assert batch.preempted == [low2]  # the newest of the lowest priority goes first
+    assert urgent in [s for s, _ in batch.items] and low1.status == SequenceStatus.RUNNING
+    finished = run_all(sched, runner)
+    assert finished.index(urgent) < finished.index(low2)
+    assert [s.output_token_ids for s in (low1, low2, urgent)] == reference_outputs(specs)
+    assert_no_leak(bm)
+
+
+def test_higher_priority_takes_a_seat_when_max_num_seqs_is_reached():
+    sched, runner, bm = make_sched(num_blocks=64, bs=4, budget=64, max_seqs=2)
+    a, b, c, d = (with_priority(new_seq(4, 10, i), p) for i, p in enumerate([3, 3, 0, 3]))
+    for s in (a, b):
+        sched.add(s)
+    step(sched, runner)
+    sched.add(d)  # same priority as the running ones: waits for a seat
+    step(sched, runner)
+    assert d.status == SequenceStatus.WAITING and sched.num_preemptions == 0
+    sched.add(c)  # higher: takes b's seat (the newest), then d still waits behind b
+    batch, _ = step(sched, runner)
+    assert batch.preempted == [b] and c.status == SequenceStatus.RUNNING
+    assert [s.seq_id for s in sched.waiting] == [b.seq_id, d.seq_id]
+    run_all(sched, runner)
+    assert all(s.num_output_tokens == 10 for s in (a, b, c, d))
+    assert_no_leak(bm)
+
+
+def test_bad_priority():
+    with pytest.raises(ValueError, match="priority must be an int"):
+        Sequence([1, 2], SamplingParams(), priority=1.5)

@@ -56,9 +56,9 @@ class BeamRequests:
     def _beam_consume(self, req: Request, logits: torch.Tensor, outs: list) -> None:
         g = req.beams
         # a step can need one new (or copied-on-write) block per beam: make room by preempting
-        # the newest running sequences (recomputed later) rather than failing the beam request
+        # the last running sequences in scheduling order (recomputed later) rather than failing
         while self.block_manager.num_free_blocks < req.params.num_beams:
-            if self.scheduler.preempt_newest() is None:
+            if self.scheduler.preempt_last() is None:
                 break
         try:
             copies = g.step(logits)

@@ -31,9 +31,10 @@ def clone_sequence(parent: Sequence) -> Sequence:
     """A new Sequence with the parent's tokens and state (blocks are attached by ``fork``)."""
     child = Sequence(parent.prompt_token_ids, parent.params, video_embeds=parent.video_embeds,
                      video_key=parent.video_key, request_id=parent.request_id,
-                     video_start=parent.video_start)
+                     video_start=parent.video_start, priority=parent.priority)
     child.output_token_ids = list(parent.output_token_ids)
     child.guide = parent.guide
+    child.arrival = parent.arrival
     child.cumulative_logprob = parent.cumulative_logprob
     child.num_cached_tokens = parent.num_cached_tokens
     child.status = parent.status

@@ -140,8 +140,10 @@ class LLMEngine(BeamRequests):
     def add_request(self, video, question: str, params: SamplingParams | None = None, *,
                     request_id: str | None = None, system: str | None = None, history=None,
                     num_frames: int | None = None, keep_ratio: float = 1.0, keep_mode: str = "even",
-                    keep_seed: int = 0, sampling: str = "uniform") -> str:
+                    keep_seed: int = 0, sampling: str = "uniform", priority: int = 0) -> str:
         """Queue one question about one video; returns its request id (errors end up in its output).
+        ``priority``: lower values are scheduled first and may preempt running requests of higher
+        values (vLLM's convention; equal priorities are first come, first served).
 
         ``history``: earlier (question, answer) turns of a conversation about this video, oldest
         first. As in :meth:`STLLM.chat`, the video tokens are then the first question's (the
@@ -155,11 +157,12 @@ class LLMEngine(BeamRequests):
             self._prepare_then(req, video, turns[0][0] if turns else question, lambda pv: self._admit(
                 req, pv.tokens, pv.key, ids), num_frames=num_frames,
                 keep_ratio=keep_ratio, keep_mode=keep_mode, keep_seed=keep_seed, sampling=sampling)
-        return self._queue(request_id, params, build)
+        return self._queue(request_id, params, build, priority)
 
     def add_mvbench_request(self, video, question: str, candidates, params: SamplingParams | None = None, *,
                             request_id: str | None = None, num_frames: int | None = None, bound=None,
-                            system: str | None = MVBENCH_SYSTEM, video_tokens: str = "frames") -> str:
+                            system: str | None = MVBENCH_SYSTEM, video_tokens: str = "frames",
+                            priority: int = 0) -> str:
         """Queue an MVBench multiple-choice question the release's way (``infer_mvbench``): MVBench
         frame sampling (``bound`` in seconds), the formatted question into the Q-Former, every
         frame's tokens concatenated whatever the variant (``video_tokens="own"``: the checkpoint's
@@ -172,9 +175,9 @@ class LLMEngine(BeamRequests):
             ids, video_start = self.mvbench_prompt_ids(q, MVBENCH_SYSTEM if system is None else system)
             self._prepare_then(req, video, q, lambda pv: self._admit(req, pv.tokens, pv.key, ids, video_start),
                                num_frames=num_frames, sampling="mvbench", bound=bound, video_tokens=video_tokens)
-        return self._queue(request_id, params, build)
+        return self._queue(request_id, params, build, priority)
 
-    def _queue(self, request_id: str | None, params, build) -> str:
+    def _queue(self, request_id: str | None, params, build, priority: int = 0) -> str:
         """Register a request, check its params, then ``build(req)`` admits it; any error fails
         this request only (its output carries the message)."""
         rid = self._new_id(request_id)
@@ -184,6 +187,9 @@ class LLMEngine(BeamRequests):
             if params is not None and not isinstance(params, SamplingParams):
                 raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
             req.params = params or SamplingParams()
+            if isinstance(priority, bool) or not isinstance(priority, int):
+                raise ValueError(f"priority must be an int (lower runs first), got {priority!r}")
+            req.priority = priority
             req.guide = self._guide(req.params)
             build(req)
         except Exception as e:  # noqa: BLE001 - any bad input fails this request only
@@ -270,7 +276,7 @@ class LLMEngine(BeamRequests):
             tokens, key, ids, video_start = truncate_left(tokens, key, ids, video_start, over)
             req.num_truncated = over
         seq = Sequence(ids, p, video_embeds=tokens, video_key=key if tokens is not None else "",
-                       request_id=req.request_id, video_start=video_start)
+                       request_id=req.request_id, video_start=video_start, priority=req.priority)
         seq.guide = req.guide
         self.scheduler.add(seq)
         req.seq = seq

@@ -41,3 +41,4 @@ class Request:
         self.token_ids: list[int] = []
         self.final_text: str | None = None  # beam search: text of the best hypothesis
         self.guide = None  # guided.ChoiceGuide of params.choices, given to its sequences
+        self.priority = 0  # scheduling priority (lower first), given to its sequences

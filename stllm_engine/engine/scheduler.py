@@ -1,16 +1,21 @@
 """Continuous batching: which sequences run this step, and how many of their tokens.
 
 One step mixes decodes (1 token each) and prefill chunks under ``max_num_batched_tokens`` and
-``max_num_seqs``. Running sequences are served first in arrival order (a long prefill admitted
-earlier keeps its place and advances by a chunk every step), then waiting ones strictly in order
-(the head of the queue is never skipped, so nothing starves). When a running sequence needs a
-block and none is free, the newest running sequence is preempted by recompute: its blocks are
-freed and it goes back to the front of the queue; its outputs are prefilled again with its prompt
-(published blocks usually come back as prefix-cache hits).
+``max_num_seqs``. Sequences are ordered by (priority, arrival): a lower ``priority`` value first
+(vLLM's convention; all 0 by default), then first come first served. Running sequences are served
+first in that order (a long prefill admitted earlier keeps its place and advances by a chunk every
+step), then waiting ones strictly in order (the head of the queue is never skipped, so among equal
+priorities nothing starves; a lower priority waits while higher ones keep coming). When a running
+sequence needs a block and none is free, the last running sequence in that order is preempted by
+recompute: its blocks are freed and it goes back to the queue in its place; its outputs are
+prefilled again with its prompt (published blocks usually come back as prefix-cache hits). A
+waiting sequence of a higher priority than running ones that has no room (blocks or
+``max_num_seqs``) preempts them, lowest priority first.
 """
 from __future__ import annotations
 
-from collections import deque
+import bisect
+import itertools
 from dataclasses import dataclass, field
 
 from stllm_engine.engine.block_manager import BlockManager
@@ -34,6 +39,11 @@ class ScheduledBatch:
         return bool(self.items)
 
 
+def order(seq: Sequence) -> tuple[int, int]:
+    """Scheduling order: priority (lower first), then arrival (``Scheduler.add`` order)."""
+    return seq.priority, seq.arrival
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048) -> None:
@@ -44,9 +54,10 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: list[Sequence] = []  # sorted by ``order``
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._arrivals = itertools.count()
 
     # --- queue ------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -57,7 +68,8 @@ class Scheduler:
                              f"({seq.num_prompt_tokens} prompt + {seq.params.max_new_tokens} new tokens, "
                              f"block size {bm.block_size}) but the KV pool has only {bm.num_blocks}")
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        seq.arrival = next(self._arrivals)
+        bisect.insort(self.waiting, seq, key=order)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -92,18 +104,33 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        bisect.insort(self.waiting, seq, key=order)
         if batch is not None:
             batch.preempted.append(seq)
 
-    def preempt_newest(self) -> Sequence | None:
-        """Preempt (free, back to the front of the queue) the newest running sequence; for
-        callers outside ``schedule`` that need blocks, e.g. beams forking. None if none runs."""
+    def preempt_last(self) -> Sequence | None:
+        """Preempt (free, back to the queue) the last running sequence in scheduling order (the
+        lowest priority, newest); for callers outside ``schedule`` that need blocks, e.g. beams
+        forking. None if none runs."""
         if not self.running:
             return None
-        seq = self.running.pop()
+        seq = max(self.running, key=order)
+        self.running.remove(seq)
         self._preempt(seq)
         return seq
+
+    def _make_room_for_priority(self, batch: ScheduledBatch) -> None:
+        """Preempt running sequences of a lower priority than the waiting head while it has no
+        room (blocks or ``max_num_seqs``), lowest first."""
+        bm = self.block_manager
+        while self.waiting and self.running:
+            head, last = self.waiting[0], max(self.running, key=order)
+            if last.priority <= head.priority:
+                return
+            if len(self.running) < self.max_num_seqs and bm.can_allocate(head):
+                return
+            self.running.remove(last)
+            self._preempt(last, batch)
 
     def has_work(self) -> bool:
         """Any sequence waiting or running."""
@@ -113,14 +140,15 @@ class Scheduler:
         bm = self.block_manager
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        queue = list(self.running)
+        self._make_room_for_priority(batch)
+        queue = sorted(self.running, key=order)
         kept: list[Sequence] = []
         while queue and budget > 0:
             seq = queue.pop(0)
             if not seq.is_prefill:  # decode: needs a private slot for its newest token
                 while not bm.can_append(seq):
                     if queue:
-                        self._preempt(queue.pop(), batch)  # newest first
+                        self._preempt(queue.pop(), batch)  # the last in order first
                     else:
                         break
                 if not bm.can_append(seq):
@@ -133,19 +161,14 @@ class Scheduler:
             kept.append(seq)
         kept += queue  # not scheduled this step (budget spent), keep their order
         self.running = kept
-        # preempted ones were pushed to the front in reverse age order; restore arrival order
-        if len(batch.preempted) > 1:
-            pre = [self.waiting.popleft() for _ in batch.preempted]
-            for s in sorted(pre, key=lambda s: s.seq_id, reverse=True):
-                self.waiting.appendleft(s)
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if batch.preempted and seq in batch.preempted:
                 break  # no room this step for what was just preempted
             if not bm.can_allocate(seq):
-                break  # FCFS: the head waits, nobody overtakes it
-            self.waiting.popleft()
+                break  # the head waits, nobody overtakes it
+            self.waiting.pop(0)
             bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             n = min(seq.num_uncomputed_tokens, budget)

@@ -29,7 +29,7 @@ class Sequence:
 
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams | None = None, *,
                  video_embeds: Any = None, video_key: str = "", request_id: str | None = None,
-                 seq_id: int | None = None, video_start: int = 0) -> None:
+                 seq_id: int | None = None, video_start: int = 0, priority: int = 0) -> None:
         self.seq_id = next(_ids) if seq_id is None else seq_id
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.prompt_token_ids = list(prompt_token_ids)
@@ -50,6 +50,10 @@ class Sequence:
             raise ValueError("a Sequence needs at least one prompt position (video or text)")
         self.params = params if params is not None else SamplingParams()
         self.guide = None  # guided.ChoiceGuide when params.choices is set (the engine attaches it)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an int (lower runs first), got {priority!r}")
+        self.priority = priority
+        self.arrival = self.seq_id  # the scheduler's arrival number, set when it is added
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt positions served from the prefix cache at admission
