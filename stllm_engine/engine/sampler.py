@@ -65,17 +65,17 @@ def process_logits(logits: torch.Tensor, seq: Sequence, eos_token_id: int | None
 
 def process_batch(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int | None) -> torch.Tensor:
     """:func:`process_logits` for a whole batch at once (same values; logits [B, V] float32)."""
-    B, V = logits.shape
     dev = logits.device
     logits = bias_rows(logits, [s.params.logit_bias for s in seqs])
     seen = [seen_token_ids(s) if s.params.repetition_penalty != 1.0 else [] for s in seqs]
     width = max((len(x) for x in seen), default=0)
-    if width:
+    if width:  # only the seen logits: [B, width] gathered, penalised, scattered back (a row's
+        # padding repeats its first id; rows without seen ids get penalty 1, which changes nothing)
         idx = torch.tensor([x + [x[0] if x else 0] * (width - len(x)) for x in seen], dtype=torch.long, device=dev)
-        has = torch.tensor([[bool(x)] for x in seen], device=dev)
-        mask = torch.zeros(B, V, dtype=torch.bool, device=dev).scatter_(1, idx, has.expand(B, width))
-        pen = torch.tensor([[s.params.repetition_penalty] for s in seqs], dtype=logits.dtype, device=dev)
-        logits = torch.where(mask, torch.where(logits < 0, logits * pen, logits / pen), logits)
+        pen = torch.tensor([[s.params.repetition_penalty if x else 1.0] for s, x in zip(seqs, seen)],
+                           dtype=logits.dtype, device=dev)
+        g = logits.gather(1, idx)
+        logits = logits.scatter(1, idx, torch.where(g < 0, g * pen, g / pen))
     logits = mask_rows(logits, [allowed_token_ids(s) for s in seqs])
     rows = [i for i, s in enumerate(seqs) if banned_by_min_tokens(s, eos_token_id)]
     if rows:
