@@ -5,6 +5,7 @@ from __future__ import annotations
 from stllm_engine.api import STLLM
 from stllm_engine.outputs import RequestOutput
 from stllm_engine.prompts import SEP, release_answer
+from stllm_engine.tokenizers import fallback_byte, piece_text
 
 
 class AnswerText:
@@ -51,24 +52,10 @@ class AnswerText:
         return out
 
 
-def fallback_byte(tok) -> int | None:
-    """The byte of a SentencePiece byte-fallback token "<0xNN>", else None."""
-    if isinstance(tok, str) and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-        return int(tok[3:5], 16)
-    return None
-
-
 def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
     """(text, UTF-8 bytes) of one token as it reads inside a text: SentencePiece's "▁" is a
     space, a byte-fallback token "<0xNN>" is that byte (its text "" unless ASCII)."""
-    tok = tokenizer.convert_ids_to_tokens(int(token_id))
-    if not isinstance(tok, str):
-        return "", []
-    b = fallback_byte(tok)
-    if b is not None:
-        return (chr(b) if b < 0x80 else ""), [b]
-    text = tok.replace("\u2581", " ")
-    return text, list(text.encode("utf-8"))
+    return piece_text(tokenizer.convert_ids_to_tokens(int(token_id)))
 
 
 def logprobs_json(tokenizer, logprobs) -> list[dict]:

@@ -109,3 +109,23 @@ def load_qformer_tokenizer(folder_or_path: str | Path, truncation_side: str = "l
         tok.add_special_tokens({"bos_token": QFORMER_BOS})
     tok.truncation_side = truncation_side
     return tok
+
+
+def fallback_byte(tok) -> int | None:
+    """The byte of a SentencePiece byte-fallback token "<0xNN>", else None."""
+    if isinstance(tok, str) and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+        return int(tok[3:5], 16)
+    return None
+
+
+def piece_text(tok) -> tuple[str, list[int]]:
+    """(text, UTF-8 bytes) of one vocabulary piece as it reads inside a text: SentencePiece's "▁"
+    is a space, a byte-fallback piece "<0xNN>" is that byte (its text "" unless ASCII); not a
+    string (None): nothing."""
+    if not isinstance(tok, str):
+        return "", []
+    b = fallback_byte(tok)
+    if b is not None:
+        return (chr(b) if b < 0x80 else ""), [b]
+    text = tok.replace("\u2581", " ")
+    return text, list(text.encode("utf-8"))

@@ -17,11 +17,10 @@ Order of the logits processors (``sampler.process_logits``, transformers' and vL
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+from stllm_engine.tokenizers import piece_text
+
 _WS = b" \t\n\r"
 
 
@@ -32,13 +31,8 @@ class TokenBytes:
         n = len(tokenizer)
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
-        self.bytes: list[bytes | None] = []
-        for i, piece in enumerate(pieces):
-            b = None
-            if i not in special and piece:
-                m = _BYTE_PIECE.fullmatch(piece)
-                b = bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode("utf-8")
-            self.bytes.append(b or None)
+        self.bytes: list[bytes | None] = [None if i in special else bytes(piece_text(piece)[1]) or None
+                                          for i, piece in enumerate(pieces)]
         self.by_first: dict[int, list[int]] = {}  # first byte -> token ids
         self.by_first_stripped: dict[int, list[int]] = {}  # the same after leading whitespace
         self.blank: list[int] = []  # whitespace only ("▁": SentencePiece spells "D" as "▁", "D")
@@ -95,8 +89,7 @@ class ChoiceGuide:
 
 def mask_rows(logits: torch.Tensor, allowed: list[list[int] | None]) -> torch.Tensor:
     """logits [B, V]: -inf outside each row's allowed ids (None: row unchanged)."""
-    rows = [i for i, a in enumerate(allowed) if a is not None]
-    if not rows:
+    if all(a is None for a in allowed):
         return logits
     B, V = logits.shape
     keep = torch.zeros(B, V, dtype=torch.bool)
@@ -112,8 +105,8 @@ def bias_rows(logits: torch.Tensor, biases: list[dict[int, float] | None]) -> to
     """logits [B, V] plus each row's ``logit_bias`` (None: no bias)."""
     if not any(biases):
         return logits
-    add = torch.zeros(logits.shape, dtype=logits.dtype)
+    out = logits.clone()
     for i, b in enumerate(biases):
         if b:
-            add[i, torch.tensor(list(b), dtype=torch.long)] = torch.tensor(list(b.values()), dtype=logits.dtype)
-    return logits + add.to(logits.device)
+            out[i, list(b)] += torch.tensor(list(b.values()), dtype=logits.dtype, device=logits.device)
+    return out

@@ -27,7 +27,7 @@ from stllm_engine.engine.guided import ChoiceGuide, TokenBytes
 from stllm_engine.engine.request import Request, truncate_left  # noqa: F401 (re-exported)
 from stllm_engine.engine.sampler import Sampler, StopChecker
 from stllm_engine.engine.scheduler import Scheduler
-from stllm_engine.engine.sequence import Sequence
+from stllm_engine.engine.sequence import Sequence, check_priority
 from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, decode_video, finish_frames,
                                             needs_decoding, plan_hit, prepare_video, record_plan)
 from stllm_engine.engine.metrics import EngineMetrics
@@ -187,9 +187,7 @@ class LLMEngine(BeamRequests):
             if params is not None and not isinstance(params, SamplingParams):
                 raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
             req.params = params or SamplingParams()
-            if isinstance(priority, bool) or not isinstance(priority, int):
-                raise ValueError(f"priority must be an int (lower runs first), got {priority!r}")
-            req.priority = priority
+            req.priority = check_priority(priority)  # now, not after the video decoded
             req.guide = self._guide(req.params)
             build(req)
         except Exception as e:  # noqa: BLE001 - any bad input fails this request only

@@ -24,6 +24,13 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+def check_priority(priority) -> int:
+    """A scheduling priority (an int, lower runs first), or ValueError."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an int (lower runs first), got {priority!r}")
+    return priority
+
+
 class Sequence:
     """State of one sequence (one beam of a beam-search request is one Sequence too)."""
 
@@ -50,9 +57,7 @@ class Sequence:
             raise ValueError("a Sequence needs at least one prompt position (video or text)")
         self.params = params if params is not None else SamplingParams()
         self.guide = None  # guided.ChoiceGuide when params.choices is set (the engine attaches it)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority must be an int (lower runs first), got {priority!r}")
-        self.priority = priority
+        self.priority = check_priority(priority)
         self.arrival = self.seq_id  # the scheduler's arrival number, set when it is added
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
