@@ -64,6 +64,7 @@ GPU_TARGETS = dict(TARGETS, ttft=3.0, decode=2.0)  # the issue's GPU targets (ST
 REPETITION_PENALTY = 1.5
 VIDEO_SIZES = {"224p": (398, 224), "720p": (1280, 720)}  # BENCHMARKS.md: "720p and 224p"
 VIDEO_FRAMES, VIDEO_FPS = 48, 8
+RESIDUAL_FRAMES = 64  # BENCHMARKS.md: "64 frames global-local (512 tokens)"
 
 
 def log(msg: str) -> None:
@@ -89,37 +90,47 @@ def real_size_overrides() -> dict:
     return out
 
 
-def checkpoint_for(preset: str, cache: Path, device: str = "cpu") -> Path:
-    """The preset's random checkpoint in the cache (written once). The real-size preset draws its
-    weights on ``device`` when that is a GPU (seconds instead of minutes; other numbers than a
-    CPU draw, so the folder name says where they were drawn)."""
+def checkpoint_for(preset: str, cache: Path, device: str = "cpu", vit: str = "eva",
+                   video_input: str = "all") -> Path:
+    """The preset's random checkpoint of one variant in the cache (written once). The real-size
+    preset draws its weights on ``device`` when that is a GPU (seconds instead of minutes; other
+    numbers than a CPU draw, so the folder name says where they were drawn). A global-local
+    (``residual``) checkpoint samples 64 frames, as the release's ``conversation_weight``."""
     from stllm_engine.testing.checkpoints import write_tiny_checkpoint
 
     name = PRESETS[preset]
     draw = "cuda" if name is None and device.startswith("cuda") else "cpu"
-    folder = cache / (f"{preset}-eva-all" + ("-cuda-drawn" if draw == "cuda" else ""))
+    folder = cache / (f"{preset}-{vit}-{video_input}" + ("-cuda-drawn" if draw == "cuda" else ""))
     if (folder / "config.json").is_file():
         return folder
-    log(f"writing a random {preset} checkpoint to {folder} (once) ...")
+    log(f"writing a random {preset} {vit}/{video_input} checkpoint to {folder} (once) ...")
     t = time.perf_counter()
     kw = dict(preset=name) if name else dict(preset="bench_cpu", **real_size_overrides())
-    write_tiny_checkpoint(folder, vit="eva", video_input="all", seed=0, dtype=torch.float16,
+    if video_input == "residual":
+        kw["num_frames"] = RESIDUAL_FRAMES
+    write_tiny_checkpoint(folder, vit=vit, video_input=video_input, seed=0, dtype=torch.float16,
                           fmt="safetensors", shards=2 if preset == "tiny" else 4, device=draw, **kw)
     log(f"  written in {time.perf_counter() - t:.0f}s")
     return folder
 
 
-def bench_videos(cache: Path, count: int, video: str = "224p") -> list[Path]:
+def clip_frames(num_frames: int) -> int:
+    """Frames in a test clip: 48 (6 s), or twice the sampled frames where more are sampled, so
+    that sampling always picks spread-out frames (64-frame global-local: 128-frame clips)."""
+    return max(VIDEO_FRAMES, 2 * num_frames)
+
+
+def bench_videos(cache: Path, count: int, video: str = "224p", num_frames: int = 16) -> list[Path]:
     from stllm_engine.testing.videos import write_video
 
     folder = cache / "videos"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    size = VIDEO_SIZES[video]
+    size, frames = VIDEO_SIZES[video], clip_frames(num_frames)
     for seed in range(count):
-        p = folder / f"{size[0]}x{size[1]}-{VIDEO_FRAMES}f-seed{seed}.mp4"
+        p = folder / f"{size[0]}x{size[1]}-{frames}f-seed{seed}.mp4"
         if not p.is_file():
-            write_video(p, num_frames=VIDEO_FRAMES, size=size, fps=VIDEO_FPS, seed=seed)
+            write_video(p, num_frames=frames, size=size, fps=VIDEO_FPS, seed=seed)
         paths.append(p)
     return paths
 
@@ -248,6 +259,12 @@ def chat_turns(llm, video: Path, n: int, num_frames: int, device: str):
     return first, o2.timings.ttft, o2.num_cached_tokens, o2.num_prompt_tokens
 
 
+def video_tokens(cfg, num_frames: int) -> int:
+    """LLM tokens a video becomes: every frame's (all), one frame's (mean), the local frames' (residual)."""
+    frames = {"all": num_frames, "mean": 1, "residual": min(cfg.residual_size, num_frames)}[cfg.video_input]
+    return frames * cfg.tokens_per_frame
+
+
 def thread_label(n) -> str:
     return f"{n}" if n else f"torch ({torch.get_num_threads()})"
 
@@ -262,12 +279,21 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens per answer (default 64, quick 16)")
     ap.add_argument("--concurrency", type=int, default=None, help="requests in the throughput run (default 8)")
     ap.add_argument("--repeats", type=int, default=None, help="videos per latency metric (default 3)")
-    ap.add_argument("--num-frames", type=int, default=16)
+    ap.add_argument("--vit", default="eva", choices=("eva", "btadapter"),
+                    help="vision tower of the random checkpoint (btadapter: the release's qa_weight)")
+    ap.add_argument("--video-input", default="all", choices=("all", "mean", "residual"),
+                    help="video input of the random checkpoint (residual: global-local, the release's "
+                         "conversation_weight)")
+    ap.add_argument("--num-frames", type=int, default=None,
+                    help=f"frames sampled a video (default 16; {RESIDUAL_FRAMES} for residual)")
     ap.add_argument("--video", default="224p", choices=tuple(VIDEO_SIZES), help="resolution of the test clips")
     ap.add_argument("--no-matched-threads", action="store_true",
                     help="skip the extra reference runs at the engine's decode thread count (CPU)")
-    ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/e2e-<device>[-<dtype>][-720p].json)")
+    ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/"
+                    "e2e-<device>[-<dtype>][-720p][-<vit>-<video input>].json)")
     args = ap.parse_args()
+    if args.num_frames is None:
+        args.num_frames = RESIDUAL_FRAMES if args.video_input == "residual" else 16
     n = args.new_tokens or (16 if args.quick else 64)
     conc = args.concurrency or (4 if args.quick else 8)
     reps = args.repeats or (1 if args.quick else 3)
@@ -285,15 +311,15 @@ def main() -> None:
     from stllm_engine.reference import ReferenceSTLLM
 
     cache = cache_dir() / "bench"
-    folder = args.checkpoint or checkpoint_for(args.preset, cache, args.device)
-    videos = bench_videos(cache, 1 + 3 * reps + conc, args.video)
+    folder = args.checkpoint or checkpoint_for(args.preset, cache, args.device, args.vit, args.video_input)
+    videos = bench_videos(cache, 1 + 3 * reps + conc, args.video, args.num_frames)
     warm, lat_v = videos[0], videos[1:1 + reps]
     thr_v = videos[1 + reps:1 + reps + conc]
     cache_v, chat_v = videos[1 + reps + conc:1 + 2 * reps + conc], videos[1 + 2 * reps + conc:]
     log(f"loading {folder} on {args.device} ({str(dtype).removeprefix('torch.')}): reference, engine ...")
     ref = ReferenceSTLLM.from_pretrained(folder, dtype=dtype, device=args.device)
     cfg = ref.config
-    prompt_est = args.num_frames * cfg.tokens_per_frame + 200
+    prompt_est = video_tokens(cfg, args.num_frames) + 200
     t_load = time.perf_counter()
     llm = STLLM.from_pretrained(folder, device=args.device, dtype=dtype, max_num_seqs=max(conc, 8),
                                 kv_cache_memory=kv_memory(cfg, dtype, conc + 3, prompt_est + 2 * n))
@@ -378,8 +404,9 @@ def main() -> None:
     med = statistics.median
     kernels = llm.engine.kernels()
     base = dict(preset=args.checkpoint.name if args.checkpoint else args.preset, dtype=str(dtype).removeprefix("torch."),
-                video="x".join(map(str, VIDEO_SIZES[args.video])), frames=args.num_frames, video_input=cfg.video_input,
-                video_tokens=args.num_frames * cfg.tokens_per_frame, new_tokens=n, greedy=True,
+                video="x".join(map(str, VIDEO_SIZES[args.video])), frames=args.num_frames, vit="btadapter" if cfg.vision.btadapter else "eva",
+                video_input=cfg.video_input, clip_frames=clip_frames(args.num_frames),
+                video_tokens=video_tokens(cfg, args.num_frames), new_tokens=n, greedy=True,
                 repetition_penalty=REPETITION_PENALTY,
                 engine_threads=f"decode {thread_label(policy.decode)}, prefill/vision {thread_label(policy.prefill)}"
                 + (" (while the host is oversubscribed, else torch's)" if policy.only_when_busy else ""),
@@ -420,11 +447,12 @@ def main() -> None:
     device = device_name(args.device)
     default_out = None
     suffix = ("" if dtype == (torch.float16 if args.device.startswith("cuda") else torch.float32)
-              else f"-{base['dtype']}") + ("" if args.video == "224p" else f"-{args.video}")
+              else f"-{base['dtype']}") + ("" if args.video == "224p" else f"-{args.video}") \
+        + ("" if (base["vit"], cfg.video_input) == ("eva", "all") else f"-{base['vit']}-{cfg.video_input}")
     if suffix:
         default_out = RESULTS / f"e2e-{device.replace(' ', '-')}{suffix}.json"
     out = write_result("e2e", device, rows, args.out or default_out)
-    print(f"e2e on {device}: {base['preset']} {base['dtype']}, {args.num_frames} frames "
+    print(f"e2e on {device}: {base['preset']} {base['dtype']} {base['vit']}/{cfg.video_input}, {args.num_frames} frames "
           f"({base['video_tokens']} video tokens), {n} new tokens; same greedy ids on {same}/{reps} videos; "
           f"engine threads {base['engine_threads']}"
           + (f"; engine prefill attention {base['engine_prefill_attention']}" if "engine_prefill_attention" in base else "")

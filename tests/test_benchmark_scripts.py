@@ -54,6 +54,8 @@ def run_script(tmp_path, *argv: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("argv,metrics", [
     (["e2e.py", "--preset", "tiny", "--quick"],
      {"ttft", "decode_tokens_per_s", "requests_per_s", "cached_video_second_question_ttft", "chat_follow_up_ttft"}),
+    (["e2e.py", "--preset", "tiny", "--quick", "--vit", "btadapter", "--video-input", "residual"],
+     {"ttft", "decode_tokens_per_s", "requests_per_s", "cached_video_second_question_ttft", "chat_follow_up_ttft"}),
     (["frames.py", "--repeats", "1"], {"decode_ms", "preprocess_ms"}),
     (["attention_cpu.py", "--quick", "--repeats", "1"], None),
     (["kernels.py", "--quick", "--no-gpu"], None),
@@ -66,6 +68,10 @@ def test_benchmark_writes_rows_in_the_shared_format(tmp_path, argv, metrics):
     assert d["benchmark"] and d["device"].startswith("cpu-")
     if metrics is not None:
         assert {r["metric"] for r in d["rows"]} == metrics
+    if "--video-input" in argv:  # the variant's checkpoint and workload: 64 frames -> 4 local frames' tokens
+        cfg = d["rows"][0]["config"]
+        assert (cfg["vit"], cfg["video_input"], cfg["frames"], cfg["clip_frames"]) == ("btadapter", "residual", 64, 128)
+        assert cfg["video_tokens"] == 4 * 6  # tiny: residual_size 4, 6 queries
     assert "ratio" in proc.stdout  # the table's header
 
 
