@@ -276,7 +276,11 @@ def test_vision_packing_keeps_features(tmp_path, vit, monkeypatch):
             1 for m in fused.visual_encoder.modules() if type(m).__name__ == "EVAMlp")
         assert pack_vision(fused) == 0  # idempotent
         marked = {id(m) for m in linears if m.residual_add}  # calibrated with their residual add
-        assert marked == {id(m) for b in fused.visual_encoder.blocks for m in (b.attn.proj, b.mlp.fc2)}
+        want_marked = {id(m) for b in fused.visual_encoder.blocks for m in (b.attn.proj, b.mlp.fc2)}
+        bt = fused.visual_encoder.btadapter
+        if bt is not None:
+            want_marked |= {id(m) for t, s in zip(bt.temporal, bt.spatial) for m in (t.temporal_fc, s.mlp.fc2)}
+        assert marked == want_marked
         got = fused.encode_vision(frames)
         assert got.dtype == dtype and got.shape == want.shape
         if dtype == torch.float32:

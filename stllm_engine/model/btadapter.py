@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 from stllm_engine.config import VisionConfig
+from stllm_engine.model.layer_norm import LayerNorm
+from stllm_engine.model.packed_linear import linear_add
 from stllm_engine.model.vision import EVAAttention, EVAMlp
 
 SPATIAL_EPS = 1e-5  # the release builds BTAdapter_S with torch's default LayerNorm eps
@@ -34,14 +36,14 @@ class TemporalBlock(nn.Module):
 
     def __init__(self, width: int, num_heads: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=TEMPORAL_EPS)
+        self.norm1 = LayerNorm(width, eps=TEMPORAL_EPS)
         self.attn = EVAAttention(width, num_heads)
         self.temporal_fc = nn.Linear(width, width)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         p, t, w = patches.shape
         y = self.attn(self.norm1(patches).reshape(p * t, w), _cu(p, t, patches.device), t)
-        return patches + self.temporal_fc(y).view(p, t, w)
+        return linear_add(self.temporal_fc, y, patches.reshape(p * t, w)).view(p, t, w)
 
 
 class SpatialBlock(nn.Module):
@@ -49,9 +51,9 @@ class SpatialBlock(nn.Module):
 
     def __init__(self, width: int, num_heads: int, mlp_dim: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=SPATIAL_EPS)
+        self.norm1 = LayerNorm(width, eps=SPATIAL_EPS)
         self.attn = EVAAttention(width, num_heads)
-        self.norm2 = nn.LayerNorm(width, eps=SPATIAL_EPS)
+        self.norm2 = LayerNorm(width, eps=SPATIAL_EPS)
         self.mlp = EVAMlp(width, mlp_dim)
 
     def forward(self, cls: torch.Tensor, patches: torch.Tensor):
@@ -62,8 +64,8 @@ class SpatialBlock(nn.Module):
         cls = cls + y[:, 0].mean(0)
         patches = patches + y[:, 1:].transpose(0, 1)
         cls = cls + self.mlp(self.norm2(cls))
-        patches = patches + self.mlp(self.norm2(patches))
-        return cls, patches
+        flat = patches.reshape(p * t, w)
+        return cls, linear_add(self.mlp.fc2, self.mlp.hidden(self.norm2(flat)), flat).view(p, t, w)
 
 
 class BTAdapter(nn.Module):

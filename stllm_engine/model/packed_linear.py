@@ -415,8 +415,13 @@ def pack_vision(model) -> int:
     from stllm_engine.model.vision import EVAMlp
 
     swapped: list[nn.Module] = _pack_children(model.visual_encoder, EVAMlp)
-    _mark_residual_adds(b for blk in model.visual_encoder.blocks for b in (blk.attn.proj, blk.mlp.fc2))
-    embed = model.visual_encoder.patch_embed
+    vt = model.visual_encoder
+    adds = [b for blk in vt.blocks for b in (blk.attn.proj, blk.mlp.fc2)]
+    if vt.btadapter is not None:  # the branch's temporal_fc and spatial fc2 add their residual too
+        adds += [m for j in range(len(vt.btadapter.temporal))
+                 for m in (vt.btadapter.temporal[j].temporal_fc, vt.btadapter.spatial[j].mlp.fc2)]
+    _mark_residual_adds(adds)
+    embed = vt.patch_embed
     if type(embed.proj) is nn.Conv2d and embed.proj.weight.dtype == torch.bfloat16 \
             and packing_available(embed.proj.weight):
         embed.proj = PackedPatchEmbed(embed.proj)
