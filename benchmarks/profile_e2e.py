@@ -51,6 +51,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="concurrent engine requests in the decode breakdown")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--video", default="224p", choices=tuple(e2e.VIDEO_SIZES))
+    ap.add_argument("--vit", default="eva", choices=("eva", "btadapter"), help="checkpoint variant (as e2e.py)")
+    ap.add_argument("--video-input", default="all", choices=("all", "mean", "residual"),
+                    help="checkpoint variant (as e2e.py; residual samples 64 frames)")
     ap.add_argument("--ops", action="store_true", help="print torch.profiler op tables of both prefills")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -68,8 +71,9 @@ def main() -> None:
     from stllm_engine.video import load_video
 
     cache = cache_dir() / "bench"
-    folder = e2e.checkpoint_for(args.preset, cache, dev)
-    videos = e2e.bench_videos(cache, 1 + args.repeats + args.batch, args.video)
+    folder = e2e.checkpoint_for(args.preset, cache, dev, args.vit, args.video_input)
+    nf = e2e.RESIDUAL_FRAMES if args.video_input == "residual" else 16
+    videos = e2e.bench_videos(cache, 1 + args.repeats + args.batch, args.video, nf)
     ref = ReferenceSTLLM.from_pretrained(folder, dtype=dtype, device=dev)
     llm = STLLM.from_pretrained(folder, device=dev, dtype=dtype, max_num_seqs=max(8, args.batch))
     m, q = llm.engine.model, e2e.QUESTIONS[0]
@@ -85,10 +89,10 @@ def main() -> None:
         # as the engine decodes an idle engine's request: its decode threads, preprocessing where
         # it preprocesses (on the GPU for a CUDA model)
         frames = timed(load_video, T, "frame decode (engine)", dev)(
-            str(v), num_frames=16, size=m.config.vision.image_size,
+            str(v), num_frames=nf, size=m.config.vision.image_size,
             decode_workers=llm.engine.config.resolved_decode_threads(), device=preprocess_device(m)).frames
         t = time.perf_counter()
-        ref_frames = ref.load_frames(str(v), 16)
+        ref_frames = ref.load_frames(str(v), nf)
         T["frame decode (reference)"].append(time.perf_counter() - t)
         emb = timed(m.encode_vision, T, "ViT (engine)", dev)(frames)
         remb = timed(ref.encode_vision, T, "ViT (reference)", dev)(ref_frames)
@@ -97,7 +101,7 @@ def main() -> None:
         if vg is not None:
             timed(vg.encode_vision, T, "ViT (engine, cuda graph)", dev)(frames)
             timed(vg.encode_video, T, "Q-Former+proj (engine, cuda graph)", dev)(emb, q)
-        rtok = timed(lambda: ref.frame_tokens(remb, q).reshape(-1, tok.shape[-1]), T, "Q-Former+proj (reference)", dev)()
+        rtok = timed(lambda: ref.projector(ref.frame_tokens(remb, q)), T, "Q-Former+proj (reference)", dev)()
         timed(engine_prefill, T, "LLM prefill (engine)", dev)(tok)
         pg = llm.engine.runner.prefill_graphs  # CUDA: the fresh-prefill graphs the engine replays
         if pg is not None:
@@ -105,15 +109,16 @@ def main() -> None:
         embeds = ref.chat_inputs_embeds(rtok, q)
         timed(lambda: ref.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1), T, "LLM prefill (reference)", dev)()
         n = args.new_tokens
-        g1 = e2e.reference_run(ref, v, q, 1, 16, dev)[1]
-        gn = e2e.reference_run(ref, v, q, n, 16, dev)[1]
+        g1 = e2e.reference_run(ref, v, q, 1, nf, dev)[1]
+        gn = e2e.reference_run(ref, v, q, n, nf, dev)[1]
         T["decode step (reference)"].append((gn - g1) / (n - 1))
     if dev.startswith("cuda"):  # the ViT's frames attention on the Triton kernel instead of SDPA
         os.environ["STLLM_CUDA_ATTENTION"] = "triton"
         for _ in range(1 + args.repeats):
             timed(m.encode_vision, T, "ViT (engine, triton attention)", dev)(frames)
         del os.environ["STLLM_CUDA_ATTENTION"]
-    print(f"{args.preset} {args.dtype}, {args.threads} thread(s), {len(ids) + tok.shape[0]} prompt positions")
+    print(f"{args.preset} {args.vit}/{args.video_input} {args.dtype}, {nf} frames, {args.threads} thread(s), "
+          f"{len(ids) + tok.shape[0]} prompt positions")
     for k, vals in T.items():
         print(f"  {k:32s} {statistics.median(vals) * 1e3:9.2f} ms")
 
@@ -125,7 +130,7 @@ def main() -> None:
     eng.runner.run = timed(run, D, "runner.run (forward + LM head)", dev)
     eng._sample = timed(eng._sample, D, "sampler", dev)
     eng.step = timed(eng.step, D, "LLMEngine.step", dev)
-    reqs = [{"video": str(v), "question": q, "num_frames": 16} for v in videos[-args.batch:]]
+    reqs = [{"video": str(v), "question": q, "num_frames": nf} for v in videos[-args.batch:]]
     outs = llm.generate(reqs, e2e.engine_params(llm, args.new_tokens))
     failed = [o.error for o in outs if getattr(o, "error", None)]
     if failed:

@@ -75,9 +75,13 @@ def test_benchmark_writes_rows_in_the_shared_format(tmp_path, argv, metrics):
     assert "ratio" in proc.stdout  # the table's header
 
 
-def test_profile_prints_every_phase_for_both_sides(tmp_path):
+@pytest.mark.parametrize("variant", [[], ["--vit", "btadapter", "--video-input", "residual"]],
+                         ids=["eva-all", "btadapter-residual"])
+def test_profile_prints_every_phase_for_both_sides(tmp_path, variant):
     proc = run_script(tmp_path, "profile_e2e.py", "--preset", "tiny", "--dtype", "float32", "--repeats", "1",
-                      "--new-tokens", "4")
+                      "--new-tokens", "4", *variant)
+    frames = 64 if variant else 16
+    assert f"{frames} frames" in proc.stdout
     for phase in ("frame decode", "ViT", "Q-Former+proj", "LLM prefill"):
         for side in ("engine", "reference"):
             assert f"{phase} ({side})" in proc.stdout, phase
