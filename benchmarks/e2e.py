@@ -30,7 +30,10 @@ Metrics (each on videos the engine has not seen before, so no cache helps unless
   the first turn's, so the video tokens and the first turn's KV come from the prefix cache (up to
   the first token where re-tokenized history differs) vs the first turn's TTFT (video preparation
   included).
-Engine and reference run interleaved per video. On the CPU the reference runs twice: at torch's
+Engine and reference run interleaved per video. On the CPU a fixed GEMM (:class:`HostProbe`) is
+timed before each side's measurement: ``host_probe_ms`` = [engine side, baseline side] medians
+per row, and a note is printed where they differ by more than 25% (the host changed speed between
+the sides, so that ratio is not a side-by-side one). On the CPU the reference runs twice: at torch's
 thread count (how a user runs it) and at the engine's decode thread count (``STLLM_CPU_THREADS``,
 see ``stllm_engine/model/threads.py``), both reported; the dtype is always the same on both sides.
 The engine's glibc malloc settings (``stllm_engine/engine/cpu_malloc.py``) are process-wide, so the
@@ -133,6 +136,48 @@ def bench_videos(cache: Path, count: int, video: str = "224p", num_frames: int =
             write_video(p, num_frames=frames, size=size, fps=VIDEO_FPS, seed=seed)
         paths.append(p)
     return paths
+
+
+# --- the host's speed ---------------------------------------------------------------------------
+class HostProbe:
+    """A fixed GEMM timed before each side's measurement ([608, 1024] x [1024, 5632] in the run's
+    dtype: the bench-cpu prefill's gate_up; CPU only). Shared cloud hosts change speed by up to
+    ~2.4x within seconds (the same plain GEMM took 9-10 ms, then 4 ms, in one process: noisy
+    neighbours on the physical cores), which no interleaving removes when a change falls between
+    the two sides of a ratio; the probe's medians per side say whether it did."""
+
+    def __init__(self, device: str, dtype: torch.dtype):
+        self.on = device == "cpu"
+        if self.on:
+            g = torch.Generator().manual_seed(0)
+            self.a = torch.randn(608, 1024, generator=g).to(dtype)
+            self.w = torch.randn(5632, 1024, generator=g).to(dtype)
+        self.ms: dict[str, list[float]] = {}
+
+    def __call__(self, side: str) -> None:
+        """Time the GEMM (median of 3) and file it under ``side`` (a metric + side label)."""
+        if not self.on:
+            return
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            torch.nn.functional.linear(self.a, self.w)
+            times.append(time.perf_counter() - t)
+        self.ms.setdefault(side, []).append(sorted(times)[1] * 1e3)
+
+    def medians(self, *sides: str) -> list[float] | None:
+        """The sides' median probe times in ms (None off the CPU)."""
+        if not self.on:
+            return None
+        return [round(statistics.median(self.ms[s]), 2) for s in sides]
+
+
+def probe_note(metric: str, ms: list[float] | None) -> str:
+    """A warning when the host's speed differed by more than 25% between the two sides."""
+    if not ms or len(ms) < 2 or max(ms) <= 1.25 * min(ms):
+        return ""
+    return (f"  note: the host's speed changed between the sides of {metric} (probe GEMM "
+            f"{' vs '.join(f'{x:.1f}' for x in ms)} ms): that ratio is not side by side")
 
 
 # --- the two sides ----------------------------------------------------------------------------
@@ -243,10 +288,13 @@ def kv_memory(config, dtype: torch.dtype, seqs: int, tokens: int) -> int:
 
 
 # --- the benchmark ----------------------------------------------------------------------------
-def chat_turns(llm, video: Path, n: int, num_frames: int, device: str):
+def chat_turns(llm, video: Path, n: int, num_frames: int, device: str, probe=None):
     """A two-turn chat on a new video: (first-turn TTFT incl. video preparation, follow-up TTFT,
-    follow-up cached prompt tokens, follow-up prompt tokens)."""
+    follow-up cached prompt tokens, follow-up prompt tokens); ``probe`` (:class:`HostProbe`)
+    runs before each turn."""
+    probe = probe or (lambda side: None)
     params = engine_params(llm, n)
+    probe("chat first")
     chat = llm.chat(str(video), num_frames=num_frames)
     sync(device)
     chat.ask(QUESTIONS[0], params=params)
@@ -254,6 +302,7 @@ def chat_turns(llm, video: Path, n: int, num_frames: int, device: str):
     first = pv.frame_decode_s + pv.vision_s + pv.qformer_s + o1.timings.ttft
     if pv.cache_hit:
         raise RuntimeError("the chat's first turn hit the vision cache: not a cold first turn")
+    probe("chat follow-up")
     chat.ask(QUESTIONS[1], params=params)
     o2 = chat.outputs[1]
     return first, o2.timings.ttft, o2.num_cached_tokens, o2.num_prompt_tokens
@@ -353,14 +402,17 @@ def main() -> None:
     r_t1 = {k: [] for k in ref_threads}
     r_rate = {k: [] for k in ref_threads}
     e_ttft, e_rate, same = [], [], 0
+    probe = HostProbe(args.device, dtype)
     for v in lat_v:
         for k, nt in ref_threads.items():
             clock = token_clock()
+            probe(f"latency reference {k}")
             with cpu_threads(nt):
                 t1, _, _ = reference_run(ref, v, q1, 1, args.num_frames, args.device)
                 _, _, ref_ids = reference_run(ref, v, q1, n, args.num_frames, args.device, clock)
             r_t1[k].append(t1)
             r_rate[k].append((n - 1) / max(clock.times[-1] - clock.times[0], 1e-9))
+        probe("latency engine")
         _, (out,) = engine_runs(llm, [(v, q1)], n, args.num_frames, args.device)
         e_ttft.append(out.timings.ttft)
         e_rate.append(out.timings.decode_tokens_per_s)
@@ -370,9 +422,11 @@ def main() -> None:
             f"{refs} | same greedy ids: {out.token_ids == ref_ids}")
 
     log(f"throughput: {conc} requests ...")
+    probe("throughput engine")
     e_wall, _ = engine_runs(llm, [(v, q1) for v in thr_v], n, args.num_frames, args.device)
     r_wall = {}
     for k, nt in ref_threads.items():
+        probe(f"throughput reference {k}")
         with cpu_threads(nt):
             r_wall[k] = sum(reference_run(ref, v, q1, n, args.num_frames, args.device)[0] for v in thr_v)
     log(f"  engine {e_wall:.2f}s together; reference one after another: "
@@ -381,7 +435,9 @@ def main() -> None:
     log("(a) independent second question on a cached video (vision cache hit; Q-Former + prefill rerun) ...")
     first, second = [], []
     for v in cache_v:
+        probe("cached first")
         _, (o1,) = engine_runs(llm, [(v, q1)], 2, args.num_frames, args.device)
+        probe("cached second")
         _, (o2,) = engine_runs(llm, [(v, q2)], 2, args.num_frames, args.device)
         if o1.timings.vision_cache_hit or not o2.timings.vision_cache_hit:
             raise RuntimeError("expected a vision-cache miss then a hit")
@@ -392,7 +448,7 @@ def main() -> None:
     log("(b) chat follow-up turn (video tokens + first turn from the KV prefix cache) ...")
     c_first, c_second, c_new = [], [], []
     for v in chat_v:
-        f, s2, cached, total = chat_turns(llm, v, n, args.num_frames, args.device)
+        f, s2, cached, total = chat_turns(llm, v, n, args.num_frames, args.device, probe)
         c_first.append(f)
         c_second.append(s2)
         c_new.append(total - cached)
@@ -424,22 +480,28 @@ def main() -> None:
     ref_name = "transformers reference"
     targets = GPU_TARGETS if args.device.startswith("cuda") else TARGETS
     rows = []
+    pm = probe.medians  # [engine side, baseline side] probe GEMM ms of each row (None off the CPU)
     for k in ref_threads:
         rc = dict(base, reference_threads=k)
+        lat = pm("latency engine", f"latency reference {k}")
         rows += [
-            row(dict(rc, videos=reps, target=f">={targets['ttft']:.2f}x"), "ttft", med(e_ttft),
+            row(dict(rc, videos=reps, host_probe_ms=lat, target=f">={targets['ttft']:.2f}x"), "ttft", med(e_ttft),
                 ref_name + " (max_new_tokens=1)", med(r_t1[k]), "s", False),
-            row(dict(rc, videos=reps, target=f">={targets['decode']:.2f}x"), "decode_tokens_per_s", med(e_rate),
-                ref_name + " ((N-1)/(t_token(N) - t_token(1)), per-token clock in generate)", med(r_rate[k]), "tokens/s", True),
-            row(dict(rc, requests=conc, target=f">={targets['throughput']:.2f}x"), "requests_per_s",
+            row(dict(rc, videos=reps, host_probe_ms=lat, target=f">={targets['decode']:.2f}x"), "decode_tokens_per_s",
+                med(e_rate), ref_name + " ((N-1)/(t_token(N) - t_token(1)), per-token clock in generate)",
+                med(r_rate[k]), "tokens/s", True),
+            row(dict(rc, requests=conc, host_probe_ms=pm("throughput engine", f"throughput reference {k}"),
+                     target=f">={targets['throughput']:.2f}x"), "requests_per_s",
                 conc / e_wall, ref_name + " (sequential)", conc / r_wall[k], "requests/s", True),
         ]
     rows += [
-        row(dict(base, videos=reps, target=f">={targets['cached_video_ttft']:.2f}x"),
+        row(dict(base, videos=reps, host_probe_ms=pm("cached second", "cached first"),
+                 target=f">={targets['cached_video_ttft']:.2f}x"),
             "cached_video_second_question_ttft", med(second),
             "engine, first question on the video (vision cache hit only; KV cannot be reused)", med(first),
             "s", False),
         row(dict(base, videos=reps, follow_up_uncached_prompt_tokens=med(c_new),
+                 host_probe_ms=pm("chat follow-up", "chat first"),
                  target=f">={targets['cached_video_ttft']:.2f}x"), "chat_follow_up_ttft", med(c_second),
             "engine, first chat turn on the video (incl. video preparation; follow-up reuses its KV)",
             med(c_first), "s", False),
@@ -460,7 +522,11 @@ def main() -> None:
           + f"; engine decode pass: {base['engine_decode_pass']}; prefill pass: {base['engine_prefill_pass']}"
           + f" (mlp: {base['engine_prefill_mlp']})"
           + f"; video passes: {base['engine_video_pass']}")
-    print(format_table(rows, ["reference_threads", "target"]))
+    print(format_table(rows, ["reference_threads", "target", "host_probe_ms"]))
+    for r in rows:
+        note = probe_note(r["metric"], r["config"]["host_probe_ms"])
+        if note:
+            print(note)
     print(f"wrote {out}")
 
 

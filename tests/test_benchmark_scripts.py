@@ -68,11 +68,31 @@ def test_benchmark_writes_rows_in_the_shared_format(tmp_path, argv, metrics):
     assert d["benchmark"] and d["device"].startswith("cpu-")
     if metrics is not None:
         assert {r["metric"] for r in d["rows"]} == metrics
+    if argv[0] == "e2e.py":  # CPU: each row's host-speed probe, engine side and baseline side
+        for r in d["rows"]:
+            ms = r["config"]["host_probe_ms"]
+            assert len(ms) == 2 and all(x > 0 for x in ms), r["metric"]
     if "--video-input" in argv:  # the variant's checkpoint and workload: 64 frames -> 4 local frames' tokens
         cfg = d["rows"][0]["config"]
         assert (cfg["vit"], cfg["video_input"], cfg["frames"], cfg["clip_frames"]) == ("btadapter", "residual", 64, 128)
         assert cfg["video_tokens"] == 4 * 6  # tiny: residual_size 4, 6 queries
     assert "ratio" in proc.stdout  # the table's header
+
+
+def test_e2e_host_probe_notes_only_a_speed_change(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import e2e
+
+    assert e2e.probe_note("ttft", None) == "" and e2e.probe_note("ttft", [10.0, 12.4]) == ""
+    note = e2e.probe_note("ttft", [4.0, 10.0])
+    assert "ttft" in note and "4.0 vs 10.0 ms" in note and "not side by side" in note
+    probe = e2e.HostProbe("cpu", torch.float32)
+    probe("a"), probe("a"), probe("b")
+    assert [len(v) for v in probe.ms.values()] == [2, 1]
+    assert all(x > 0 for x in probe.medians("a", "b"))
+    assert e2e.HostProbe("cuda", torch.float32).medians("a", "b") is None
 
 
 @pytest.mark.parametrize("variant", [[], ["--vit", "btadapter", "--video-input", "residual"]],
