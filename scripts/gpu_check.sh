@@ -10,6 +10,9 @@
 #   engine   tests/test_engine_cuda.py: the engine on the GPU vs the reference on the GPU
 #   e2e      benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 (random ST-LLM-7B)
 #   e2e720   the same on the 1280x720 clips
+#   e2eres   (not in the default list) the same on conversation_weight's workload: global-local
+#            input, 64 frames (--video-input residual; writes a second random 7B checkpoint)
+#   e2ebt    (not in the default list) the same on qa_weight's: BT-Adapter, 16 frames all
 #   triton   the Triton kernel tests compiled (STLLM_TEST_TRITON_COMPILED=1, bf16 included)
 #   kernels  benchmarks/kernels.py --no-cpu (GPU rows)
 #   profile  benchmarks/profile_e2e.py --device cuda at the 7B shape (torch at nproc threads):
@@ -66,6 +69,10 @@ for s in $STEPS; do
                  --out "$OUT/e2e-gpu-bfloat16.json" ${E2E_ARGS:-} ;;
         e2e720) run_step e2e720 240 $PY benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 \
                  --video 720p --out "$OUT/e2e-gpu-bfloat16-720p.json" ${E2E_ARGS:-} ;;
+        e2eres) run_step e2eres 300 $PY benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 \
+                 --video-input residual --out "$OUT/e2e-gpu-bfloat16-eva-residual.json" ${E2E_ARGS:-} ;;
+        e2ebt) run_step e2ebt 300 $PY benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 \
+                 --vit btadapter --out "$OUT/e2e-gpu-bfloat16-btadapter-all.json" ${E2E_ARGS:-} ;;
         kernels) run_step kernels 120 $PY benchmarks/kernels.py --no-cpu --out "$OUT/kernels-gpu.json" ;;
         profile) run_step profile 150 $PY benchmarks/profile_e2e.py --device cuda --preset stllm-7b \
                      --dtype bfloat16 --repeats 3 --threads "$(nproc)" --ops ;;
