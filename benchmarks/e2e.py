@@ -334,15 +334,16 @@ def main() -> None:
                     help="video input of the random checkpoint (residual: global-local, the release's "
                          "conversation_weight)")
     ap.add_argument("--num-frames", type=int, default=None,
-                    help=f"frames sampled a video (default 16; {RESIDUAL_FRAMES} for residual)")
+                    help=f"frames sampled a video (default: the checkpoint's; 16, or {RESIDUAL_FRAMES} "
+                         "for the random residual checkpoints)")
     ap.add_argument("--video", default="224p", choices=tuple(VIDEO_SIZES), help="resolution of the test clips")
     ap.add_argument("--no-matched-threads", action="store_true",
                     help="skip the extra reference runs at the engine's decode thread count (CPU)")
     ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/"
                     "e2e-<device>[-<dtype>][-720p][-<vit>-<video input>].json)")
     args = ap.parse_args()
-    if args.num_frames is None:
-        args.num_frames = RESIDUAL_FRAMES if args.video_input == "residual" else 16
+    if args.checkpoint and (args.vit, args.video_input) != ("eva", "all"):
+        ap.error("--vit / --video-input choose the random checkpoint; --checkpoint runs that folder's variant")
     n = args.new_tokens or (16 if args.quick else 64)
     conc = args.concurrency or (4 if args.quick else 8)
     reps = args.repeats or (1 if args.quick else 3)
@@ -361,13 +362,15 @@ def main() -> None:
 
     cache = cache_dir() / "bench"
     folder = args.checkpoint or checkpoint_for(args.preset, cache, args.device, args.vit, args.video_input)
+    log(f"loading {folder} on {args.device} ({str(dtype).removeprefix('torch.')}): reference, engine ...")
+    ref = ReferenceSTLLM.from_pretrained(folder, dtype=dtype, device=args.device)
+    cfg = ref.config
+    if args.num_frames is None:  # the checkpoint's own frame count (the random residual ones: 64)
+        args.num_frames = cfg.num_frames
     videos = bench_videos(cache, 1 + 3 * reps + conc, args.video, args.num_frames)
     warm, lat_v = videos[0], videos[1:1 + reps]
     thr_v = videos[1 + reps:1 + reps + conc]
     cache_v, chat_v = videos[1 + reps + conc:1 + 2 * reps + conc], videos[1 + 2 * reps + conc:]
-    log(f"loading {folder} on {args.device} ({str(dtype).removeprefix('torch.')}): reference, engine ...")
-    ref = ReferenceSTLLM.from_pretrained(folder, dtype=dtype, device=args.device)
-    cfg = ref.config
     prompt_est = video_tokens(cfg, args.num_frames) + 200
     t_load = time.perf_counter()
     llm = STLLM.from_pretrained(folder, device=args.device, dtype=dtype, max_num_seqs=max(conc, 8),
