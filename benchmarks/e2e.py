@@ -310,12 +310,6 @@ def chat_turns(llm, video: Path, n: int, num_frames: int, device: str, probe=Non
     return first, o2.timings.ttft, o2.num_cached_tokens, o2.num_prompt_tokens
 
 
-def video_tokens(cfg, num_frames: int) -> int:
-    """LLM tokens a video becomes: every frame's (all), one frame's (mean), the local frames' (residual)."""
-    frames = {"all": num_frames, "mean": 1, "residual": min(cfg.residual_size, num_frames)}[cfg.video_input]
-    return frames * cfg.tokens_per_frame
-
-
 def thread_label(n) -> str:
     return f"{n}" if n else f"torch ({torch.get_num_threads()})"
 
@@ -374,7 +368,7 @@ def main() -> None:
     thr_v = videos[1 + reps:1 + reps + conc]
     cache_v, chat_v = videos[1 + reps + conc:1 + 2 * reps + conc], videos[1 + 2 * reps + conc:1 + 3 * reps + conc]
     thr_v2 = videos[1 + 3 * reps + conc:]  # the throughput section's second set (ABBA)
-    prompt_est = video_tokens(cfg, args.num_frames) + 200
+    prompt_est = cfg.num_video_tokens(args.num_frames) + 200
     t_load = time.perf_counter()
     llm = STLLM.from_pretrained(folder, device=args.device, dtype=dtype, max_num_seqs=max(conc, 8),
                                 kv_cache_memory=kv_memory(cfg, dtype, conc + 3, prompt_est + 2 * n))
@@ -478,7 +472,7 @@ def main() -> None:
     base = dict(preset=args.checkpoint.name if args.checkpoint else args.preset, dtype=str(dtype).removeprefix("torch."),
                 video="x".join(map(str, VIDEO_SIZES[args.video])), frames=args.num_frames, vit="btadapter" if cfg.vision.btadapter else "eva",
                 video_input=cfg.video_input, clip_frames=clip_frames(args.num_frames),
-                video_tokens=video_tokens(cfg, args.num_frames), new_tokens=n, greedy=True,
+                video_tokens=cfg.num_video_tokens(args.num_frames), new_tokens=n, greedy=True,
                 repetition_penalty=REPETITION_PENALTY,
                 engine_threads=f"decode {thread_label(policy.decode)}, prefill/vision {thread_label(policy.prefill)}"
                 + (" (while the host is oversubscribed, else torch's)" if policy.only_when_busy else ""),

@@ -137,6 +137,14 @@ class STLLMConfig:
     def tokens_per_frame(self) -> int:
         return self.qformer.num_query_tokens
 
+    def num_video_tokens(self, num_frames: int | None = None) -> int:
+        """LLM tokens a video of ``num_frames`` frames (default: the config's) becomes: every
+        frame's (``all``), one frame's worth (``mean``), the ``residual_size`` local frames'
+        (``residual``)."""
+        t = self.num_frames if num_frames is None else num_frames
+        frames = {"all": t, "mean": 1, "residual": self.residual_size}[self.video_input]
+        return frames * self.tokens_per_frame
+
     # --- config.json round trip -------------------------------------------------------------
     def to_hf_dict(self) -> dict:
         l = self.llm

@@ -145,3 +145,17 @@ def test_bad_inputs_raise(folders):
     feats = eng.encode_vision(_frames(2))
     with pytest.raises(ValueError, match="enough frames"):  # 4 local frames out of 2
         eng.encode_video(feats, "why?")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v))
+@pytest.mark.parametrize("num_frames", [3, 6, 9])
+def test_config_counts_the_video_tokens_the_model_makes(folders, variant, num_frames):
+    """STLLMConfig.num_video_tokens (the benchmarks' and the GEMM calibration's count) is the
+    length of what the engine's and the reference's video pass return, at the config's frame
+    count and others (3 < residual_size 4: global-local still gives 4 local frames' tokens)."""
+    eng, ref = _models(folders, variant, torch.float32)
+    frames = _frames(num_frames)
+    with torch.no_grad():
+        got = eng.encode_video(eng.encode_vision(frames), QUESTION)
+    assert got.shape[0] == ref.encode_video(frames, QUESTION).shape[0] == eng.config.num_video_tokens(num_frames)
+    assert eng.config.num_video_tokens() == eng.config.num_video_tokens(eng.config.num_frames)

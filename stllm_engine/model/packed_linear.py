@@ -199,10 +199,7 @@ def llm_prefill_rows(config) -> int:
     and ST-LLM-7B, ``all``: 512 + 96 = 608)."""
     from stllm_engine.model.llama import bucketed_rows
 
-    per_frame = config.tokens_per_frame
-    video = {"all": config.num_frames * per_frame, "mean": per_frame,
-             "residual": config.residual_size * per_frame}.get(config.video_input, CALIBRATION_ROWS)
-    return bucketed_rows(video + PROMPT_ROWS, torch.device("cpu"))
+    return bucketed_rows(config.num_video_tokens() + PROMPT_ROWS, torch.device("cpu"))
 
 
 def interleaved_medians(fns, repeats: int) -> list[float]:
@@ -418,8 +415,7 @@ def pack_vision(model) -> int:
     vt = model.visual_encoder
     adds = [b for blk in vt.blocks for b in (blk.attn.proj, blk.mlp.fc2)]
     if vt.btadapter is not None:  # the branch's temporal_fc and spatial fc2 add their residual too
-        adds += [m for j in range(len(vt.btadapter.temporal))
-                 for m in (vt.btadapter.temporal[j].temporal_fc, vt.btadapter.spatial[j].mlp.fc2)]
+        adds += [m for t, sp in zip(vt.btadapter.temporal, vt.btadapter.spatial) for m in (t.temporal_fc, sp.mlp.fc2)]
     _mark_residual_adds(adds)
     embed = vt.patch_embed
     if type(embed.proj) is nn.Conv2d and embed.proj.weight.dtype == torch.bfloat16 \
