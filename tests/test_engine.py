@@ -339,6 +339,30 @@ def test_beams_preempt_others_instead_of_failing(eva_all, video):
     assert_clean(eng)
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_beam_requests_that_fit_alone_finish_together(eva_all, video, prefix_caching):
+    """Beam requests that each fit the KV pool alone but not side by side: the later ones are
+    preempted (beams freed, prompt queued again, search restarted) instead of failing, and every
+    request gives its alone result; a greedy request among them too."""
+    f, _ = eva_all
+    reqs = [(video, Q, SamplingParams(max_new_tokens=8, num_beams=3), {}),
+            (video, "which shape is it?", SamplingParams(max_new_tokens=8, num_beams=2), {}),
+            (video, "what colour?", SamplingParams(max_new_tokens=8), {}),
+            (video, "where does it go?", SamplingParams(max_new_tokens=8, num_beams=3), {})]
+    P = run(make_engine(f), reqs[:1])[0].num_prompt_tokens  # the longest question
+    blocks = 2 * -(-P // 8) + 3  # two prompts fit side by side, their beams' growth does not
+    cfg = dict(num_kv_blocks=blocks, enable_prefix_caching=prefix_caching)
+    alone = [run(make_engine(f, **cfg), [r])[0] for r in reqs]
+    assert [o.error for o in alone] == [None] * 4
+    eng = make_engine(f, **cfg)
+    together = run(eng, reqs)
+    assert [o.error for o in together] == [None] * 4
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert [o.text for o in together] == [o.text for o in alone]
+    assert eng.scheduler.num_preemptions > 0
+    assert_clean(eng)
+
+
 def test_new_video_decodes_in_the_background(eva_all, video, tmp_path, monkeypatch):
     """add_request returns while a new video decodes; running requests keep producing tokens in
     the meantime; the new one joins once its frames are ready, with the same result as alone; a

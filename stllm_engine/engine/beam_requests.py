@@ -4,8 +4,13 @@ tokenizer and output helpers).
 A beam request prefills through the scheduler like any other; its first sampled row starts a
 :class:`BeamGroup` (the sequence leaves the scheduler), and every later step runs all its beams in
 one runner call before the scheduled batch. Forks share KV blocks copy-on-write. When the pool is
-short of the blocks a beam step may need (one per beam), the newest scheduled sequences are
-preempted (recomputed later); only when nothing is left to preempt does the beam request fail.
+short of the blocks a beam step may need (one per beam), room is made in scheduling order
+(priority, then arrival): first the last scheduled sequences are preempted, then beam requests
+that come after this one; if only earlier beam requests hold blocks, this one yields. A preempted
+beam request frees every beam and goes back to the queue in its place; its prompt is prefilled
+again (mostly prefix-cache hits) and its beam search restarts, which gives the same result (it is
+deterministic). So beam requests that each fit the pool alone also finish side by side; one fails
+only when it runs alone and still lacks blocks.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 
 from stllm_engine.engine.beam_search import BeamGroup
 from stllm_engine.engine.request import Request
+from stllm_engine.engine.scheduler import order
 from stllm_engine.outputs import MODEL_FAILURE
 from stllm_engine.sampling_params import SamplingParams
 
@@ -53,13 +59,42 @@ class BeamRequests:
             self.block_manager.publish(s)
         self._beam_consume(req, logits, outs)
 
-    def _beam_consume(self, req: Request, logits: torch.Tensor, outs: list) -> None:
-        g = req.beams
-        # a step can need one new (or copied-on-write) block per beam: make room by preempting
-        # the last running sequences in scheduling order (recomputed later) rather than failing
+    def _requeue_beams(self, req: Request) -> None:
+        """Preempt a beam request by recompute: free every beam and queue its prompt again."""
+        root = req.seq
+        for s in req.beams.sequences:
+            if s is not root:
+                self._by_seq.pop(s.seq_id, None)
+        req.beams.release()
+        req.beams = None
+        self.block_manager.free(root)  # a pruned root was freed already: a no-op then
+        root.output_token_ids = []
+        root.cumulative_logprob = 0.0
+        root.finish_reason = None
+        self.scheduler.requeue(root)
+
+    def _make_beam_room(self, req: Request) -> bool:
+        """Free one block per beam for ``req``'s step (a fork or copy-on-write each): preempt the
+        last scheduled sequences, then the beam requests after ``req`` in scheduling order, last
+        first. False when earlier beam requests hold the rest: ``req`` is requeued instead."""
         while self.block_manager.num_free_blocks < req.params.num_beams:
-            if self.scheduler.preempt_last() is None:
-                break
+            if self.scheduler.preempt_last() is not None:
+                continue
+            others = [r for r in self._requests.values() if r.beams is not None and r is not req]
+            later = [r for r in others if order(r.seq) > order(req.seq)]
+            if later:
+                self._requeue_beams(max(later, key=lambda r: order(r.seq)))
+            elif others:
+                self._requeue_beams(req)
+                return False
+            else:
+                break  # it holds every block itself: g.step fails if it runs out
+        return True
+
+    def _beam_consume(self, req: Request, logits: torch.Tensor, outs: list) -> None:
+        if not self._make_beam_room(req):
+            return
+        g = req.beams
         try:
             copies = g.step(logits)
             self.runner.copy_blocks(copies)

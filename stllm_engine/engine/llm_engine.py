@@ -27,7 +27,7 @@ from stllm_engine.engine.guided import ChoiceGuide, TokenBytes
 from stllm_engine.engine.request import Request, truncate_left  # noqa: F401 (re-exported)
 from stllm_engine.engine.sampler import Sampler, StopChecker
 from stllm_engine.engine.scheduler import Scheduler
-from stllm_engine.engine.sequence import Sequence, check_priority
+from stllm_engine.engine.sequence import Sequence, SequenceStatus, check_priority
 from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, decode_video, finish_frames,
                                             needs_decoding, plan_hit, prepare_video, record_plan)
 from stllm_engine.engine.metrics import EngineMetrics
@@ -367,7 +367,8 @@ class LLMEngine(BeamRequests):
         outs, self._pending = self._pending, []
         touched: dict[str, str] = {}
         for req in [r for r in self._requests.values() if r.beams is not None]:
-            self._beam_step(req, outs)
+            if req.beams is not None:  # not requeued by an earlier beam request's step
+                self._beam_step(req, outs)
         batch = self.scheduler.schedule()
         if batch:
             self.runner.copy_blocks(batch.copies)
@@ -410,7 +411,7 @@ class LLMEngine(BeamRequests):
                     req.finish_reason = reason
                 touched[req.request_id] = delta
             for seq in sampled:
-                if seq.params.num_beams > 1:
+                if seq.params.num_beams > 1 and seq.status == SequenceStatus.RUNNING:  # not preempted since
                     self._start_beams(self._by_seq[seq.seq_id], logits[rows[seq.seq_id]], outs)
         for rid, delta in touched.items():
             req = self._requests[rid]

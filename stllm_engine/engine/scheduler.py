@@ -101,12 +101,17 @@ class Scheduler:
     # --- one step ---------------------------------------------------------------------------
     def _preempt(self, seq: Sequence, batch: ScheduledBatch | None = None) -> None:
         self.block_manager.free(seq)
+        self.requeue(seq)
+        if batch is not None:
+            batch.preempted.append(seq)
+
+    def requeue(self, seq: Sequence) -> None:
+        """Put a preempted sequence that holds no blocks back in the queue, in its place (its
+        arrival is kept); e.g. the prompt of a beam-search request whose beams were freed."""
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         bisect.insort(self.waiting, seq, key=order)
-        if batch is not None:
-            batch.preempted.append(seq)
 
     def preempt_last(self) -> Sequence | None:
         """Preempt (free, back to the queue) the last running sequence in scheduling order (the
