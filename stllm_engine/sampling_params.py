@@ -89,8 +89,10 @@ class SamplingParams:
             raise ValueError("SamplingParams.stop_token_ids must be a list of non-empty lists of "
                              f"non-negative token ids, got {ids!r}")
         self.stop_token_ids = [list(s) for s in ids]
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2 ** 63 <= self.seed < 2 ** 64):
+            raise ValueError(f"SamplingParams.seed must be an int in [-2**63, 2**64) (a 64-bit seed) or None, "
+                             f"got {self.seed!r}")
         if integer("num_beams") < 1:
             raise ValueError(f"SamplingParams.num_beams must be >= 1, got {self.num_beams}")
         num("length_penalty")

@@ -43,6 +43,7 @@ def tokenizer():
     (dict(num_beams=2, temperature=0.7), "beam search"), (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[[]]), "stop_token_ids"), (dict(seed=1.5), "seed"),
     (dict(temperature=float("nan")), "temperature"), (dict(top_k=2.0), "top_k"),
+    (dict(seed=2 ** 64), "seed"), (dict(seed=-2 ** 63 - 1), "seed"),
 ])
 def test_params_reject_bad_values(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -128,6 +129,28 @@ def test_sampling_respects_top_k():
     sq = seq(temperature=1.0, top_k=2, seed=0, repetition_penalty=1.0)
     draws = {s(logits, [sq])[0] for _ in range(60)}
     assert draws == {0, 1}
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 1e-300])
+def test_tiny_temperature_samples_among_the_top_logits(temperature):
+    """logits / T overflowing float32 (NaN probabilities before) gives T's limit: an even draw
+    among the tied top logits, never another token."""
+    logits = torch.tensor([[3.0, 2.9, 0.0, 3.0, -1.0], [1.0, 5.0, 0.0, -2.0, 4.99]])
+    s = Sampler(EOS)
+    seqs = [seq(temperature=temperature, seed=1, repetition_penalty=1.0),
+            seq(temperature=temperature, seed=2, repetition_penalty=1.0)]
+    draws = [s(logits, seqs) for _ in range(40)]
+    assert {d[0] for d in draws} == {0, 3} and {d[1] for d in draws} == {1}
+
+
+@pytest.mark.parametrize("seed", [-2 ** 63, -1, 2 ** 64 - 1])
+def test_any_64_bit_seed_samples_reproducibly(seed):
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(0))
+    def run() -> list[int]:
+        s, sq = Sampler(EOS), seq(temperature=1.0, seed=seed, repetition_penalty=1.0)
+        return [s(logits, [sq])[0] for _ in range(12)]
+    first = run()
+    assert first == run() and len(set(first)) > 1
 
 
 def test_min_new_tokens_bans_eos_only():

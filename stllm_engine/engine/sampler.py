@@ -131,7 +131,12 @@ class Sampler:
             p = seq.params
             if p.greedy:
                 continue
-            row = apply_top_p(apply_top_k(logits[i] / p.temperature, p.top_k), p.top_p)
+            row = logits[i] / p.temperature
+            if bool((torch.isposinf(row) | torch.isnan(row)).any()) and bool(torch.isfinite(logits[i].max())):
+                # a temperature so small that logits / T overflows: its limit, an even choice
+                # among the top logits (not NaN probabilities)
+                row = torch.where(logits[i] == logits[i].max(), 0.0, float("-inf"))
+            row = apply_top_p(apply_top_k(row, p.top_k), p.top_p)
             probs = torch.softmax(row, dim=-1)
             out[i] = int(torch.multinomial(probs, 1, generator=self.generator(seq, row.device)))
         return out
