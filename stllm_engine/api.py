@@ -142,8 +142,8 @@ class STLLM:
         ``question`` and optional ``params``/``system``/``num_frames``/``keep_ratio``... Results
         come in request order; a failed request has ``error`` set and does not affect others."""
         default = params if params is not None else self.params()
-        rids = []
-        for i, r in enumerate(requests):
+        items = []
+        for i, r in enumerate(requests):  # every item checked before any is queued
             if isinstance(r, dict):
                 r = dict(r)
                 try:
@@ -154,32 +154,57 @@ class STLLM:
                 bad = set(r) - _REQUEST_KEYS
                 if bad:
                     raise ValueError(f"request {i} has unknown keys {sorted(bad)}")
-                rids.append(self.engine.add_request(video, question, p, **r))
+                items.append((video, question, p, r))
+            elif isinstance(r, (tuple, list)) and len(r) == 2:
+                items.append((r[0], r[1], default, {}))
             else:
-                video, question = r
-                rids.append(self.engine.add_request(video, question, default))
+                raise ValueError(f"request {i} must be (video, question) or a dict with 'video' and "
+                                 f"'question', got {type(r).__name__}")
+        rids = self._add_all(lambda it: self.engine.add_request(it[0], it[1], it[2], **it[3]), items)
         done = self._run_until_done(rids)
         return [done[r] for r in rids]
 
+    def _add_all(self, add, items: list) -> list[str]:
+        """Queue every item; if one is refused, abort those already queued and re-raise (a call
+        that raises leaves nothing running)."""
+        rids: list[str] = []
+        try:
+            for it in items:
+                rids.append(add(it))
+        except BaseException:
+            for rid in rids:
+                self.engine.abort(rid)
+            raise
+        return rids
+
     def stream(self, video, question: str, **kw) -> Iterator[str]:
-        """Yield the answer's text pieces as they are generated (stop strings never streamed)."""
+        """Yield the output's text (``RequestOutput.text``) in pieces as it is generated (stop
+        strings never streamed); :meth:`answer` returns that text after the release's
+        post-processing (cut after "Assistant:", stripped). Stopping the iteration early (break,
+        ``close()``) aborts the request and frees its KV blocks."""
         params, req = self._split(kw)
         if params.num_beams > 1:
             raise ValueError("stream does not support beam search (num_beams > 1)")
         rid = self.engine.add_request(video, question, params, **req)
-        while True:
-            if not self.engine.has_unfinished_requests():
-                raise RuntimeError(f"engine went idle before request {rid} finished")
-            for o in self.engine.step():
-                if o.request_id != rid:
-                    continue
-                if o.error is not None:
-                    raise RequestFailedError(o)
-                if o.delta:
-                    yield o.delta
-                if o.finished:
-                    self.last_output = o
-                    return
+        finished = False
+        try:
+            while True:
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError(f"engine went idle before request {rid} finished")
+                for o in self.engine.step():
+                    if o.request_id != rid:
+                        continue
+                    finished = o.finished
+                    if o.error is not None:
+                        raise RequestFailedError(o)
+                    if o.delta:
+                        yield o.delta
+                    if o.finished:
+                        self.last_output = o
+                        return
+        finally:
+            if not finished:  # the caller stopped iterating (break, close, an exception): abort
+                self.engine.abort(rid)
 
     # --- MVBench ----------------------------------------------------------------------------
     def mvbench_params(self, **kw) -> SamplingParams:
@@ -202,7 +227,7 @@ class STLLM:
         ``video_tokens``/``params``. Outputs come in item order; a failed item has ``error`` set,
         the others are intact. Turn outputs into predictions with :meth:`mvbench_text`."""
         default = params if params is not None else self.mvbench_params()
-        rids = []
+        queued = []
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 if not isinstance(item, (tuple, list)) or len(item) != 3:
@@ -215,7 +240,8 @@ class STLLM:
             item = dict(item)
             video, question, candidates = item.pop("video"), item.pop("question"), item.pop("candidates")
             p = item.pop("params", default)
-            rids.append(self.engine.add_mvbench_request(video, question, candidates, p, **item))
+            queued.append((video, question, candidates, p, item))
+        rids = self._add_all(lambda it: self.engine.add_mvbench_request(*it[:4], **it[4]), queued)
         done = self._run_until_done(rids)
         return [done[r] for r in rids]
 
@@ -261,10 +287,17 @@ class ChatSession:
         params, req = self.llm._split(kw)
         if req:
             raise TypeError(f"per-turn options {sorted(req)} are fixed for the session; pass them to chat()")
-        if self._prepared is None:
-            self._prepared = eng.prepare_video(self.video, question, **self.video_kw)
-        ids = [self.llm.tokenizer.eos_token_id] + list(
-            self.llm.tokenizer(self.prompt_text(question), add_special_tokens=False).input_ids)
+        try:  # bad input raises RequestFailedError, as from answer()
+            if not isinstance(question, str):
+                raise TypeError(f"question must be a str, got {type(question).__name__}")
+            if self._prepared is None:
+                self._prepared = eng.prepare_video(self.video, question, **self.video_kw)
+            ids = [self.llm.tokenizer.eos_token_id] + list(
+                self.llm.tokenizer(self.prompt_text(question), add_special_tokens=False).input_ids)
+        except Exception as e:  # noqa: BLE001
+            msg = str(e) if isinstance(e, (ValueError, TypeError)) else f"{type(e).__name__}: {e}"
+            raise RequestFailedError(RequestOutput(f"chat-turn-{len(self.history)}", finished=True,
+                                                   finish_reason="error", error=msg, exception=e)) from e
         rid = eng.add_prepared(self._prepared.tokens, self._prepared.key, ids, params)
         out = self.llm._run_until_done([rid])[rid]
         self.outputs.append(out)

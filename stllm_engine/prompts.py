@@ -39,6 +39,8 @@ def chat_prompt(question: str, system: str | None = None) -> str:
     """
     if not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}")
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a str or None, got {type(system).__name__}")
     sys_text = CHAT_SYSTEM if system is None else system
     return sys_text + SEP + "Human: " + question + " " + SEP + "Assistant: "
 
@@ -103,6 +105,8 @@ def mvbench_prompt_segments(question: str, system: str = MVBENCH_SYSTEM,
     joined by "###", the whole prefixed by ``system + "###"``; split at ``<VideoHere>``.
     The first segment is tokenized with BOS, the second without.
     """
+    if not isinstance(system, str):
+        raise TypeError(f"system must be a str, got {type(system).__name__}")
     before = system + SEP + "Human: <Video>"
     after = ("</Video>\n" + SEP + "Human: " + system + question + question_prompt + "\n" + SEP
              + "Assistant: " + answer_prompt)

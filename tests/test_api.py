@@ -101,6 +101,57 @@ def test_stream_pieces_join_to_the_text(llm, video):
         list(llm.stream(video, Q, num_beams=2))
 
 
+def test_leaving_a_stream_early_aborts_it(llm, video):
+    """break / close() on ``stream`` aborts the request: its blocks are freed and the next call
+    does not run it in the background."""
+    g = llm.stream(video, Q, max_new_tokens=20, min_new_tokens=20)
+    next(g)
+    assert llm.engine.stats()["running"] == 1
+    g.close()
+    assert llm.engine.stats()["running"] == 0 and llm.engine.block_manager.stats()["used_blocks"] == 0
+    llm.answer(video, Q, max_new_tokens=2)
+    assert not llm.engine.has_unfinished_requests() and llm.engine.stats()["requests"]["requests_finished"].get("abort", 0) >= 1
+
+
+@pytest.mark.parametrize("bad", [{"video": "v", "question": Q, "colour": 1}, {"video": "v"}, ("v",), "v.mp4"])
+def test_generate_with_a_bad_item_queues_nothing(llm, video, bad):
+    with pytest.raises(ValueError, match="request 2"):
+        llm.generate([(video, Q), {"video": video, "question": "b?"}, bad], llm.params(max_new_tokens=3))
+    assert not llm.engine._requests and not llm.engine.scheduler.has_work()
+    with pytest.raises(ValueError, match="MVBench item 1"):
+        llm.mvbench_generate([(video, Q, ["a", "b"]), (video, Q)])
+    assert not llm.engine._requests and not llm.engine.scheduler.has_work()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(keep_mode="bogus"), "keep_mode"), (dict(keep_ratio=True), "keep_ratio"),
+    (dict(keep_seed="x", keep_mode="random", keep_ratio=0.5), "keep_seed"), (dict(system=5), "system must be a str"),
+])
+def test_request_options_are_checked_whatever_the_others(llm, video, kw, match):
+    with pytest.raises(RequestFailedError, match=match):
+        llm.answer(video, Q, max_new_tokens=2, **kw)
+
+
+@pytest.mark.parametrize("video_kw,question,cause", [
+    (dict(), None, TypeError), (dict(num_frames=0), Q, ValueError), (dict(keep_ratio=2.0), Q, ValueError)])
+def test_chat_turn_errors_raise_request_failed(llm, video, video_kw, question, cause):
+    with pytest.raises(RequestFailedError) as info:
+        llm.chat(video, **video_kw).ask(question, max_new_tokens=2)
+    assert isinstance(info.value.__cause__, cause) and info.value.output.finish_reason == "error"
+    with pytest.raises(RequestFailedError, match="video not found"):
+        llm.chat("/no/such/clip.mp4").ask(Q)
+
+
+def test_beam_search_stop_string_is_cut_and_reported(llm, video):
+    full = llm.generate([(video, Q)], llm.params(max_new_tokens=12, num_beams=2, stop=[]))[0]
+    stop = full.text[4:6]
+    assert len(stop) == 2 and stop.isprintable()
+    answer = llm.answer(video, Q, max_new_tokens=12, num_beams=2, stop=[stop])
+    out = llm.last_output
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full.text[:full.text.index(stop)] and stop not in answer
+
+
 def test_chat_reuses_the_kv_prefix(llm, video):
     s = llm.chat(video)
     a1 = s.ask(Q, max_new_tokens=6)

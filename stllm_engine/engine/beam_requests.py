@@ -106,8 +106,10 @@ class BeamRequests:
         if g.done:
             req.token_ids = g.best()
             text = self.tokenizer.decode(req.token_ids, skip_special_tokens=True)
-            cut = [i for i in (text.find(s) for s in req.params.stop) if i >= 0]
-            text = text[:min(cut)] if cut else text
+            cut = [(i, s) for i, s in ((text.find(s), s) for s in req.params.stop) if i >= 0]
+            if cut:
+                i, req.checker.stop_string = min(cut)  # the output's stop_reason, as for one sequence
+                text = text[:i]
             ended = g.is_stop(req.token_ids) or (req.token_ids[-1:] == [self.eos_token_id]
                                                  and not req.params.ignore_eos)
             req.finish_reason = "stop" if ended or len(req.token_ids) < g.max_len else "length"

@@ -132,15 +132,16 @@ def frame_tokens(model, image_embeds: torch.Tensor, question: str) -> torch.Tens
 
 
 def check_prepare_args(model, *, num_frames: int | None = None, keep_ratio: float = 1.0,
-                       keep_mode: str = "even", video_tokens: str = "own", **_) -> int:
+                       keep_mode: str = "even", keep_seed: int = 0, video_tokens: str = "own", **_) -> int:
     """Validate :func:`prepare_video`'s options before anything expensive; -> the frame count."""
     if video_tokens not in VIDEO_TOKENS:
         raise ValueError(f"video_tokens must be one of {VIDEO_TOKENS}, got {video_tokens!r}")
     n = model.config.num_frames if num_frames is None else num_frames
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"num_frames must be a positive int, got {n!r}")
-    if keep_ratio != 1.0:
-        keep_mask(1, keep_ratio, keep_mode)
+    keep_mask(1, keep_ratio, keep_mode)  # checks both, whatever the ratio
+    if isinstance(keep_seed, bool) or not isinstance(keep_seed, int):
+        raise ValueError(f"keep_seed must be an int, got {keep_seed!r}")
     return n
 
 
@@ -205,7 +206,7 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
     and Q-Former passes, or None (eager)."""
     cfg = model.config
     n = check_prepare_args(model, num_frames=num_frames, keep_ratio=keep_ratio, keep_mode=keep_mode,
-                           video_tokens=video_tokens)
+                           keep_seed=keep_seed, video_tokens=video_tokens)
     t0 = time.perf_counter()
     found, embeds = _cached_file_features(model, cache, video, n, sampling, bound)
     if embeds is not None:
