@@ -45,7 +45,8 @@ class AnswerText:
         cur = self.text(ids, stop_reason if final else None)
         if not final:
             cur = cur.rstrip(self.HOLD)
-            cur = cur[:max(0, len(cur) - self.hold)]
+            if self.hold:  # the held tail may have exposed whitespace the final strip would drop
+                cur = cur[:max(0, len(cur) - self.hold)].rstrip(self.HOLD)
         if len(cur) <= len(self.sent) or not cur.startswith(self.sent):
             return ""
         out, self.sent = cur[len(self.sent):], cur

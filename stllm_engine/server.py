@@ -25,8 +25,12 @@ Endpoints (one request per connection, ``Connection: close``):
 
 ``text`` is the release's answer text (what ``STLLM.answer`` returns); streamed pieces are stable
 prefixes of it (see :class:`AnswerText`). A client that closes its connection before the answer
-is complete (a timeout, a cancelled call) has its request aborted, streamed or not, so the engine
-does not go on generating for nobody. A bad request gets 400 with ``{"error": message}``
+is complete (a timeout, a cancelled call) has its request aborted, streamed or not, at any point
+(while its video is being added, while nothing is being written: :mod:`stllm_engine.hangup_watch`),
+so the engine does not go on generating for nobody. ``Expect: 100-continue`` is answered before
+the body is read (curl sends it for bodies over 1 MiB and would wait a second); a connection gets
+``HEAD_TIMEOUT`` seconds to send its request line and headers (then 408), and one that has sent
+nothing does not hold up a graceful shutdown. A bad request gets 400 with ``{"error": message}``
 naming the problem (:mod:`stllm_engine.answer_request`); requests run concurrently and the engine
 batches them.
 """
@@ -43,11 +47,13 @@ from stllm_engine.answer_text import AnswerFormat, AnswerText
 from stllm_engine.api import STLLM
 from stllm_engine.engine.async_engine import AsyncLLMEngine
 from stllm_engine.engine.metrics import prometheus_text
+from stllm_engine.hangup_watch import HangupWatch
 from stllm_engine.openai_api import ChatFormat, error_json, models_json, parse_chat_request
 from stllm_engine.outputs import RequestOutput
 
 PROGRESS_SECONDS = 1.0  # between progress events of a streamed request
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+HEAD_TIMEOUT = 60.0  # seconds a connection may take to send its request line and headers
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            413: "Payload Too Large", 500: "Internal Server Error"}
 
 
@@ -62,7 +68,8 @@ class Server:
         self.max_body_bytes = max_body_bytes
         self.model_name = model_name
         self._server: asyncio.base_events.Server | None = None
-        self._active: set[asyncio.Task] = set()  # connection handlers running now
+        self._active: set[asyncio.Task] = set()  # handlers of connections that sent a request
+        self._idle: set[asyncio.Task] = set()  # handlers of connections that sent nothing yet
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, limit=1 << 16)
@@ -75,14 +82,20 @@ class Server:
 
     @property
     def in_flight(self) -> int:
-        """Connections being handled now (a request being read, run or answered)."""
+        """Connections with a request being read, run or answered (not the idle ones)."""
         return len(self._active)
 
     async def drain(self, timeout: float) -> int:
-        """Stop accepting connections and wait up to ``timeout`` seconds for the ones being handled
-        to finish; the rest are cancelled (their requests aborted). Returns how many were cut."""
+        """Stop accepting connections, close the ones that have not sent a request line, and wait
+        up to ``timeout`` seconds for the requests being handled to finish; the rest are cancelled
+        (their requests aborted). Returns how many were cut."""
         if self._server is not None:
             self._server.close()
+        idle = set(self._idle)
+        for task in idle:
+            task.cancel()
+        if idle:
+            await asyncio.gather(*idle, return_exceptions=True)
         pending = set(self._active)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=timeout)
@@ -106,8 +119,35 @@ class Server:
         except ValueError:  # asyncio's line limit
             raise BadRequest("HTTP request line or header longer than 64 KiB") from None
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
-        line = (await self._line(reader)).strip()
+    async def _read_request(self, reader: asyncio.StreamReader, writer) -> tuple[str, str, bytes]:
+        try:
+            async with asyncio.timeout(HEAD_TIMEOUT):
+                method, path, headers = await self._read_head(reader)
+        except TimeoutError:
+            raise BadRequest(f"no complete request line and headers within {HEAD_TIMEOUT:g} s", 408) from None
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            raise BadRequest("chunked request bodies are not supported; send Content-Length")
+        try:
+            n = int(headers.get("content-length", "0"))
+        except ValueError:
+            raise BadRequest("Content-Length is not an integer") from None
+        if n < 0:
+            raise BadRequest(f"Content-Length must not be negative, got {n}")
+        if n > self.max_body_bytes:
+            raise BadRequest(f"request body of {n} bytes exceeds the limit of {self.max_body_bytes}", 413)
+        if n and headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits 1 s for it on bodies over 1 MiB
+            await writer.drain()
+        body = await reader.readexactly(n) if n else b""
+        return method, path, body
+
+    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str, dict]:
+        line = await self._line(reader)
+        task = asyncio.current_task()
+        if task in self._idle:  # a request has started: shutdown now waits for it
+            self._idle.discard(task)
+            self._active.add(task)
+        line = line.strip()
         parts = line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             raise BadRequest(f"malformed HTTP request line {line[:80]!r}")
@@ -120,16 +160,7 @@ class Server:
                 raise BadRequest("too many HTTP headers")
             k, _, v = h.partition(":")
             headers[k.strip().lower()] = v.strip()
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            raise BadRequest("chunked request bodies are not supported; send Content-Length")
-        try:
-            n = int(headers.get("content-length", "0"))
-        except ValueError:
-            raise BadRequest("Content-Length is not an integer") from None
-        if n < 0 or n > self.max_body_bytes:
-            raise BadRequest(f"request body of {n} bytes exceeds the limit of {self.max_body_bytes}", 413)
-        body = await reader.readexactly(n) if n else b""
-        return parts[0].upper(), parts[1].split("?")[0], body
+        return parts[0].upper(), parts[1].split("?")[0], headers
 
     @staticmethod
     async def _send(writer, status: int, obj: dict | bytes, content_type: str = "application/json") -> None:
@@ -147,10 +178,11 @@ class Server:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._active.add(task)
+        self._idle.add(task)
         try:
             await self._handle_one(reader, writer)
         finally:
+            self._idle.discard(task)
             self._active.discard(task)
 
     async def _handle_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -160,7 +192,7 @@ class Server:
             await self._send(writer, status, error_json(path, message, status))
         try:
             try:
-                method, path, body = await self._read_request(reader)
+                method, path, body = await self._read_request(reader, writer)
                 await self._route(reader, writer, method, path, body)
             except BadRequest as e:
                 await fail(e.status, str(e))
@@ -207,7 +239,11 @@ class Server:
             chat = parse_chat_request(self.llm, req, self.served_model)
             fmt = ChatFormat(self.llm, self.served_model, chat.include_usage)
             if chat.n > 1:
-                await self._choices(reader, writer, chat, fmt)
+                watch = HangupWatch(reader)
+                try:
+                    await self._choices(watch, writer, chat, fmt)
+                finally:
+                    watch.close()
             else:
                 await self._answer(reader, writer, chat.video, chat.question, chat.params, chat.options,
                                    chat.stream, fmt=fmt)
@@ -230,37 +266,23 @@ class Server:
             raise BadRequest(out.error, error_status(out))
 
     @staticmethod
-    async def _finals(streams, reader: asyncio.StreamReader) -> list[RequestOutput]:
-        """The finished outputs of the requests ``streams`` (output iterators), while watching the
-        connection: the client sends nothing after its body, so end-of-file means it closed the
-        connection (ConnectionResetError; the callers' ``aclose`` then abort the requests). Data
-        instead ends the watch."""
+    async def _finals(streams, watch: HangupWatch) -> list[RequestOutput]:
+        """The finished outputs of the requests ``streams`` (output iterators); raises
+        ``ClientGone`` if the client leaves first (the callers' ``aclose`` then abort the requests)."""
         async def final(outputs):
             async for out in outputs:
                 if out.finished:
                     return out
             raise RuntimeError("request output stream ended before the request finished")
         tasks = [asyncio.ensure_future(final(o)) for o in streams]
-        gone = asyncio.ensure_future(reader.read(1))
         try:
-            while not all(t.done() for t in tasks):
-                await asyncio.wait({gone, *(t for t in tasks if not t.done())}, return_when=asyncio.FIRST_COMPLETED)
-                if gone.done() and not all(t.done() for t in tasks):
-                    if gone.exception() is None and gone.result():  # not a hang-up: stop watching
-                        gone = asyncio.get_running_loop().create_future()
-                    else:
-                        raise ConnectionResetError("client closed the connection before the answer")
-            return [t.result() for t in tasks]
+            return await watch.result(asyncio.gather(*tasks))
         finally:
-            gone.cancel()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _final(self, outputs, reader: asyncio.StreamReader) -> RequestOutput:
-        return (await self._finals([outputs], reader))[0]
-
-    async def _choices(self, reader, writer, chat, fmt) -> None:
+    async def _choices(self, watch: HangupWatch, writer, chat, fmt) -> None:
         """``n`` answers to one chat request, in one body or one stream. The first choice runs
         alone until its prompt is prefilled (its first output), so the others find the prompt's KV
         blocks in the prefix cache instead of prefilling it again beside it."""
@@ -268,15 +290,15 @@ class Server:
         params = chat.choice_params()
         streams = [self.engine.generate(chat.video, chat.question, params[0], request_id=f"{rid}-0", **chat.options)]
         try:
-            first = await streams[0].__anext__()
+            first = await watch.result(streams[0].__anext__())
             self._check(first)
             streams += [self.engine.generate(chat.video, chat.question, p, request_id=f"{rid}-{i}", **chat.options)
                         for i, p in enumerate(params[1:], 1)]
             if chat.stream:
                 writer.write(self.STREAM_HEAD)
-                await self._stream(writer, [_after(first, streams[0]), *streams[1:]], fmt, chat.params.stop)
+                await self._stream(watch, writer, [_after(first, streams[0]), *streams[1:]], fmt, chat.params.stop)
                 return
-            outs = await self._finals([_after(first, streams[0]), *streams[1:]], reader)
+            outs = await self._finals([_after(first, streams[0]), *streams[1:]], watch)
             for out in outs:
                 self._check(out)
             await self._send(writer, 200, fmt.results(outs))
@@ -284,7 +306,7 @@ class Server:
             for s in streams:
                 await s.aclose()  # aborts the requests still running
 
-    async def _stream(self, writer, streams, fmt, stop) -> None:
+    async def _stream(self, watch: HangupWatch, writer, streams, fmt, stop) -> None:
         """Server-sent events (after the stream's headers) of one or several choices as their
         tokens come, in ``fmt`` (:class:`AnswerFormat` or :class:`ChatFormat`, whose chunks name
         their choice), stable text pieces of ``stop``-aware :class:`AnswerText`; a failing choice
@@ -304,7 +326,7 @@ class Server:
             for event in fmt.start(len(streams)):
                 await self._event(writer, event)
             while any(d is None for d in done):
-                i, out = await queue.get()
+                i, out = await watch.result(queue.get())  # a hang-up is noticed while nothing is written
                 if isinstance(out, Exception) or out.error is not None:
                     await self._event(writer, fmt.error(str(out) if isinstance(out, Exception) else out.error))
                     break
@@ -336,16 +358,16 @@ class Server:
         except Exception:  # noqa: BLE001
             return None
 
-    async def _first(self, writer, outputs, rid: str, progress: bool) -> tuple[RequestOutput, bool]:
+    async def _first(self, watch: HangupWatch, writer, outputs, rid: str, progress: bool) -> tuple[RequestOutput, bool]:
         """The request's first output; with ``progress``, a progress event every
         PROGRESS_SECONDS meanwhile, the stream's headers going out with the first. Returns
         (output, whether the headers were sent)."""
         if not progress:
-            return await outputs.__anext__(), False
+            return await watch.result(outputs.__anext__()), False
         start, head = time.monotonic(), False
         first = asyncio.ensure_future(outputs.__anext__())
         try:
-            while not (await asyncio.wait({first}, timeout=PROGRESS_SECONDS))[0]:
+            while not await watch.wait(first, PROGRESS_SECONDS):
                 info = self._progress(rid)
                 if info is None:  # not registered yet, or refused (its error output is on the way)
                     continue
@@ -366,18 +388,20 @@ class Server:
         fmt = fmt or AnswerFormat(self.llm)
         rid = f"http-{uuid.uuid4().hex[:16]}"
         outputs = self.engine.generate(video, question, params, request_id=rid, **options)
+        watch = HangupWatch(reader)
         try:
             if not stream:
-                out = await self._final(outputs, reader)
+                (out,) = await self._finals([outputs], watch)
                 self._check(out)
                 await self._send(writer, 200, fmt.result(out))
                 return
-            first, head = await self._first(writer, outputs, rid, progress)
+            first, head = await self._first(watch, writer, outputs, rid, progress)
             if not head:
                 self._check(first)  # a request the engine refuses fails before any header is sent
                 writer.write(self.STREAM_HEAD)
-            await self._stream(writer, [_after(first, outputs)], fmt, params.stop)
+            await self._stream(watch, writer, [_after(first, outputs)], fmt, params.stop)
         finally:
+            watch.close()
             await outputs.aclose()  # aborts the request if it is still running
 
 

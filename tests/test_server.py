@@ -259,6 +259,23 @@ def test_answer_text_holds_back_unstable_tails(files):
     assert not any("#" in p for p in pieces)
 
 
+@pytest.mark.parametrize("stop", ["world", "wor", "ld ###", "o"])
+def test_answer_text_pieces_with_a_stop_string_join_to_the_final_text(files, stop):
+    """Holding back a stop string's possible start must not expose whitespace the final strip
+    drops: the pieces join to exactly the final text."""
+    from stllm_engine.tokenizers import load_llama_tokenizer
+
+    tok = load_llama_tokenizer(files[0])
+    ids = tok("the  cat sat  on   the world and more", add_special_tokens=False).input_ids
+    at = AnswerText(tok, [stop])
+    full = tok.decode(ids, skip_special_tokens=True)
+    end = next((i for i in range(1, len(ids) + 1) if stop in tok.decode(ids[:i], skip_special_tokens=True)),
+               len(ids))
+    pieces = [at.piece(ids[:i + 1], final=i == end - 1, stop_reason=stop if stop in full else None)
+              for i in range(end)]
+    assert "".join(pieces) == at.text(ids[:end], stop if stop in full else None)
+
+
 def raw_exchange(server, data: bytes, read_all: bool = True) -> bytes:
     with socket.create_connection((server.host, server.port), timeout=60) as sock:
         sock.sendall(data)
@@ -278,6 +295,7 @@ def raw_exchange(server, data: bytes, read_all: bool = True) -> bytes:
     (b"POST /v1/answer HTTP/1.1\r\nContent-Length: abc\r\n\r\n", b"400"),
     (b"POST /v1/answer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"400"),
     (b"POST /v1/answer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (BODY_LIMIT + 1), b"413"),
+    (b"POST /v1/answer HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"400"),
 ])
 def test_malformed_http_gets_an_error_status(server, data, status):
     reply = raw_exchange(server, data)
@@ -318,3 +336,104 @@ def test_client_leaving_aborts_its_request(server, files, expected, monkeypatch,
     assert status == 200 and out["text"] == expected[(video, QUESTION)]
     stats = json.loads(request(server, "GET", "/health")[2])["stats"]
     assert stats["running"] == 0 and stats["waiting"] == 0
+
+
+def _recording_abort(eng, monkeypatch) -> list[bool]:
+    aborted: list[bool] = []
+    real_abort = eng.abort
+
+    def recording_abort(rid):
+        aborted.append(real_abort(rid))
+        return aborted[-1]
+    monkeypatch.setattr(eng, "abort", recording_abort)
+    return aborted
+
+
+def _wait_idle(server, aborted: list, timeout: float = 60.0) -> None:
+    eng, deadline = server.llm.engine, time.monotonic() + timeout
+    while not aborted or eng.has_unfinished_requests():
+        assert time.monotonic() < deadline, f"not aborted in time: {aborted}, {list(eng._requests)}"
+        time.sleep(0.05)
+
+
+def test_client_leaving_while_its_request_is_added_aborts_it(server, files, monkeypatch):
+    """A hang-up while the request is still being added (its video decoding in the worker thread)
+    cancels the handler mid-add: the request is aborted once added, not left waiting (and run to
+    its end by the next request's steps)."""
+    eng = server.llm.engine
+    real_add = eng.add_request
+
+    def slow_add(*a, **kw):
+        time.sleep(1.0)  # the client leaves meanwhile
+        return real_add(*a, **kw)
+    monkeypatch.setattr(eng, "add_request", slow_add)
+    aborted = _recording_abort(eng, monkeypatch)
+    lengths = eng.metrics.finished["length"]
+    body = json.dumps({"video": str(files[1][0]), "question": QUESTION,
+                       "params": {"max_new_tokens": 1500, "ignore_eos": True}}).encode()
+    with socket.create_connection((server.host, server.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/answer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(0.3)
+    _wait_idle(server, aborted)
+    assert aborted == [True]
+    assert eng.metrics.finished["length"] == lengths
+
+
+def test_streamed_request_writing_nothing_is_aborted_when_the_client_leaves(server, files, monkeypatch):
+    """After the stream's headers, a request whose text does not grow (EOS forced and ignored)
+    writes nothing; its client's hang-up is still noticed and the request aborted."""
+    eng = server.llm.engine
+    aborted = _recording_abort(eng, monkeypatch)
+    eos = server.llm.tokenizer.eos_token_id
+    body = json.dumps({"video": str(files[1][0]), "question": QUESTION, "stream": True,
+                       "params": {"max_new_tokens": 1500, "ignore_eos": True, "logit_bias": {str(eos): 100}}})
+    data = b"POST /v1/answer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body.encode()
+    assert raw_exchange(server, data, read_all=False).startswith(b"HTTP/1.1 200")  # then hang up
+    _wait_idle(server, aborted)
+    assert aborted == [True]  # still running when aborted: not run to its 1500 tokens
+
+
+def test_expect_100_continue_is_answered(server, files, expected):
+    video = str(files[1][0])
+    body = json.dumps({"video": video, "question": QUESTION, "params": {"max_new_tokens": MAX_NEW}}).encode()
+    with socket.create_connection((server.host, server.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/answer HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+                     % len(body))
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the body is sent
+        sock.sendall(body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["text"] == expected[(video, QUESTION)]
+
+
+def test_request_head_times_out(server, monkeypatch):
+    import stllm_engine.server as srv
+
+    monkeypatch.setattr(srv, "HEAD_TIMEOUT", 0.5)
+    reply = raw_exchange(server, b"POST /v1/answer HTTP/1.1\r\nContent-Le")
+    assert reply.startswith(b"HTTP/1.1 408") and b"within 0.5 s" in reply
+
+
+def test_drain_does_not_wait_for_idle_connections(files):
+    """A connection that never sent a request does not hold up a graceful shutdown; one with a
+    request in flight is waited for."""
+    import asyncio
+
+    from stllm_engine.server import Server
+
+    async def main():
+        server = Server(STLLM.from_pretrained(files[0]), port=0)
+        await server.start()
+        _, idle_writer = await asyncio.open_connection(server.host, server.port)
+        await asyncio.sleep(0.2)
+        assert server.in_flight == 0
+        t0 = time.monotonic()
+        cut = await server.drain(10.0)
+        elapsed = time.monotonic() - t0
+        idle_writer.close()
+        await server.close()
+        return cut, elapsed
+    cut, elapsed = asyncio.run(main())
+    assert cut == 0 and elapsed < 2.0

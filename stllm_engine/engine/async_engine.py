@@ -3,7 +3,7 @@
 A background task runs ``engine.step()`` in a worker thread while requests are pending (one
 engine call at a time, under a lock) and routes each output to its request's queue;
 ``async for out in engine.generate(...)`` yields that request's outputs until it finishes.
-Cancelling the consumer (or calling ``abort``) aborts the request.
+Cancelling the consumer (or calling ``abort``) aborts the request, also while it is being added.
 """
 from __future__ import annotations
 
@@ -63,9 +63,18 @@ class AsyncLLMEngine:
             rid = await asyncio.to_thread(self._call, self.engine._new_id, None)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
-        await asyncio.to_thread(self._call, self.engine.add_request, video, question, params,
-                                request_id=rid, **kw)
-        self._wake.set()
+        adding = asyncio.ensure_future(asyncio.to_thread(self._call, self.engine.add_request, video, question,
+                                                         params, request_id=rid, **kw))
+        try:
+            await asyncio.shield(adding)  # a cancelled caller must not leave the request behind
+        except BaseException:
+            self._queues.pop(rid, None)
+            # the worker thread may still add it (the caller was cancelled): abort it once added
+            adding.add_done_callback(lambda f: None if f.cancelled() or f.exception() is not None
+                                     else asyncio.ensure_future(self.abort(rid)))
+            raise
+        finally:
+            self._wake.set()
         return rid
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
