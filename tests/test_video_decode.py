@@ -14,7 +14,7 @@ import torch
 from stllm_engine.testing import videos as tv
 from stllm_engine.video import (CLIP_MEAN, CLIP_STD, CorruptVideoError, EmptyVideoError, NotAVideoError,
                                 VideoBoundError, VideoError, VideoNotFoundError, decode, decode_frames,
-                                load_video, probe, pyav_reader)
+                                load_video, probe, pyav_reader, uniform_indices)
 
 T, W, H, FPS = 32, 160, 120, 8
 
@@ -107,6 +107,73 @@ def test_auto_decodes_with_pyav_only_where_its_pixels_are_decords(tmp_path, code
         assert release.backend == "decord" and auto.backend == ("pyav" if fast else "decord")
         assert auto.indices == release.indices and np.array_equal(auto.frames, release.frames)
         assert markers(auto.frames) == auto.indices
+
+
+@pytest.mark.parametrize("codec,pix_fmt", [("mjpeg", "yuvj420p"), ("libvpx-vp9", "yuv420p")])
+@pytest.mark.parametrize("height", [120, 121])
+def test_odd_height_420_stays_on_decord(tmp_path, codec, pix_fmt, height):
+    """4:2:0 at an odd height: the two FFmpegs upsample the last chroma row differently (up to
+    75 levels), so ``auto`` decodes with decord there; an even height keeps PyAV. Same pixels."""
+    path = tv.write_video(tmp_path / "clip.mkv", 10, (W, height), FPS, seed=5, codec=codec, pix_fmt=pix_fmt)
+    auto = load_video(path, num_frames=5, preprocess=False)
+    release = load_video(path, num_frames=5, preprocess=False, backend="release")
+    assert auto.backend == ("pyav" if height % 2 == 0 else "decord")
+    assert auto.indices == release.indices and np.array_equal(auto.frames, release.frames)
+
+
+def _remux(src, dst, shift_pts):
+    """Copy ``src``'s video packets to ``dst`` with pts/dts = ``shift_pts(i, pts)`` (packet i)."""
+    import av
+
+    with av.open(str(src)) as ic, av.open(str(dst), "w") as oc:
+        ist = ic.streams.video[0]
+        ost = oc.add_stream_from_template(ist)
+        for i, pk in enumerate(p for p in ic.demux(ist) if p.size):
+            pk.stream = ost
+            pk.pts, pk.dts = shift_pts(i, pk.pts), shift_pts(i, pk.dts)
+            pk.time_base = ist.time_base
+            oc.mux(pk)
+    return dst
+
+
+def test_pyav_reads_a_stream_with_repeated_timestamps(tmp_path):
+    """Two packets with one timestamp (an MJPEG mkv): PyAV decodes every frame in order instead
+    of losing one to a pts lookup (decord cannot open such a file; ``auto`` falls back to PyAV)."""
+    src = tv.write_video(tmp_path / "src.mkv", 30, (W, H), FPS, seed=6, codec="mjpeg", pix_fmt="yuvj420p")
+    with __import__("av").open(str(src)) as c:
+        step = int(1 / (FPS * c.streams.video[0].time_base))
+    dup = _remux(src, tmp_path / "dup.mkv", lambda i, t: (i - (i in (10, 20))) * step)
+    for backend in ("pyav", "auto"):
+        v = load_video(dup, num_frames=30, preprocess=False, backend=backend)
+        assert v.backend == "pyav" and markers(v.frames) == v.indices
+        assert {9, 10, 19, 20} <= set(v.indices)  # both frames of each shared timestamp
+
+
+def test_parallel_decord_readers_keep_one_readers_frames_on_negative_start(tmp_path):
+    """An mp4 whose first frames are timed before 0 (an ``ffmpeg -ss -c copy`` cut): decord's
+    seeking and sequential paths disagree on it, so ``decode_workers`` > 1 keeps the one reader
+    the release reads with, and gets its frames."""
+    import decord
+
+    import av
+
+    src = tmp_path / "src.mp4"
+    with av.open(str(src), "w") as out:  # x264's defaults (scene cuts: keyframes 0, 8, 20, ...)
+        stream = out.add_stream("libx264", rate=24, options={"g": "12", "bf": "3"})
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for f in tv.render_frames(48, (320, 240), seed=0):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    with av.open(str(src)) as c:
+        step = int(1 / (24 * c.streams.video[0].time_base))
+    cut = _remux(src, tmp_path / "cut.mp4", lambda i, t: t - 3 * step)
+    vr = decord.VideoReader(str(cut))
+    assert float(vr.get_frame_timestamp(0)[0]) < 0
+    want = vr.get_batch(uniform_indices(len(vr), 16)).asnumpy()
+    for backend in ("release", "auto"):
+        for workers in (1, 2, 4):
+            v = load_video(cut, num_frames=16, preprocess=False, backend=backend, decode_workers=workers)
+            assert np.array_equal(v.frames, want), (backend, workers)
 
 
 def test_auto_falls_back_to_decord_when_pyav_fails(media, monkeypatch):

@@ -1,4 +1,5 @@
 """Sampling rules against hand-computed index lists (rounding is half-to-even, as in the release)."""
+import numpy as np
 import pytest
 
 from stllm_engine.video import VideoBoundError, VideoError
@@ -60,7 +61,7 @@ def test_fps1_clamp(seconds, expected):
 
 @pytest.mark.parametrize("bound,match", [
     ((10, 12), r"bound \(10s, 12s\) lies outside the video, which lasts 4s \(32 frames at 8 fps\)"),
-    ((4.0, 5.0), "lies outside the video"),  # start frame 32 is one past the last
+    ((4.1, 5.0), "lies outside the video"),  # start frame round(32.8) = 33, two past the last
     ((-3, -1), "lies outside the video"),
     ((3, 1), "not an increasing pair"),
     ((float("nan"), 1), "not an increasing pair"),
@@ -74,6 +75,23 @@ def test_mvbench_bound_errors(bound, match):
 
 def test_mvbench_bound_at_the_last_frame_is_valid():
     assert mvbench_indices(32, 8.0, 2, (3.875, 3.9)) == [31, 31]
+
+
+def release_get_index(total: int, fps: float, n: int, bound) -> list[int]:
+    """The release's get_index, line by line (no checks)."""
+    max_frame = total - 1
+    start_idx, end_idx = max(0, round(bound[0] * fps)), min(round(bound[1] * fps), max_frame)
+    seg = (end_idx - start_idx) / n
+    return [int(start_idx + seg / 2 + np.round(seg * i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("total,fps,bound", [(48, 24.0, (1.99, 2.0)), (48, 24.0, (2.0, 2.5)), (32, 8.0, (4.0, 5.0))])
+def test_mvbench_bound_starting_in_the_last_half_frame_samples_the_release_frames(total, fps, bound):
+    """A start that rounds to one past the last frame (the video's end, within half a frame) is
+    not outside: the release samples the last frames (its segment runs backwards by one)."""
+    want = release_get_index(total, fps, 8, bound)
+    assert mvbench_indices(total, fps, 8, bound) == want
+    assert all(total - 2 <= i <= total - 1 for i in want)
 
 
 def test_mvbench_folder_bound_before_first_file():

@@ -229,8 +229,9 @@ def write_frames(path, frames: np.ndarray, fps: float = 8, fmt: str | None = Non
             codec = codec or ("libx264" if "libx264" in av.codecs_available else "mpeg4")
             stream = out.add_stream(codec, rate=rate)
             odd = (w % 2) or (h % 2)
-            if odd and codec != "libx264":
-                raise ValueError(f"odd frame size {w}x{h} needs libx264 (yuv444p); not available")
+            if odd and codec != "libx264" and pix_fmt is None:
+                raise ValueError(f"odd frame size {w}x{h} needs libx264 (yuv444p) or a codec and pix_fmt "
+                                 "that hold it (e.g. mjpeg, yuvj420p)")
             stream.pix_fmt = pix_fmt or ("yuv444p" if odd else "yuv420p")
             stream.gop_size = gop
             stream.options = ({"crf": str(crf), "preset": "ultrafast", "bf": str(bframes)}

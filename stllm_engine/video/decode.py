@@ -30,6 +30,9 @@ DECORD_THREADS = 0  # 0: decord chooses
 # (IDCTs differ by 1); they stay on decord.
 PYAV_EXACT_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mjpeg", "mpeg2video"})
 PYAV_EXACT_PIX_FMTS = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12"})
+# ... except 4:2:0 at an odd height: the two FFmpegs upsample the last chroma row differently
+# (VP9 and MJPEG at 334x187: 3.5-5% of the values differ, by up to 75 levels).
+PYAV_EVEN_HEIGHT_PIX_FMTS = frozenset({"yuv420p", "yuvj420p", "nv12"})
 
 
 def decode_dims(height: int, width: int, decode_size) -> tuple[int, int] | None:
@@ -100,6 +103,16 @@ class DecordReader:
         except Exception:  # noqa: BLE001 - only a hint for splitting the decode
             return None
 
+    def _seeks_like_one_reader(self) -> bool:
+        """Whether a reader that seeks to a keyframe finds the frames one reader decoding from the
+        start finds. Not when the first frames are timed before 0 (an edit list, as ``ffmpeg -ss
+        -c copy`` cuts make): there decord's seeking and sequential paths disagree about which
+        frame an index means, and the release reads with one reader."""
+        try:
+            return float(self._vr.get_frame_timestamp(0)[0]) >= 0
+        except Exception:  # noqa: BLE001 - unknown: keep one reader
+            return False
+
     def read(self, indices: list[int], workers: int = 1) -> np.ndarray:
         """The frames at ``indices``; ``workers`` > 1 decodes runs of them that start at different
         keyframes on that many new single-threaded readers in parallel
@@ -108,7 +121,8 @@ class DecordReader:
         (449 -> 434 ms; 369 ms single-threaded)."""
         keys = list(self._vr.get_key_indices())
         lo, hi = (min(indices), max(indices)) if indices else (0, 0)
-        several = workers > 1 and len(indices) > 1 and any(lo < k <= hi for k in keys)
+        several = (workers > 1 and len(indices) > 1 and any(lo < k <= hi for k in keys)
+                   and self._seeks_like_one_reader())
         runs = split_runs(indices, keys, workers, min_run_frames(self._source_pixels())) if several else [indices]
         if len(runs) == 1:
             return self._vr.get_batch(list(indices)).asnumpy()
@@ -142,6 +156,7 @@ class FastDecordReader(DecordReader):
         try:
             reader = PyAVReader(self.src, threads=workers if workers > 1 else 0)
             if (reader.codec not in PYAV_EXACT_CODECS or reader.pix_fmt not in PYAV_EXACT_PIX_FMTS
+                    or (reader.pix_fmt in PYAV_EVEN_HEIGHT_PIX_FMTS and reader.height % 2)
                     or reader.num_frames != self.num_frames):
                 return None
             return reader.read(indices, workers)

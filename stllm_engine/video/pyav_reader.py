@@ -67,7 +67,9 @@ class PyAVReader:
             raise CorruptVideoError(f"{src.name}: corrupt or truncated stream: the container lists "
                                     f"{expected} frames but only {len(pts)} can be read")
         self.num_frames = len(pts)
-        self._seekable = not src.is_gif and all(p is not None for p in pts)
+        # seeking maps decoded frames back to their place by timestamp: every frame needs its own
+        # (repeated ones, e.g. an MJPEG mkv, mapped to one place and lost the other frame)
+        self._seekable = not src.is_gif and all(p is not None for p in pts) and len(set(pts)) == len(pts)
         if self._seekable:
             order = sorted(range(len(pts)), key=lambda i: pts[i])
             self._pts = [pts[i] for i in order]  # presentation order

@@ -61,14 +61,14 @@ def mvbench_indices(num_frames_total: int, fps: float, num_segments: int,
         where = f"{source}: bound ({start:g}s, {end:g}s)"
         if not (math.isfinite(start) and math.isfinite(end)) or end < start:
             raise VideoBoundError(f"{where} is not an increasing pair of finite seconds")
-        if round(start * fps) > max_frame or end < 0:
+        if round(start * fps) > max_frame + 1 or end < 0:  # + 1: a start in the last half-frame
             raise VideoBoundError(f"{where} lies outside the video, which lasts {duration:g}s "
                                   f"({num_frames_total} frames at {fps:g} fps)")
     else:
         start, end = -100000.0, 100000.0
     start_idx = max(first_idx, round(start * fps))
     end_idx = min(round(end * fps), max_frame)
-    if end_idx < start_idx:  # only reachable with a bound
+    if end_idx < start_idx - (start_idx == max_frame + 1):  # only reachable with a bound
         raise VideoBoundError(f"{source}: bound ({start:g}s, {end:g}s) selects no frame of the video "
                               f"(frames {first_idx}..{max_frame} at {fps:g} fps)")
     if num_segments == 0:
