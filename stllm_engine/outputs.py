@@ -8,6 +8,15 @@ from dataclasses import asdict, dataclass, field
 MODEL_FAILURE = "model step failed"
 
 
+class ModelStepError(RuntimeError):
+    """A model step failed under a request: its message (the request's ``error``) starts with
+    ``MODEL_FAILURE`` and names the underlying exception, its ``__cause__``."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{MODEL_FAILURE}: {type(cause).__name__}: {cause}")
+        self.__cause__ = cause
+
+
 @dataclass
 class RequestTimings:
     """Seconds spent per stage of one request (0 when a stage did not run, e.g. a cache hit).

@@ -151,6 +151,20 @@ def test_progress_during_a_long_step(files, engine_answer, capsys, monkeypatch):
     assert len(during) >= 2 and all("prefill: 0/" in ln or "decoding and encoding" in ln for ln in during)
 
 
+def test_a_failing_model_step_exits_1_not_2(files, capsys, monkeypatch):
+    """A model step that raises is the engine's failure, not bad input: exit 1 with the
+    MODEL_FAILURE message (its error had the exception's type name in front of it, so it was
+    taken for bad input, exit 2 / HTTP 400)."""
+    from stllm_engine.engine.model_runner import ModelRunner
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("kernel exploded")
+    monkeypatch.setattr(ModelRunner, "run", broken)
+    code, out, err = run(capsys, *base(files))
+    assert code == 1 and out == ""
+    assert "model step failed: RuntimeError: kernel exploded" in err
+
+
 def test_max_length_cuts_and_says_so(files, capsys, monkeypatch):
     """--max-length reaches the engine; a prompt cut from the left is reported on stderr and in
     the JSON usage; --kv-cache-mib sizes the pool."""

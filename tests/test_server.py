@@ -437,3 +437,14 @@ def test_drain_does_not_wait_for_idle_connections(files):
         return cut, elapsed
     cut, elapsed = asyncio.run(main())
     assert cut == 0 and elapsed < 2.0
+
+
+def test_a_failing_model_step_is_500(server, files, monkeypatch):
+    from stllm_engine.engine.model_runner import ModelRunner
+    from stllm_engine.outputs import MODEL_FAILURE
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("kernel exploded")
+    monkeypatch.setattr(ModelRunner, "run", broken)
+    status, body = answer(server, {"video": str(files[1][0]), "question": QUESTION})
+    assert status == 500 and body["error"].startswith(MODEL_FAILURE) and "kernel exploded" in body["error"]

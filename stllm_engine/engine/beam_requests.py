@@ -21,7 +21,7 @@ import torch
 from stllm_engine.engine.beam_search import BeamGroup
 from stllm_engine.engine.request import Request
 from stllm_engine.engine.scheduler import order
-from stllm_engine.outputs import MODEL_FAILURE
+from stllm_engine.outputs import ModelStepError
 from stllm_engine.sampling_params import SamplingParams
 
 
@@ -52,7 +52,7 @@ class BeamRequests:
         try:
             logits = self.runner.run([(s, 1) for s in rows])
         except Exception as e:  # noqa: BLE001
-            self._fail(req, RuntimeError(f"{MODEL_FAILURE}: {type(e).__name__}: {e}"))
+            self._fail(req, ModelStepError(e))
             return
         for s in req.beams.sequences:
             s.num_computed_tokens = s.num_tokens
