@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-from pathlib import Path
 
 from stllm_engine.api import STLLM
 from stllm_engine.outputs import MODEL_FAILURE, RequestOutput
@@ -56,10 +55,11 @@ def parse_answer_request(llm: STLLM, body: dict) -> tuple:
         video = body["video"]
         if not isinstance(video, str) or not video:
             raise BadRequest("'video' must be a non-empty path string")
-        if not Path(video).exists():
-            from stllm_engine.video.sources import not_found_message
+        from stllm_engine.video.sources import path_problem
 
-            raise BadRequest(not_found_message(video))
+        problem = path_problem(video)
+        if problem:
+            raise BadRequest(problem)
     else:
         if not isinstance(body["video_b64"], str):
             raise BadRequest("'video_b64' must be a base64 string")

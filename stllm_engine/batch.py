@@ -6,8 +6,9 @@ refused, and a chat body's ``model`` is not checked: the one loaded model answer
 Output: one JSON line per input line, in input order, ``{"id", "custom_id", "response":
 {"status_code", "request_id", "body"}, "error"}``: ``body`` is what the endpoint would have
 answered (an answer, or its error object with status 400 / 500); a line that is not a request at
-all (bad JSON, no ``custom_id``, another url) gets ``"response": null`` and ``"error": {"code",
-"message"}``. A bad line never stops the others.
+all (not UTF-8, bad JSON, no ``custom_id`` or one used by an earlier line, another url) gets
+``"response": null`` and ``"error": {"code", "message"}``; messages number lines as the file
+does (blank lines count). A bad line never stops the others.
 
 At most ``window`` lines are in the engine or waiting for an earlier line to be written, so memory
 stays bounded for files of any length while the engine batches up to ``window`` requests.
@@ -50,23 +51,34 @@ class _Line:
         self.response(status, error_json(self.url, message, status), request_id)
 
 
-def _parse(llm: STLLM, index: int, text: str, model: str):
-    """(line, [request args per choice] or None)."""
+def _parse(llm: STLLM, index: int, lineno: int, text: str, model: str, seen: dict[str, int]):
+    """(line, [request args per choice] or None); ``index``: the line's place in the output,
+    ``lineno``: its number in the file; ``seen``: custom_id -> line number of the lines so far."""
     try:
+        text.encode("utf-8")  # read with surrogateescape: undecodable bytes fail here, this line only
         obj = json.loads(text)
-    except json.JSONDecodeError as e:
+    except UnicodeEncodeError:
         line = _Line(index, None)
-        line.refuse("invalid_json", f"line {index + 1} is not valid JSON: {e}")
+        line.refuse("invalid_json", f"line {lineno} is not valid UTF-8")
+        return line, None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or nested past Python's limit
+        line = _Line(index, None)
+        line.refuse("invalid_json", f"line {lineno} is not valid JSON: {type(e).__name__}: {e}")
         return line, None
     custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
     line = _Line(index, custom_id, obj.get("url", "") if isinstance(obj, dict) else "")
     if not isinstance(custom_id, str) or not custom_id:
-        line.refuse("invalid_request", f"line {index + 1} has no 'custom_id' string")
+        line.refuse("invalid_request", f"line {lineno} has no 'custom_id' string")
+    elif custom_id in seen:
+        line.refuse("duplicate_custom_id", f"line {lineno}: custom_id {custom_id!r} is already used by line "
+                                           f"{seen[custom_id]}")
     elif obj.get("method", "POST") != "POST" or line.url not in URLS:
-        line.refuse("invalid_request", f"line {index + 1}: expected method POST and url one of {list(URLS)}, "
+        line.refuse("invalid_request", f"line {lineno}: expected method POST and url one of {list(URLS)}, "
                                        f"got {obj.get('method')!r} {obj.get('url')!r}")
     elif not isinstance(obj.get("body"), dict):
-        line.refuse("invalid_request", f"line {index + 1} has no 'body' object")
+        line.refuse("invalid_request", f"line {lineno} has no 'body' object")
+    if isinstance(custom_id, str) and custom_id and custom_id not in seen:
+        seen[custom_id] = lineno
     if line.result is not None:
         return line, None
     body = obj["body"]
@@ -83,6 +95,9 @@ def _parse(llm: STLLM, index: int, text: str, model: str):
             line.fmt = ChatFormat(llm, model)
     except BadRequest as e:
         line.fail(e.status, str(e))
+        return line, None
+    except Exception as e:  # noqa: BLE001 - e.g. an OSError checking the video path: this line only
+        line.fail(400, f"{type(e).__name__}: {e}")
         return line, None
     line.outs = [None] * len(choices)
     return line, [(video, question, p, options) for p in choices]
@@ -114,7 +129,8 @@ def run_batch(llm: STLLM, lines: Iterable[str], model: str = "stllm", window: in
     if window < 1:
         raise ValueError(f"run_batch: window must be >= 1, got {window}")
     eng = llm.engine
-    source = iter(enumerate(text for text in lines if text.strip()))
+    source = iter(enumerate((n, text) for n, text in enumerate(lines, 1) if text.strip()))
+    seen: dict[str, int] = {}
     pending: dict[int, _Line] = {}  # submitted or finished, not yet written
     by_rid: dict[str, tuple[_Line, int]] = {}
     next_out, done, failed, exhausted = 0, 0, 0, False
@@ -125,8 +141,8 @@ def run_batch(llm: STLLM, lines: Iterable[str], model: str = "stllm", window: in
             if item is None:
                 exhausted = True
                 break
-            index, text = item
-            line, req = _parse(llm, index, text, model)
+            index, (lineno, text) = item
+            line, req = _parse(llm, index, lineno, text, model, seen)
             pending[index] = line
             for choice, (video, question, params, options) in enumerate(req or ()):
                 rid = eng.add_request(video, question, params, request_id=f"{prefix}-{index}-{choice}", **options)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -195,10 +196,11 @@ def _sampling_kw(args) -> dict:
 def _check_answer_args(args) -> None:
     from stllm_engine.sampling_params import SamplingParams
 
-    if args.video is not None and not Path(args.video).exists():
-        from stllm_engine.video.sources import not_found_message
+    from stllm_engine.video.sources import path_problem
 
-        raise CLIError(not_found_message(args.video))
+    problem = None if args.video is None else path_problem(args.video)
+    if problem:
+        raise CLIError(problem)
     if args.num_frames is not None and args.num_frames < 1:
         raise CLIError(f"--num-frames must be a positive int, got {args.num_frames}")
     if not 0 < args.keep_ratio <= 1:
@@ -411,19 +413,45 @@ def cmd_run_batch(args) -> int:
     if args.max_num_seqs < 1 or window < 1:
         raise CLIError(f"bad --max-num-seqs / --window: {args.max_num_seqs} / {window}")
     with ExitStack() as stack:
+        # input lines that are not UTF-8 fail alone in their result line (batch._parse)
         try:
-            src = sys.stdin if args.input == "-" else stack.enter_context(open(args.input, encoding="utf-8"))
-            dst = sys.stdout if args.output == "-" else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+            if args.input == "-":
+                sys.stdin.reconfigure(errors="surrogateescape")
+                src = sys.stdin
+            else:
+                src = stack.enter_context(open(args.input, encoding="utf-8", errors="surrogateescape"))
         except OSError as e:
             raise CLIError(f"cannot open {e.filename}: {e.strerror}") from None
+        check_output_path(args.output, args.input)  # before the load; truncated only after it
         folder = resolve_model(args.model)
         args.device = check_device(args.device)
         llm = load_engine(folder, args.device, resolve_dtype(args.dtype, args.device),
                           max_num_seqs=args.max_num_seqs, **sizes, qformer_tokenizer=args.qformer_tokenizer,
-                          enforce_eager=args.enforce_eager)
+                          enforce_eager=args.enforce_eager, warmup=False if args.no_warmup else None)
+        try:
+            dst = sys.stdout if args.output == "-" else stack.enter_context(open(args.output, "w", encoding="utf-8"))
+        except OSError as e:
+            raise CLIError(f"cannot open {e.filename}: {e.strerror}") from None
         run_batch_file(llm, src, dst, args.served_model_name or str(folder), window,
                        None if args.no_progress else progress)
     return 0
+
+
+def check_output_path(output: str, input_: str) -> None:
+    """The result file can be written and is not the input (opening it for writing would empty
+    the input before a line is read)."""
+    if output == "-":
+        return
+    out = os.path.abspath(output)
+    if input_ != "-" and os.path.exists(out) and os.path.samefile(out, input_):
+        raise CLIError(f"the output file {output} is the input file; write the results elsewhere")
+    if os.path.isdir(out):
+        raise CLIError(f"cannot open {output}: Is a directory")
+    folder = os.path.dirname(out)
+    if not os.path.isdir(folder):
+        raise CLIError(f"cannot open {output}: No such file or directory")
+    if not os.access(out if os.path.exists(out) else folder, os.W_OK):
+        raise CLIError(f"cannot open {output}: Permission denied")
 
 
 def main(argv: list[str] | None = None) -> int:

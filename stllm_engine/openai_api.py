@@ -30,7 +30,6 @@ import binascii
 import time
 import uuid
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from stllm_engine.answer_request import BadRequest, flag, sampling_params
 from stllm_engine.answer_text import token_text
@@ -85,11 +84,19 @@ def _video(url) -> str | bytes:
         if not raw:
             raise BadRequest("the data: URL decodes to no bytes")
         return raw
-    path = url[len("file://"):] if url.startswith("file://") else url
-    if not Path(path).exists():
-        from stllm_engine.video.sources import not_found_message
+    path = url
+    if url.startswith("file:"):  # file:///abs/p%20q.mp4 (Path.as_uri()) or file://localhost/...
+        from urllib.parse import unquote, urlparse
 
-        raise BadRequest(not_found_message(path))
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise BadRequest(f"a file: URL must name a local file (file:///abs/path), got host {parsed.netloc!r}")
+        path = unquote(parsed.path)
+    from stllm_engine.video.sources import path_problem
+
+    problem = path_problem(path)
+    if problem:
+        raise BadRequest(problem)
     return path
 
 

@@ -97,6 +97,68 @@ def test_run_batch_cli(files, llm, tmp_path, capsys):
     assert "cannot open" in capsys.readouterr().err
 
 
+def test_lines_that_break_parsing_fail_alone_numbered_as_in_the_file(files, llm, tmp_path, capsys):
+    """Undecodable bytes, JSON nested past Python's recursion limit, a video path too long for
+    the OS and a repeated custom_id each fail their own line (they stopped the whole batch, or
+    were answered twice); messages count blank lines as the file does."""
+    ckpt, videos, _ = files
+    good = chat_line("ok", videos[0], Q1).encode()
+    data = b"\n".join([
+        good, b"", b'{"custom_id": "bad\xff\xfe", "method": "POST"}',
+        b"[" * 100_000 + b"]" * 100_000,
+        chat_line("long", "/tmp/" + "a" * 300 + ".mp4", Q1).encode(),
+        chat_line("ok", videos[1], Q2).encode(),
+        b"{not json", chat_line("last", videos[1], Q1).encode()]) + b"\n"
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(data)
+    assert main(["run-batch", "--model", str(ckpt), "-i", str(src), "-o", str(dst)]) == 0
+    got = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert len(got) == 7 and [r["custom_id"] for r in got] == ["ok", None, None, "long", "ok", None, "last"]
+    errors = [(r["error"] or {}).get("message") or r["response"]["body"]["error"]["message"] for r in got[1:6]]
+    assert errors[0] == "line 3 is not valid UTF-8"
+    assert errors[1].startswith("line 4 is not valid JSON: RecursionError")
+    assert "video path cannot be looked up" in errors[2] and "File name too long" in errors[2]
+    assert got[4]["error"] == {"code": "duplicate_custom_id",
+                               "message": "line 6: custom_id 'ok' is already used by line 1"}
+    assert errors[4].startswith("line 7 is not valid JSON")
+    assert got[0]["response"]["status_code"] == 200 and got[6]["response"]["status_code"] == 200
+    assert "7 requests, 2 answered, 5 failed" in capsys.readouterr().err
+
+
+def test_run_batch_keeps_its_files_safe(files, tmp_path, capsys):
+    """-o naming the input is refused (it emptied the input), and an output file is not
+    truncated before the model loads (a bad --model wiped it)."""
+    ckpt, videos, _ = files
+    src = tmp_path / "in.jsonl"
+    src.write_text(chat_line("a", videos[0], Q1) + "\n")
+    assert main(["run-batch", "--model", str(ckpt), "-i", str(src), "-o", str(src)]) == 2
+    assert "is the input file" in capsys.readouterr().err and src.read_text().startswith('{"custom_id": "a"')
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text("earlier results\n")
+    assert main(["run-batch", "--model", str(tmp_path / "nope"), "-i", str(src), "-o", str(keep)]) == 2
+    assert keep.read_text() == "earlier results\n"
+    assert main(["run-batch", "--model", str(ckpt), "-i", str(src), "-o", str(tmp_path / "no" / "o.jsonl")]) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+
+
+def test_run_batch_passes_no_warmup(files, tmp_path, monkeypatch):
+    import stllm_engine.cli as cli
+
+    seen = {}
+    real = cli.load_engine
+
+    def recording(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(cli, "load_engine", recording)
+    ckpt, videos, _ = files
+    src = tmp_path / "in.jsonl"
+    src.write_text(chat_line("a", videos[0], Q1) + "\n")
+    assert main(["run-batch", "--model", str(ckpt), "-i", str(src), "-o", str(tmp_path / "o.jsonl"),
+                 "--no-warmup"]) == 0
+    assert seen["warmup"] is False
+
+
 def test_run_batch_refuses_a_bad_window(llm):
     with pytest.raises(ValueError, match="window"):
         list(run_batch(llm, io.StringIO(""), window=0))

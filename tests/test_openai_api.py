@@ -291,6 +291,16 @@ def test_parse_messages_names_the_problem(tmp_path, messages, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("as_url", [lambda p: p.as_uri(), lambda p: "file://localhost" + p.as_uri()[7:]])
+def test_file_urls_are_percent_decoded(tmp_path, as_url):
+    path = tmp_path / "a clip ü.mp4"
+    path.write_bytes(b"\0")
+    video, _, _, _ = parse_messages([user(as_url(path), Q1)])
+    assert video == str(path)
+    with pytest.raises(BadRequest, match="must name a local file"):
+        parse_messages([user("file://otherhost" + path.as_uri()[7:], Q1)])
+
+
 def test_parse_maps_openai_fields_to_sampling_params(llm, tmp_path):
     path = tmp_path / "x.mp4"
     path.write_bytes(b"\0")

@@ -101,6 +101,18 @@ def not_found_message(path: str) -> str:
     return f"video not found: {path} does not exist"
 
 
+def path_problem(path: str) -> str | None:
+    """Why ``path`` cannot name a video (see :func:`not_found_message`, or the OS refuses to look
+    it up, e.g. a name too long), else None: a cheap check before a request is queued."""
+    try:
+        if Path(path).exists():
+            return None
+    except OSError as e:  # ENAMETOOLONG and the like
+        shown = path if len(path) <= 120 else path[:60] + "..." + path[-40:]
+        return f"video path cannot be looked up: {shown}: {e.strerror or e}"
+    return not_found_message(path)
+
+
 def resolve_source(source) -> Source:
     """Classify ``source``; raises :class:`VideoNotFoundError`, :class:`EmptyVideoError` (empty
     file / folder without frames / zero-length array) or :class:`NotAVideoError` (wrong type,
