@@ -201,6 +201,8 @@ def _check_answer_args(args) -> None:
     problem = None if args.video is None else path_problem(args.video)
     if problem:
         raise CLIError(problem)
+    if args.question is not None and not args.question.strip():
+        raise CLIError("--question is empty")  # as the HTTP endpoints refuse it
     if args.num_frames is not None and args.num_frames < 1:
         raise CLIError(f"--num-frames must be a positive int, got {args.num_frames}")
     if not 0 < args.keep_ratio <= 1:

@@ -9,11 +9,19 @@ test models, trained defaults) add one extra key, ``"stllm"``, holding the non-d
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 VIDEO_INPUTS = ("all", "mean", "residual")
+
+
+def _check_positive_number(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{type(obj).__name__}.{n} must be a positive number, got {v!r}")
 
 
 def _check_positive(obj: Any, *names: str) -> None:
@@ -40,6 +48,7 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim")
+        _check_positive_number(self, "eps")
         if self.width % self.num_heads:
             raise ValueError(f"vision width {self.width} not divisible by num_heads {self.num_heads}")
         if self.image_size % self.patch_size:
@@ -79,6 +88,7 @@ class QFormerConfig:
         _check_positive(self, "hidden_size", "num_layers", "num_heads", "intermediate_size",
                         "num_query_tokens", "vocab_size", "max_position_embeddings",
                         "cross_attention_freq", "max_txt_len")
+        _check_positive_number(self, "eps")
         if self.hidden_size % self.num_heads:
             raise ValueError("qformer hidden_size not divisible by num_heads")
 
@@ -103,6 +113,7 @@ class LLMConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_layers",
                         "num_heads", "num_kv_heads", "max_position_embeddings")
+        _check_positive_number(self, "rms_norm_eps", "rope_theta")
         if self.hidden_size % self.num_heads:
             raise ValueError("llm hidden_size not divisible by num_heads")
         if self.num_heads % self.num_kv_heads:
@@ -180,13 +191,15 @@ class STLLMConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "STLLMConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(d).__name__}")
         g = d.get
         llm = LLMConfig(
             vocab_size=g("vocab_size", 32000), hidden_size=g("hidden_size", 4096),
             intermediate_size=g("intermediate_size", 11008), num_layers=g("num_hidden_layers", 32),
             num_heads=g("num_attention_heads", 32),
             num_kv_heads=g("num_key_value_heads") or g("num_attention_heads", 32),
-            rms_norm_eps=g("rms_norm_eps", 1e-6), rope_theta=float(g("rope_theta", 10000.0)),
+            rms_norm_eps=g("rms_norm_eps", 1e-6), rope_theta=_as_float(g("rope_theta", 10000.0)),
             max_position_embeddings=g("max_position_embeddings", 2048),
             bos_token_id=g("bos_token_id", 1) if g("bos_token_id") is not None else 1,
             eos_token_id=g("eos_token_id", 2) if g("eos_token_id") is not None else 2,
@@ -215,6 +228,11 @@ class STLLMConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{p} is not valid JSON: {e}") from e
         return cls.from_hf_dict(d)
+
+
+def _as_float(v):
+    """A JSON number as a float; anything else as is (``__post_init__`` names it)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
 def _known(cls: type, d: dict) -> dict:

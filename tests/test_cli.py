@@ -238,6 +238,8 @@ def test_reference_backend_matches_reference_model(files, capsys):
     (["--dtype", "float64"], "float64"),
     (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "nodev"], "device"),
     (["--video", "{corrupt}"], "corrupt.mp4"),
+    (["--question", "  "], "--question is empty"),
+    (["--video", "/tmp/" + "a" * 300 + ".mp4"], "video path cannot be looked up"),
     (["--bogus-flag"], "--bogus-flag"),
 ])
 def test_bad_input_exits_2_with_one_line(files, capsys, tmp_path, argv, needle):

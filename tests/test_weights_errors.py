@@ -159,6 +159,47 @@ def test_missing_folder_config_or_weights(tmp_path):
         load_checkpoint(folder)
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: [], "must hold a JSON object, got list"),
+    (lambda d: 64, "must hold a JSON object, got int"),
+    (lambda d: dict(d, rms_norm_eps="abc"), "rms_norm_eps must be a positive number, got 'abc'"),
+    (lambda d: dict(d, rms_norm_eps=0), "rms_norm_eps must be a positive number"),
+    (lambda d: dict(d, rope_theta="x"), "rope_theta"),
+    (lambda d: dict(d, stllm=dict(d["stllm"], vision={"eps": None})), "eps must be a positive number"),
+])
+def test_config_values_are_checked_at_load(tmp_path, edit, match):
+    """A config.json of the wrong shape or with a non-number eps fails at load naming the field
+    (it loaded, then every request failed with 'model step failed')."""
+    folder = write_tiny_checkpoint(tmp_path / "ck", shards=1)
+    cfg = folder / "config.json"
+    cfg.write_text(json.dumps(edit(json.loads(cfg.read_text()))))
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(folder)
+
+
+def test_a_file_is_not_a_checkpoint_folder(tmp_path):
+    folder = write_tiny_checkpoint(tmp_path / "ck", shards=1)
+    with pytest.raises(CheckpointError, match="config.json is a file; give the checkpoint folder"):
+        load_checkpoint(folder / "config.json")
+
+
+def test_a_tokenizer_larger_than_the_embedding_fails_the_request_naming_it(tmp_path):
+    import shutil
+
+    from stllm_engine import STLLM, RequestFailedError
+    from stllm_engine.testing.videos import write_video
+
+    small = write_tiny_checkpoint(tmp_path / "small", shards=1, llm_vocab_size=400)
+    big = write_tiny_checkpoint(tmp_path / "big", shards=1, llm_vocab_size=1024)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(big / name, small / name)
+    llm = STLLM.from_pretrained(small)
+    video = write_video(tmp_path / "v.mp4", num_frames=8, size=(64, 48))
+    with pytest.raises(RequestFailedError, match="the LLaMA tokenizer gave id .* outside the checkpoint's "
+                                                 "vocabulary \\(400 embedding rows\\)"):
+        llm.answer(video, "what moves in this video, and which way does it go?", max_new_tokens=2)
+
+
 def test_write_checkpoint_checks(tmp_path):
     from stllm_engine.testing.checkpoints import make_config
     c = make_config()

@@ -265,6 +265,10 @@ class LLMEngine(BeamRequests):
         total = lv + len(ids)
         if total == 0:
             raise ValueError("empty prompt: no video tokens and no text")
+        vocab = self.model.config.llm.vocab_size
+        if ids and max(ids) >= vocab:
+            raise ValueError(f"the LLaMA tokenizer gave id {max(ids)}, outside the checkpoint's vocabulary "
+                             f"({vocab} embedding rows): the tokenizer does not match the checkpoint")
         over = total + p.max_new_tokens - self.max_length
         if over > 0:
             if not self.config.truncate_prompt or over >= total:

@@ -92,9 +92,14 @@ class STLLMModel(nn.Module):
         """The question's Q-Former token ids [n] (truncated from the left to max_txt_len)."""
         if self.qformer_tokenizer is None:
             raise RuntimeError("STLLMModel has no Q-Former tokenizer: pass qformer_tokenizer= to "
-                               "from_checkpoint (a bert-base-uncased vocab) or give encode_video ids")
+                               "from_checkpoint / STLLM.from_pretrained, or --qformer-tokenizer to the "
+                               "CLI (a bert-base-uncased folder or vocab.txt)")
         enc = self.qformer_tokenizer(question, truncation=True,
                                      max_length=self.config.qformer.max_txt_len)
+        vocab = self.config.qformer.vocab_size
+        if enc["input_ids"] and max(enc["input_ids"]) >= vocab:
+            raise ValueError(f"the Q-Former tokenizer gave id {max(enc['input_ids'])}, outside the checkpoint's "
+                             f"Q-Former vocabulary ({vocab} rows): the tokenizer does not match the checkpoint")
         return torch.tensor(enc["input_ids"], dtype=torch.long, device=self.device)
 
     @torch.no_grad()

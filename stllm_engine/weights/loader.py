@@ -67,6 +67,8 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype | str | None = None,
     do). ``mvm_decoder``: keep the training-only ``mvm_decoder.*`` weights.
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a file; give the checkpoint folder that holds config.json and the weights")
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     dtype = _as_dtype(dtype)
