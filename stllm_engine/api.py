@@ -61,13 +61,15 @@ class STLLM:
                         block_size: int = 16, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                         vision_cache_bytes: int = 256 << 20, num_kv_blocks: int | None = None,
                         enable_prefix_caching: bool = True, qformer_tokenizer: str | Path | None = None,
-                        **engine_kw) -> "STLLM":
+                        video_input: str | None = None, **engine_kw) -> "STLLM":
         """Load an official-layout folder; the KV pool holds ``kv_cache_memory`` bytes
-        (None: on the CPU room for 4 max_length sequences, at least 256 MiB; the free GPU memory less 8 GiB
-        on a GPU; see
+        (None: on the CPU room for 4 max_length sequences, at least 256 MiB; on a GPU the free
+        memory less 8 GiB, at least half of it, at most 4 x max_num_seqs max_length sequences; see
         ``default_kv_cache_memory``) or ``num_kv_blocks`` blocks of ``block_size`` positions. ``qformer_tokenizer``: the
         Q-Former's BERT tokenizer (folder or vocab.txt) when the checkpoint has no
-        ``qformer_tokenizer/`` (the release's folders do not ship it: use bert-base-uncased)."""
+        ``qformer_tokenizer/`` (the release's folders do not ship it: use bert-base-uncased).
+        ``video_input``: "all" | "mean" | "residual" instead of the folder's own (``mean``, the
+        paper's baseline, has no checkpoint of its own: it runs on an ``all`` folder)."""
         from stllm_engine.model.stllm import STLLMModel
         from stllm_engine.tokenizers import load_llama_tokenizer
         from stllm_engine.weights import load_checkpoint
@@ -79,7 +81,7 @@ class STLLM:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but CUDA is not available")
-        ckpt = load_checkpoint(path, dtype=dtype)
+        ckpt = load_checkpoint(path, dtype=dtype, video_input=video_input)
         model = STLLMModel.from_checkpoint(ckpt, device, dtype, qformer_tokenizer=qformer_tokenizer, consume=True)
         config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

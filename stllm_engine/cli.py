@@ -57,12 +57,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "instead of replaying CUDA graphs")
     p.add_argument("--kv-cache-mib", type=int, default=None,
                    help="KV cache size in MiB (default: on the CPU room for 4 max-length sequences within a "
-                        "quarter of the available memory, at least 256; on a GPU the free memory less 8 GiB)")
+                        "quarter of the available memory, at least 256; on a GPU the free memory less 8 GiB, at least "
+                        "half of it, at most 4 x --max-num-seqs max-length sequences)")
     p.add_argument("--max-length", type=int, default=None,
                    help="prompt + new tokens cap (default: the release's 2000, bounded by the model's positions); "
                         "a longer prompt is cut from the left, video tokens first, as the release cuts it")
     p.add_argument("--no-warmup", action="store_true",
-                   help="skip the warm-up requests at load (answer: on CUDA; serve: always), so the first "
+                   help="skip the warm-up requests at load (answer, run-batch: on CUDA; serve: always), so the first "
                         "request pays the Triton compiles and library set-up instead")
 
 

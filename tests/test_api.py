@@ -182,6 +182,19 @@ def test_keep_mask_even_and_random(L, ratio):
         keep_mask(L, 0.5, "middle")
 
 
+def test_from_pretrained_selects_the_mean_input(folder, video):
+    """``video_input="mean"`` (the paper's baseline, no checkpoint of its own) on an ``all``
+    folder: the reference's mean answer, 32 video tokens."""
+    mean = STLLM.from_pretrained(folder, dtype="float32", video_input="mean")
+    assert mean.engine.model.config.video_input == "mean"
+    ref = ReferenceSTLLM.from_pretrained(folder, video_input="mean")
+    assert mean.answer(video, Q, max_new_tokens=8) == ref.answer(video, Q, max_new_tokens=8)
+    assert mean.last_output.num_prompt_tokens == ref.config.qformer.num_query_tokens + len(
+        mean.engine.prompt_ids(Q))
+    with pytest.raises(ValueError, match="video_input"):
+        STLLM.from_pretrained(folder, video_input="median")
+
+
 def test_keep_ratio_changes_the_video_tokens(llm, video):
     base = llm.generate([(video, Q)], llm.params(max_new_tokens=4))[0]
     outs = llm.generate([{"video": video, "question": Q, "keep_ratio": 0.5},
