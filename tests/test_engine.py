@@ -363,6 +363,72 @@ def test_beam_requests_that_fit_alone_finish_together(eva_all, video, prefix_cac
     assert_clean(eng)
 
 
+def _drive(eng, after: dict | None = None) -> dict:
+    """Step until idle; {request_id: (step it finished, output)}. ``after``: {step: fn(eng)}."""
+    done, step = {}, 0
+    while eng.has_unfinished_requests():
+        if after and step in after:
+            after[step](eng)
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = (step, o)
+        step += 1
+        assert step < 5000
+    return done
+
+
+def test_beam_requests_leave_no_sequences_behind(eva_all, video):
+    """An aborted search, one that ran out of blocks and a finished one leave no entry in the
+    engine's sequence map (pruned beams pinned dead requests and their video tokens)."""
+    f, _ = eva_all
+    eng = make_engine(f)
+    rid = eng.add_request(video, Q, SamplingParams(max_new_tokens=12, num_beams=3, min_new_tokens=12))
+    _drive(eng, {6: lambda e: e.abort(rid)})
+    run(eng, [(video, Q, SamplingParams(max_new_tokens=6, num_beams=3), {})])
+    P = run(make_engine(f), [(video, Q, SamplingParams(max_new_tokens=1), {})])[0].num_prompt_tokens
+    tight = make_engine(f, num_kv_blocks=-(-P // 8) + 1, enable_prefix_caching=False)
+    (out,) = run(tight, [(video, Q, SamplingParams(max_new_tokens=4, num_beams=3), {})])
+    assert "ran out of KV blocks" in out.error
+    for e in (eng, tight):
+        assert e._by_seq == {}
+        assert_clean(e)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_higher_priority_request_preempts_a_beam_search(eva_all, video, num_beams):
+    """A priority -5 request arriving while a priority 5 request runs (greedy or a beam search,
+    which runs outside the scheduler) in a pool without room for both runs at once; both give
+    their alone results."""
+    f, _ = eva_all
+    lo_req = (video, "a?", SamplingParams(max_new_tokens=12, num_beams=num_beams), {"priority": 5})
+    hi_req = (video, Q, SamplingParams(max_new_tokens=3), {"priority": -5})
+    alone = [run(make_engine(f), [r])[0] for r in (lo_req, hi_req)]
+    blocks = -(-alone[0].num_prompt_tokens // 8) + 5  # the low request and its beams, not a second prompt
+    eng = make_engine(f, num_kv_blocks=blocks, enable_prefix_caching=False)
+    ids = {}
+    ids["lo"] = eng.add_request(*lo_req[:3], **lo_req[3])
+    done = _drive(eng, {3: lambda e: ids.setdefault("hi", e.add_request(*hi_req[:3], **hi_req[3]))})
+    (lo_step, lo), (hi_step, hi) = done[ids["lo"]], done[ids["hi"]]
+    assert hi_step < lo_step and hi.num_preemptions == 0
+    assert [lo.token_ids, hi.token_ids] == [a.token_ids for a in alone]
+    assert_clean(eng)
+
+
+def test_a_lower_priority_beam_search_does_not_preempt_a_higher_one(eva_all, video):
+    f, _ = eva_all
+    lo_req = (video, "a?", SamplingParams(max_new_tokens=12, num_beams=3), {"priority": 5})
+    hi_req = (video, Q, SamplingParams(max_new_tokens=12), {"priority": -5})
+    alone = [run(make_engine(f), [r])[0] for r in (lo_req, hi_req)]
+    for blocks in (28, 31, 33):
+        eng = make_engine(f, num_kv_blocks=blocks, enable_prefix_caching=False)
+        ids = {"lo": eng.add_request(*lo_req[:3], **lo_req[3])}
+        done = _drive(eng, {2: lambda e: ids.setdefault("hi", e.add_request(*hi_req[:3], **hi_req[3]))})
+        (_, lo), (_, hi) = done[ids["lo"]], done[ids["hi"]]
+        assert hi.num_preemptions == 0, blocks
+        assert [lo.token_ids, hi.token_ids] == [a.token_ids for a in alone]
+        assert_clean(eng)
+
+
 def test_new_video_decodes_in_the_background(eva_all, video, tmp_path, monkeypatch):
     """add_request returns while a new video decodes; running requests keep producing tokens in
     the meantime; the new one joins once its frames are ready, with the same result as alone; a

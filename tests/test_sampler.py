@@ -278,3 +278,28 @@ def test_eos_and_stop_token_ids(tokenizer):
     assert chk.update() is None
     s.append_token(eos)
     assert chk.update() == "length"
+
+
+@pytest.mark.parametrize("stop", [[], ["zz"]])
+def test_deltas_join_to_the_text_when_a_byte_run_turns_invalid(tmp_path_factory, stop):
+    """The LLaMA tokenizer's byte-fallback tokens decode together: "j", "&", "&" stream as text
+    until a stray continuation byte (0xA6) makes the run invalid UTF-8 and every byte of it
+    becomes U+FFFD. The run's text is held back until it is followed by a normal token (or the
+    end), so the streamed deltas join to exactly the final text."""
+    from stllm_engine.testing.tokenizers import write_llama_tokenizer
+    from stllm_engine.tokenizers import load_llama_tokenizer
+
+    tok = load_llama_tokenizer(write_llama_tokenizer(tmp_path_factory.mktemp("tok")))
+    bytes_ = tok.convert_tokens_to_ids(["<0x6A>", "<0x26>", "<0x26>", "<0xA6>"])
+    word = tok("hello", add_special_tokens=False).input_ids
+    for outs in (bytes_ + [tok.eos_token_id], bytes_ + word + bytes_[:2] + word):
+        s = seq(stop=stop, stop_token_ids=[], max_new_tokens=len(outs), repetition_penalty=1.0)
+        chk = StopChecker(tok, s, tok.eos_token_id)
+        pieces = []
+        for t in outs:
+            s.append_token(t)
+            reason = chk.update()
+            pieces.append(chk.delta(reason is not None))
+            if reason:
+                break
+        assert "".join(pieces) == chk.text and "\ufffd" in chk.text

@@ -306,14 +306,7 @@ def test_malformed_http_gets_an_error_status(server, data, status):
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_leaving_aborts_its_request(server, files, expected, monkeypatch, stream):
     eng = server.llm.engine
-    aborted: list[bool] = []
-    real_abort = eng.abort
-
-    def recording_abort(rid):
-        aborted.append(real_abort(rid))
-        return aborted[-1]
-
-    monkeypatch.setattr(eng, "abort", recording_abort)
+    aborted = _recording_abort(eng, monkeypatch)
     long = 1500  # far more than can finish before the hang-up is noticed
     body = json.dumps({"video": str(files[1][0]), "question": QUESTION, "stream": stream,
                        "params": {"max_new_tokens": long, "min_new_tokens": long, "stop": ["@@@@"]}}).encode()

@@ -59,12 +59,15 @@ class BeamRequests:
             self.block_manager.publish(s)
         self._beam_consume(req, logits, outs)
 
+    def _forget_beams(self, req: Request) -> None:
+        """Drop every beam of ``req`` from ``_by_seq`` but its root (pruned beams included)."""
+        for sid in [k for k, v in self._by_seq.items() if v is req and k != req.seq.seq_id]:
+            del self._by_seq[sid]
+
     def _requeue_beams(self, req: Request) -> None:
         """Preempt a beam request by recompute: free every beam and queue its prompt again."""
         root = req.seq
-        for s in req.beams.sequences:
-            if s is not root:
-                self._by_seq.pop(s.seq_id, None)
+        self._forget_beams(req)
         req.beams.release()
         req.beams = None
         self.block_manager.free(root)  # a pruned root was freed already: a no-op then
@@ -74,22 +77,39 @@ class BeamRequests:
         self.scheduler.requeue(root)
 
     def _make_beam_room(self, req: Request) -> bool:
-        """Free one block per beam for ``req``'s step (a fork or copy-on-write each): preempt the
-        last scheduled sequences, then the beam requests after ``req`` in scheduling order, last
-        first. False when earlier beam requests hold the rest: ``req`` is requeued instead."""
+        """Free one block per beam for ``req``'s step (a fork or copy-on-write each): preempt what
+        comes after ``req`` in scheduling order (priority, then arrival), last first - scheduled
+        sequences and other beam requests alike. False when only requests before it hold the
+        rest: ``req`` is requeued instead (it fails only when it holds every block itself)."""
+        sch, mine = self.scheduler, order(req.seq)
         while self.block_manager.num_free_blocks < req.params.num_beams:
-            if self.scheduler.preempt_last() is not None:
-                continue
             others = [r for r in self._requests.values() if r.beams is not None and r is not req]
-            later = [r for r in others if order(r.seq) > order(req.seq)]
-            if later:
-                self._requeue_beams(max(later, key=lambda r: order(r.seq)))
-            elif others:
+            last_seq = max(sch.running, key=order) if sch.running else None
+            last_beams = max(others, key=lambda r: order(r.seq)) if others else None
+            seq_key = order(last_seq) if last_seq is not None else None
+            beam_key = order(last_beams.seq) if last_beams is not None else None
+            if seq_key is not None and seq_key > mine and (beam_key is None or seq_key > beam_key):
+                sch.preempt_last()
+            elif beam_key is not None and beam_key > mine:
+                self._requeue_beams(last_beams)
+            elif sch.running or others:
                 self._requeue_beams(req)
                 return False
             else:
                 break  # it holds every block itself: g.step fails if it runs out
         return True
+
+    def _beams_yield_to_priority(self) -> None:
+        """Before scheduling: while the waiting head has no blocks and a beam request of a lower
+        priority (a larger value) runs outside the scheduler, requeue the lowest such one (as
+        the scheduler preempts its own lower-priority sequences for the head)."""
+        sch = self.scheduler
+        while sch.waiting and not self.block_manager.can_allocate(sch.waiting[0]):
+            head = sch.waiting[0]
+            lower = [r for r in self._requests.values() if r.beams is not None and r.seq.priority > head.priority]
+            if not lower:
+                return
+            self._requeue_beams(max(lower, key=lambda r: order(r.seq)))
 
     def _beam_consume(self, req: Request, logits: torch.Tensor, outs: list) -> None:
         if not self._make_beam_room(req):
@@ -115,7 +135,7 @@ class BeamRequests:
             req.finish_reason = "stop" if ended or len(req.token_ids) < g.max_len else "length"
             req.beams = None
             req.final_text = text
-            for sid in [k for k, v in self._by_seq.items() if v is req]:
-                del self._by_seq[sid]
+            self._forget_beams(req)
+            self._by_seq.pop(req.seq.seq_id, None)
             outs.append(self._output(req, text))
             self._requests.pop(req.request_id, None)

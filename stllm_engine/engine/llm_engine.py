@@ -328,10 +328,10 @@ class LLMEngine(BeamRequests):
 
     def _release(self, req: Request) -> None:
         if req.beams is not None:
-            for s in req.beams.sequences:
-                self._by_seq.pop(s.seq_id, None)
             req.beams.release()
             req.beams = None
+        if req.seq is not None and req.seq.params.num_beams > 1:
+            self._forget_beams(req)  # live and pruned beams (a failed or aborted search too)
         if req.seq is not None:
             if not req.seq.is_finished:
                 if self.scheduler.abort(req.seq.seq_id) is None and req.seq.block_table:
@@ -373,6 +373,7 @@ class LLMEngine(BeamRequests):
         for req in [r for r in self._requests.values() if r.beams is not None]:
             if req.beams is not None:  # not requeued by an earlier beam request's step
                 self._beam_step(req, outs)
+        self._beams_yield_to_priority()
         batch = self.scheduler.schedule()
         if batch:
             self.runner.copy_blocks(batch.copies)

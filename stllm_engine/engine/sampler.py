@@ -146,8 +146,10 @@ class StopChecker:
     """Detokenizes a sequence's outputs incrementally and decides when it ends.
 
     ``text`` is the answer so far without any stop string; ``delta()`` returns text not yet
-    streamed, holding back a tail that could still become a stop string or an incomplete UTF-8
-    character.
+    streamed, holding back a tail that could still become a stop string or change: the text of a
+    trailing run of byte-fallback tokens ("<0xNN>"), which the decoder turns into U+FFFD all
+    together once a byte makes the run invalid UTF-8 (so streamed deltas always join to the final
+    text).
     """
 
     def __init__(self, tokenizer, seq: Sequence, eos_token_id: int | None,
@@ -159,19 +161,41 @@ class StopChecker:
         self.text = ""
         self.stop_string: str | None = None  # the stop string that ended the answer
         self._full = ""
+        self._stable = 0  # length of the text before the trailing byte-token run (it cannot change)
         self._streamed = 0
         self._hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        self._byte_ids: dict[int, bool] = {}
+
+    def _is_byte(self, token_id: int) -> bool:
+        b = self._byte_ids.get(token_id)
+        if b is None:
+            from stllm_engine.tokenizers import fallback_byte
+
+            t = self.tokenizer
+            lookup = getattr(t, "convert_ids_to_tokens", None) or getattr(t, "id_to_token", None)
+            tok = lookup(int(token_id)) if lookup is not None else None
+            b = self._byte_ids[token_id] = fallback_byte(tok) is not None
+        return b
+
+    def _stable_length(self, out: list[int]) -> int:
+        n = len(out)
+        while n and self._is_byte(out[n - 1]):
+            n -= 1
+        if n == len(out):
+            return len(self._full)
+        return len(self.tokenizer.decode(out[:n], skip_special_tokens=True)) if n else 0
 
     def update(self) -> str | None:
         """Call after a token was appended; returns a finish reason or None."""
         seq, p = self.seq, self.seq.params
         out = seq.output_token_ids
-        prev_len = len(self._full)
+        prev_stable = self._stable
         self._full = self.tokenizer.decode(out, skip_special_tokens=True) if self.tokenizer else ""
+        self._stable = min(self._stable_length(out), len(self._full)) if self.tokenizer else 0
         self.text = self._full
         may_stop = len(out) >= p.min_new_tokens
         if may_stop and p.stop:
-            start = max(0, min(prev_len, len(self._full)) - self._hold)
+            start = max(0, min(prev_stable, len(self._full)) - self._hold)
             hits = [(i, s) for i, s in ((self._full.find(s, start), s) for s in p.stop) if i >= 0]
             if hits:
                 i, self.stop_string = min(hits)
@@ -188,7 +212,7 @@ class StopChecker:
         return None
 
     def delta(self, finished: bool) -> str:
-        end = len(self.text) if finished else max(self._streamed, len(self.text) - self._hold)
+        end = len(self.text) if finished else max(self._streamed, min(len(self.text) - self._hold, self._stable))
         if not finished:
             while end > self._streamed and self.text[end - 1] == "\ufffd":
                 end -= 1
