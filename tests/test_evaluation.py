@@ -75,9 +75,21 @@ def release_layout(tmp_path_factory):
     ("(A) left", "(A) left", True), ("(a) LEFT", "(A) left", True), ("A", "(A) left", True),
     ("B.", "(B) slows down", True), ("(B) left", "(A) left", False), ("", "(A) left", False),
     ("   ", "(A) x", False), (" (C) z", "(C) z", True), ("(D) up", "(C) up", False),
+    ("(", "(A) x", False), ("(", "(C) z", False), ("( )", "(A) x", False), ("(.", "(B) y", False),
 ])
 def test_check_answer(pred, gt, ok):
     assert check_answer(pred, gt) is ok
+
+
+def test_a_repeated_option_gets_the_release_letter():
+    """The release's qa_template keeps the last matching index: the runner's ground truth agrees
+    with prompts.mvbench_gt."""
+    from stllm_engine.evaluation.mvbench_data import MVBenchItem
+    from stllm_engine.prompts import mvbench_gt
+
+    fields = {f: None for f in MVBenchItem.__dataclass_fields__}
+    item = MVBenchItem(**dict(fields, question="q", candidates=["a", "b", "a"], answer="a"))
+    assert item.gt == mvbench_gt(item.candidates, item.answer) == "(C) a"
 
 
 def test_format_question():

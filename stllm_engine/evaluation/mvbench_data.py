@@ -59,7 +59,9 @@ class MVBenchItem:
 
     @property
     def answer_letter(self) -> str:
-        return chr(ord("A") + self.candidates.index(self.answer))
+        """The answer's option letter: its last position among the candidates, as the release's
+        ``qa_template`` (and :func:`~stllm_engine.prompts.mvbench_gt`) picks a repeated option."""
+        return chr(ord("A") + len(self.candidates) - 1 - self.candidates[::-1].index(self.answer))
 
     @property
     def gt(self) -> str:
@@ -75,11 +77,13 @@ def format_question(question: str, candidates: list[str]) -> str:
 def check_answer(pred: str, gt: str) -> bool:
     """The release's option-letter check (:func:`stllm_engine.prompts.check_answer`).
 
-    Unlike the release, where an empty first word is "contained" in every option, a blank
-    prediction is wrong; leading spaces are stripped.
+    Unlike the release, where an empty first word is "contained" in every option, a prediction
+    whose first word names no option - blank, or only the ``"("`` the MVBench answer is primed
+    with (the model said nothing, or "###" first) - is wrong; leading spaces are stripped.
     """
     pred = pred.strip()
-    return bool(pred) and release_check_answer(pred, gt)
+    first = pred.split()[0] if pred else ""
+    return any(ch.isalnum() for ch in first) and release_check_answer(pred, gt)
 
 
 def resolve_split(data_dir: str | Path, split: str) -> Path:
