@@ -218,6 +218,12 @@ def feed(tokenizer, text, **params):
     ids = tokenizer.encode(text).ids
     s = seq(**params)
     chk = StopChecker(tokenizer, s, eos_token_id=tokenizer.token_to_id("</s>"))
+    reason, pieces = step_through(s, chk, ids)
+    return s, chk, reason, pieces, ids
+
+
+def step_through(s, chk, ids) -> tuple[str | None, list[str]]:
+    """Append ``ids`` one by one, checking and streaming after each: (finish reason, deltas)."""
     pieces, reason = [], None
     for t in ids:
         s.append_token(t)
@@ -225,7 +231,7 @@ def feed(tokenizer, text, **params):
         pieces.append(chk.delta(reason is not None))
         if reason:
             break
-    return s, chk, reason, pieces, ids
+    return reason, pieces
 
 
 @pytest.mark.parametrize("text,answer", [
@@ -295,11 +301,5 @@ def test_deltas_join_to_the_text_when_a_byte_run_turns_invalid(tmp_path_factory,
     for outs in (bytes_ + [tok.eos_token_id], bytes_ + word + bytes_[:2] + word):
         s = seq(stop=stop, stop_token_ids=[], max_new_tokens=len(outs), repetition_penalty=1.0)
         chk = StopChecker(tok, s, tok.eos_token_id)
-        pieces = []
-        for t in outs:
-            s.append_token(t)
-            reason = chk.update()
-            pieces.append(chk.delta(reason is not None))
-            if reason:
-                break
+        _, pieces = step_through(s, chk, outs)
         assert "".join(pieces) == chk.text and "\ufffd" in chk.text
