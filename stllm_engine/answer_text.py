@@ -5,7 +5,7 @@ from __future__ import annotations
 from stllm_engine.api import STLLM
 from stllm_engine.outputs import RequestOutput
 from stllm_engine.prompts import SEP, release_answer
-from stllm_engine.tokenizers import fallback_byte, piece_text
+from stllm_engine.tokenizers import ByteTokenIds, piece_text
 
 
 class AnswerText:
@@ -27,21 +27,15 @@ class AnswerText:
         self.tokenizer = tokenizer
         self.hold = max((len(s) - 1 for s in stop if s != SEP), default=0)  # "###" is in HOLD
         self.sent = ""
-        self._byte_token: dict[int, bool] = {}
+        self._bytes = ByteTokenIds(tokenizer)
 
     def text(self, ids: list[int], stop_reason: str | None = None) -> str:
         return release_answer(self.tokenizer, ids, stop_reason)
 
-    def _is_byte(self, i: int) -> bool:
-        if i not in self._byte_token:
-            self._byte_token[i] = fallback_byte(self.tokenizer.convert_ids_to_tokens(i)) is not None
-        return self._byte_token[i]
-
     def piece(self, ids: list[int], final: bool = False, stop_reason: str | None = None) -> str:
         ids = list(ids)
         if not final:
-            while ids and self._is_byte(ids[-1]):
-                ids.pop()
+            ids = ids[:self._bytes.stable_prefix(ids)]
         cur = self.text(ids, stop_reason if final else None)
         if not final:
             cur = cur.rstrip(self.HOLD)

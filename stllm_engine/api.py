@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from stllm_engine.engine.llm_engine import EngineConfig, LLMEngine
-from stllm_engine.outputs import RequestFailedError, RequestOutput
+from stllm_engine.outputs import RequestFailedError, RequestOutput, error_text
 from stllm_engine.prompts import (MVBENCH_SYSTEM, SEP, chat_turns_prompt, decode_output, mvbench_postprocess,
                                   release_answer)
 from stllm_engine.sampling_params import SamplingParams
@@ -297,9 +297,8 @@ class ChatSession:
             ids = [self.llm.tokenizer.eos_token_id] + list(
                 self.llm.tokenizer(self.prompt_text(question), add_special_tokens=False).input_ids)
         except Exception as e:  # noqa: BLE001
-            msg = str(e) if isinstance(e, (ValueError, TypeError)) else f"{type(e).__name__}: {e}"
             raise RequestFailedError(RequestOutput(f"chat-turn-{len(self.history)}", finished=True,
-                                                   finish_reason="error", error=msg, exception=e)) from e
+                                                   finish_reason="error", error=error_text(e), exception=e)) from e
         rid = eng.add_prepared(self._prepared.tokens, self._prepared.key, ids, params)
         out = self.llm._run_until_done([rid])[rid]
         self.outputs.append(out)

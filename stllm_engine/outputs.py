@@ -17,6 +17,12 @@ class ModelStepError(RuntimeError):
         self.__cause__ = cause
 
 
+def error_text(e: BaseException) -> str:
+    """A failed request's ``error``: the message of a bad input (ValueError / TypeError) or of a
+    :class:`ModelStepError` as is, else prefixed with the exception's type."""
+    return str(e) if isinstance(e, (ValueError, TypeError, ModelStepError)) else f"{type(e).__name__}: {e}"
+
+
 @dataclass
 class RequestTimings:
     """Seconds spent per stage of one request (0 when a stage did not run, e.g. a cache hit).

@@ -239,11 +239,7 @@ class Server:
             chat = parse_chat_request(self.llm, req, self.served_model)
             fmt = ChatFormat(self.llm, self.served_model, chat.include_usage)
             if chat.n > 1:
-                watch = HangupWatch(reader)
-                try:
-                    await self._choices(watch, writer, chat, fmt)
-                finally:
-                    watch.close()
+                await self._choices(reader, writer, chat, fmt)
             else:
                 await self._answer(reader, writer, chat.video, chat.question, chat.params, chat.options,
                                    chat.stream, fmt=fmt)
@@ -282,13 +278,14 @@ class Server:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _choices(self, watch: HangupWatch, writer, chat, fmt) -> None:
+    async def _choices(self, reader, writer, chat, fmt) -> None:
         """``n`` answers to one chat request, in one body or one stream. The first choice runs
         alone until its prompt is prefilled (its first output), so the others find the prompt's KV
         blocks in the prefix cache instead of prefilling it again beside it."""
         rid = f"http-{uuid.uuid4().hex[:16]}"
         params = chat.choice_params()
         streams = [self.engine.generate(chat.video, chat.question, params[0], request_id=f"{rid}-0", **chat.options)]
+        watch = HangupWatch(reader)
         try:
             first = await watch.result(streams[0].__anext__())
             self._check(first)
@@ -303,6 +300,7 @@ class Server:
                 self._check(out)
             await self._send(writer, 200, fmt.results(outs))
         finally:
+            watch.close()
             for s in streams:
                 await s.aclose()  # aborts the requests still running
 

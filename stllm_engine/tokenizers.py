@@ -118,6 +118,29 @@ def fallback_byte(tok) -> int | None:
     return None
 
 
+class ByteTokenIds:
+    """Which token ids are byte-fallback pieces (looked up once per id), for a transformers
+    tokenizer or a raw ``tokenizers.Tokenizer``. The decoder joins a run of them, and a later
+    byte can turn the whole run into U+FFFD, so text decoded from a trailing run may still change."""
+
+    def __init__(self, tokenizer) -> None:
+        self._piece = getattr(tokenizer, "convert_ids_to_tokens", None) or tokenizer.id_to_token
+        self._known: dict[int, bool] = {}
+
+    def __call__(self, token_id: int) -> bool:
+        b = self._known.get(token_id)
+        if b is None:
+            b = self._known[token_id] = fallback_byte(self._piece(int(token_id))) is not None
+        return b
+
+    def stable_prefix(self, ids: list[int]) -> int:
+        """How many of ``ids`` come before their trailing run of byte tokens."""
+        n = len(ids)
+        while n and self(ids[n - 1]):
+            n -= 1
+        return n
+
+
 def piece_text(tok) -> tuple[str, list[int]]:
     """(text, UTF-8 bytes) of one vocabulary piece as it reads inside a text: SentencePiece's "▁"
     is a space, a byte-fallback piece "<0xNN>" is that byte (its text "" unless ASCII); not a

@@ -104,10 +104,10 @@ class BeamRequests:
         priority (a larger value) runs outside the scheduler, requeue the lowest such one (as
         the scheduler preempts its own lower-priority sequences for the head)."""
         sch = self.scheduler
-        while sch.waiting and not self.block_manager.can_allocate(sch.waiting[0]):
+        while sch.waiting:
             head = sch.waiting[0]
             lower = [r for r in self._requests.values() if r.beams is not None and r.seq.priority > head.priority]
-            if not lower:
+            if not lower or self.block_manager.can_allocate(head):  # (the cheap test first: every step)
                 return
             self._requeue_beams(max(lower, key=lambda r: order(r.seq)))
 

@@ -33,7 +33,7 @@ from stllm_engine.engine.video_prep import (PreparedVideo, check_prepare_args, d
 from stllm_engine.engine.metrics import EngineMetrics
 from stllm_engine.engine.vision_cache import VisionCache
 from stllm_engine.engine.warmup import warm_up
-from stllm_engine.outputs import Logprob, ModelStepError, RequestOutput
+from stllm_engine.outputs import Logprob, ModelStepError, RequestOutput, error_text
 from stllm_engine.prompts import MVBENCH_SYSTEM, chat_turns_prompt, mvbench_prompt_segments, mvbench_question
 from stllm_engine.sampling_params import SamplingParams
 
@@ -287,7 +287,7 @@ class LLMEngine(BeamRequests):
         self._by_seq[seq.seq_id] = req
 
     def _fail(self, req: Request, e: BaseException) -> None:
-        req.error = str(e) if isinstance(e, (ValueError, TypeError, ModelStepError)) else f"{type(e).__name__}: {e}"
+        req.error = error_text(e)
         req.exception = e.with_traceback(None)  # kept with the output: no frames (activations) pinned
         req.finish_reason = "error"
         self._release(req)

@@ -15,6 +15,7 @@ import torch
 
 from stllm_engine.engine.guided import bias_rows, mask_rows
 from stllm_engine.engine.sequence import Sequence
+from stllm_engine.tokenizers import ByteTokenIds
 
 
 def seen_token_ids(seq: Sequence) -> list[int]:
@@ -164,23 +165,10 @@ class StopChecker:
         self._stable = 0  # length of the text before the trailing byte-token run (it cannot change)
         self._streamed = 0
         self._hold = max((len(s) for s in seq.params.stop), default=1) - 1
-        self._byte_ids: dict[int, bool] = {}
-
-    def _is_byte(self, token_id: int) -> bool:
-        b = self._byte_ids.get(token_id)
-        if b is None:
-            from stllm_engine.tokenizers import fallback_byte
-
-            t = self.tokenizer
-            lookup = getattr(t, "convert_ids_to_tokens", None) or getattr(t, "id_to_token", None)
-            tok = lookup(int(token_id)) if lookup is not None else None
-            b = self._byte_ids[token_id] = fallback_byte(tok) is not None
-        return b
+        self._bytes = ByteTokenIds(tokenizer) if tokenizer else None
 
     def _stable_length(self, out: list[int]) -> int:
-        n = len(out)
-        while n and self._is_byte(out[n - 1]):
-            n -= 1
+        n = self._bytes.stable_prefix(out)
         if n == len(out):
             return len(self._full)
         return len(self.tokenizer.decode(out[:n], skip_special_tokens=True)) if n else 0
