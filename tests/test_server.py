@@ -423,13 +423,13 @@ def test_drain_does_not_wait_for_idle_connections(files):
         await asyncio.sleep(0.2)
         assert server.in_flight == 0
         t0 = time.monotonic()
-        cut = await server.drain(10.0)
+        cut = await server.drain(60.0)
         elapsed = time.monotonic() - t0
         idle_writer.close()
         await server.close()
         return cut, elapsed
     cut, elapsed = asyncio.run(main())
-    assert cut == 0 and elapsed < 2.0
+    assert cut == 0 and elapsed < 10.0  # not the 60 s the idle connection held it for
 
 
 def test_a_failing_model_step_is_500(server, files, monkeypatch):
