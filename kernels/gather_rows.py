@@ -97,7 +97,16 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
-        return scatter_rows_fwd(grad, index, ctx.num_rows), None
+        return gather_rows_grad(grad, index, ctx.num_rows), None
+
+
+def gather_rows_grad(grad: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The gradient of ``x`` in ``gather_rows(x, index)``: ``grad`` [N, D] summed into rows
+    [num_rows, D] (``index_add``: a repeated index sums its rows, which the scatter kernel does
+    not; out-of-range indices were gathered as zeros and get no gradient)."""
+    ok = (index >= 0) & (index < num_rows)  # (no boolean indexing: that would wait for the GPU)
+    rows = torch.where(ok[:, None], grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    return grad.new_zeros(num_rows, grad.shape[1]).index_add_(0, torch.where(ok, index, 0), rows)
 
 
 class _ScatterRows(torch.autograd.Function):

@@ -55,7 +55,7 @@ def check_query_cache(op: str, rows: str, q: torch.Tensor, k_cache: torch.Tensor
     check(q.dim() == 3, f"{op}: q must be [{rows}, Hq, d], got {tuple(q.shape)}")
     Hq, d, Hk = q.shape[1], q.shape[2], k_cache.shape[2]
     check(k_cache.shape[3] == d, f"{op}: head dim of q ({d}) and cache ({k_cache.shape[3]}) differ")
-    check(Hq % Hk == 0, f"{op}: Hq={Hq} is not a multiple of Hk={Hk}")
+    check(Hk > 0 and Hq % Hk == 0, f"{op}: Hq={Hq} is not a multiple of Hk={Hk}")
     check(q.dtype == k_cache.dtype == v_cache.dtype,
           f"{op}: dtypes differ: q {q.dtype}, cache {k_cache.dtype}/{v_cache.dtype}")
     check_float("q", q)

@@ -110,7 +110,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     check_query_cache("paged_prefill_attention", "N", q, k_cache, v_cache)
     N, Hq, d = q.shape
     Hk = k_cache.shape[2]
-    check(cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.dim() == 1 and cu_seqlens_q.numel() >= 2,
+    check(cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.dim() == 1 and cu_seqlens_q.numel() >= 1,
           f"paged_prefill_attention: cu_seqlens_q must be int32 [B+1], "
           f"got {cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}")
     B = cu_seqlens_q.numel() - 1
@@ -127,9 +127,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
     cu_q, context_lens = cu_seqlens_q.contiguous(), context_lens.contiguous()
     out = torch.empty_like(q)
+    if B == 0 or N == 0:
+        return out.zero_()
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_q[1:] - cu_q[:-1]).max().item())
-    if N == 0 or max_seqlen_q <= 0:
+    if max_seqlen_q <= 0:
         return out.zero_()
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     cfg = prefill_config(d, q.dtype)

@@ -1,6 +1,7 @@
 """Pure-torch twins of every Triton kernel in this package (same signatures, plain torch).
 
-Used by the kernel tests and as the CPU fallback of ``stllm_engine.ops``. Attention twins compute
+Used by the kernel tests as the oracle (the CPU paths of ``stllm_engine.ops`` are the C++ core,
+torch SDPA and ``stllm_engine.ops.elementwise``, not these). Attention twins compute
 in float32 by default (``upcast=True``) and return the input dtype; ``upcast=False`` keeps the math
 in the input dtype (the "torch in the same dtype" baseline of flash-attention's tolerance rule).
 Rows with no visible key (causal with qlen > klen, or an empty context) produce zeros, as flash-attn.

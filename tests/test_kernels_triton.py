@@ -56,6 +56,33 @@ def test_gather_scatter_autograd_matches_indexing(dtype):
     assert torch.equal(src.grad, g2[index])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_backward_sums_the_rows_of_a_repeated_index(dtype):
+    """Row 1 gathered twice gets both gradients (the scatter kernel would keep one), and an
+    out-of-range index (gathered as zeros) gives none."""
+    x = randn(4, 3, dtype=dtype, seed=10).requires_grad_()
+    index = torch.tensor([1, 1, 2, 9, 1], dtype=torch.int64)
+    g = randn(5, 3, dtype=dtype, seed=11)
+    gather_rows(x, index).backward(g)
+    want = torch.zeros(4, 3, dtype=torch.float32)
+    for i, r in enumerate(index.tolist()):
+        if r < 4:
+            want[r] += g[i].float()
+    torch.testing.assert_close(x.grad.float(), want, rtol=1e-3, atol=1e-3)
+
+
+def test_the_compiled_gather_op_backward_sums_repeated_rows():
+    """torch.ops.stllm.gather_rows (the op torch.compile traces) has the same backward."""
+    import stllm_engine.ops.library  # noqa: F401 - registers torch.ops.stllm
+
+    x = randn(4, 3, seed=12).requires_grad_()
+    index = torch.tensor([0, 3, 3, 3], dtype=torch.int64)
+    g = randn(4, 3, seed=13)
+    torch.ops.stllm.gather_rows(x, index).backward(g)
+    assert torch.allclose(x.grad[3], g[1:].sum(0)) and torch.equal(x.grad[0], g[0])
+    assert torch.all(x.grad[1:3] == 0)
+
+
 def test_gather_rejects_bad_arguments():
     with pytest.raises(ValueError, match="2-D"):
         gather_rows(torch.zeros(2, 3, 4), torch.zeros(1, dtype=torch.int64))

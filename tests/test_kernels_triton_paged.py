@@ -159,6 +159,14 @@ def test_paged_kernels_agree_with_varlen_attention_after_write():
     assert torch.allclose(dec, full[[22, 31]], atol=2e-5)
 
 
+def test_paged_prefill_of_an_empty_batch_is_empty():
+    """B = 0 (cu_seqlens_q [0]) gives an empty output, as the CPU path and the decode kernel do."""
+    k_cache, v_cache, _, _ = paged([5], 2, 16, 8, torch.float32)
+    out = paged_prefill_attention(randn(0, 4, 16), k_cache, v_cache, torch.zeros(0, 1, dtype=torch.int32),
+                                  torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
+    assert out.shape == (0, 4, 16)
+
+
 def test_paged_attention_rejects_bad_arguments():
     k_cache, v_cache, table, lens = paged([5], 2, 16, 8, torch.float32)
     q = randn(1, 4, 16)
@@ -168,6 +176,8 @@ def test_paged_attention_rejects_bad_arguments():
         paged_decode_attention(q, k_cache, v_cache, table, lens.long())
     with pytest.raises(ValueError, match="multiple"):
         paged_decode_attention(randn(1, 3, 16), k_cache, v_cache, table, lens)
+    with pytest.raises(ValueError, match="Hk=0"):  # not a ZeroDivisionError
+        paged_decode_attention(q, k_cache[:, :, :0], v_cache[:, :, :0], table, lens)
     with pytest.raises(ValueError, match="dtypes differ"):
         paged_prefill_attention(q.half(), k_cache, v_cache, table,
                                 torch.tensor([0, 1], dtype=torch.int32), lens)

@@ -147,6 +147,36 @@ def test_paged_errors_name_the_problem():
         ops.paged_prefill_attention(q, k_cache, v_cache, table, torch.tensor([0, 1, 3], dtype=torch.int32), lens)
 
 
+@pytest.mark.parametrize("name,value", [("block_tables", 2 ** 32 + 1), ("block_tables", -2 ** 32),
+                                        ("context_lens", 2 ** 32 + 2), ("cu_seqlens_q", 2 ** 32 + 1)])
+def test_int64_tables_past_int32_are_refused_not_wrapped(name, value):
+    """An int64 block id of 2**32 + 1 cast to int32 would read block 1 (and a length of 2**32 + 2
+    would be 2): refused before the cast."""
+    k_cache, v_cache, table, lens, g = make_cache([20, 5], 2, 16, 8, torch.float32)
+    args = dict(block_tables=table.long(), context_lens=lens.long(), cu_seqlens_q=torch.tensor([0, 1, 2]))
+    args[name] = args[name].clone()
+    args[name][-1 if name != "block_tables" else 0] = value
+    q = torch.randn(2, 4, 16)
+    with pytest.raises(ValueError, match=f"{name} holds {value}, outside int32"):
+        if name == "cu_seqlens_q":
+            ops.paged_prefill_attention(q, k_cache, v_cache, args["block_tables"], args["cu_seqlens_q"],
+                                        args["context_lens"])
+        else:
+            ops.paged_decode_attention(q, k_cache, v_cache, args["block_tables"], args["context_lens"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cu_q,cu_k", [([0, 5, 3, 6], [0, 2, 4, 6]), ([0, 2, 4, 6], [0, 5, 3, 6]),
+                                       ([2, 6], [0, 6]), ([0, 6], [1, 6])])
+def test_varlen_attention_refuses_cu_seqlens_that_go_down_or_start_late(dtype, cu_q, cu_k):
+    """Before: 8 output rows for 6 queries, or a sequence's rows silently zero, or torch's own
+    head-size error; the bf16 (AMX) path already refused these."""
+    q, k, v = (torch.randn(6, 2, 16).to(dtype) for _ in range(3))
+    with pytest.raises(ValueError, match="must start at 0 and must not decrease"):
+        ops.varlen_attention(q, k, v, torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32),
+                             6, 6, causal=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Hk,d,bs,num_blocks,N", [(1, 64, 8, 6, 37), (2, 88, 16, 6, 37), (4, 128, 16, 6, 37),
                                                    (2, 128, 16, 160, 2048)])   # > 1 MiB: threaded

@@ -91,6 +91,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_cpu("varlen_attention", ("k", k), ("v", v))
     scale = _resolve_scale(q, scale)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for name, cu in (("cu_seqlens_q", cq), ("cu_seqlens_k", ck)):
+        check(cu[0] == 0 and all(a <= b for a, b in zip(cu, cu[1:])),
+              f"varlen_attention: {name} must start at 0 and must not decrease, got {cu[:8]}"
+              + (" ..." if len(cu) > 8 else ""))
     check(cq[-1] == q.shape[0] and ck[-1] == k.shape[0],
           f"varlen_attention: cu_seqlens end at {cq[-1]}/{ck[-1]} but q/k have {q.shape[0]}/{k.shape[0]} rows")
     if _amx_applies(q, k, v):
@@ -161,7 +165,17 @@ def _paged_args(op: str, q, k_cache, v_cache, block_tables, context_lens):
               ("context_lens", context_lens))
     qc = q.to(k_cache.dtype)
     qc = qc if qc.stride(-1) == 1 else qc.contiguous()
-    return qc, block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous()
+    return qc, _int32(op, "block_tables", block_tables), _int32(op, "context_lens", context_lens)
+
+
+def _int32(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as int32 contiguous; a wider integer tensor must fit (a cast would wrap a value
+    past int32 onto a valid block id or length)."""
+    if t.dtype != torch.int32 and t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        check(-2 ** 31 <= lo and hi < 2 ** 31, f"{op}: {name} holds {hi if hi >= 2 ** 31 else lo}, "
+              "outside int32 (no block id or length can be that large)")
+    return t.to(torch.int32).contiguous()
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -227,7 +241,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return triton_kernels("paged_prefill").paged_prefill_attention(
             q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, max_seqlen_q=max_seqlen_q)
     qc, bt, cl = _paged_args("paged_prefill_attention", q, k_cache, v_cache, block_tables, context_lens)
-    cu = cu_seqlens_q.to(torch.int32).contiguous()
+    cu = _int32("paged_prefill_attention", "cu_seqlens_q", cu_seqlens_q)
     lens = (cu[1:] - cu[:-1]).tolist()
     at = gather_min_queries(qc.dtype)
     long = [b for b, n in enumerate(lens) if n >= at]

@@ -35,7 +35,8 @@ def _save_index(ctx, inputs, output):
 
 def _gather_backward(ctx, grad):
     (index,) = ctx.saved_tensors
-    return scatter_rows(grad.contiguous(), index, ctx.num_rows), None
+    # a repeated index sums its rows (index_add), which the CUDA scatter kernel does not
+    return grad.new_zeros(ctx.num_rows, grad.shape[1]).index_add_(0, index.to(torch.int64), grad), None
 
 
 def _scatter_backward(ctx, grad):
