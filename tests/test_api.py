@@ -208,6 +208,25 @@ def test_keep_ratio_changes_the_video_tokens(llm, video):
     assert all(o.num_prompt_tokens == base.num_prompt_tokens - 24 for o in outs)
 
 
+def test_async_engine_refuses_a_live_id_without_losing_its_request(llm, video):
+    """A second add_request with a live id replaced the first one's output queue, then removed
+    it: the first stream waited forever. Now the second call fails and the first finishes."""
+    p = SamplingParams(max_new_tokens=6)
+    (want,) = llm.generate([(video, "a?")], p)
+
+    async def main():
+        eng = AsyncLLMEngine(llm.engine)
+        rid = await eng.add_request(video, "a?", p, request_id="job-1")
+        with pytest.raises(ValueError, match="already in use"):
+            await eng.add_request(video, "b?", p, request_id="job-1")
+        outs = [o async for o in eng.stream(rid)]
+        await eng.close()
+        return outs[-1]
+
+    last = asyncio.run(asyncio.wait_for(main(), 60))
+    assert last.finished and last.token_ids == want.token_ids
+
+
 def test_async_engine_streams_concurrent_requests(llm, video):
     p = SamplingParams(max_new_tokens=6)
     want = {q: o.token_ids for q, o in zip(("a?", "b?"), llm.generate([(video, "a?"), (video, "b?")], p))}

@@ -178,6 +178,53 @@ def test_preemption_with_tiny_kv_pool(eva_all, video):
     assert_clean(eng)
 
 
+def test_a_preempted_request_counts_only_its_first_admission_cache_hits(eva_all, video):
+    """With prefix caching on, a preempted request finds its own published blocks again when it
+    comes back; those are recomputed positions, not prompt positions served from the cache (it
+    reported 80 cached tokens for a 68-token prompt)."""
+    f, _ = eva_all
+    reqs = [(video, q, SamplingParams(max_new_tokens=40, ignore_eos=True, stop=[]), {}) for q in ("a?", "b b?")]
+    big = run(make_engine(f), reqs)
+    blocks = sum(-(-o.num_prompt_tokens // 8) for o in big) + 2
+    eng = make_engine(f, num_kv_blocks=blocks)
+    small = run(eng, reqs)
+    assert sum(o.num_preemptions for o in small) > 0 and eng.block_manager.hit_tokens > 0
+    assert [o.token_ids for o in small] == [o.token_ids for o in big]
+    assert [o.num_cached_tokens for o in small] == [0, 0]  # their Q-Former tokens differ: no shared prefix
+    assert eng.metrics.cached_prompt_tokens == 0
+    assert_clean(eng)
+
+
+def test_vision_cache_hits_count_alike_for_files_bytes_and_arrays(eva_all, video):
+    """Three times the same video and question: the ViT runs once whatever the source, and
+    ``hits`` says so (bytes and arrays counted 0 hits, their Q-Former tokens hitting first)."""
+    import numpy as np
+
+    f, _ = eva_all
+    frames = load_video(video, num_frames=4, preprocess=False).frames
+    p = SamplingParams(max_new_tokens=2)
+    for source in (video, open(video, "rb").read(), np.ascontiguousarray(frames)):
+        eng = make_engine(f)
+        outs = [run(eng, [(source, Q, p, {})])[0] for _ in range(3)]
+        assert [o.timings.vision_cache_hit for o in outs] == [False, True, True]
+        s = eng.stats()["vision_cache"]
+        assert (s["hits"], s["misses"], s["token_hits"]) == (2, 1, 2), type(source)
+
+
+def test_generated_ids_skip_an_id_a_caller_chose(eva_all, video):
+    """A caller's own "req-N" made the next generated id collide: ValueError to a caller who
+    passed no id."""
+    f, _ = eva_all
+    eng = make_engine(f)
+    p = SamplingParams(max_new_tokens=2)
+    taken = eng.add_request(video, Q, p, request_id=f"req-{eng._next_id}")
+    other = eng.add_request(video, Q, p)
+    assert other != taken and other.startswith("req-")
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert_clean(eng)
+
+
 def test_prefix_and_vision_cache_hits(eva_all, video):
     f, _ = eva_all
     eng = make_engine(f)

@@ -168,6 +168,21 @@ def test_gif_sampling(tmp_path, segments):
     assert got == mvbench_indices(40, 25.0, segments, None)
 
 
+def test_a_short_gif_keeps_each_sampled_frame_once(tmp_path):
+    """The release's read_gif keeps a GIF frame if its index is sampled, so 16 segments of a
+    10-frame GIF give 9 frames (the sampled indices repeat), not 16."""
+    write_frames(tmp_path / "gifs/g.gif", render_frames(10, size=(64, 48), seed=5), fps=25)
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json/g.json").write_text(json.dumps(
+        [{"video": "g.gif", "question": "q", "candidates": ["a", "b"], "answer": "a"}]))
+    (tmp_path / "tasks.json").write_text(json.dumps({"Gif Task": ["g.json", "gifs/", "gif", False]}))
+    item, = load_items(tmp_path)
+    idx = mvbench_indices(10, 25.0, 16, None)
+    assert len(idx) == 16 and len(set(idx)) < 16  # the case: repeats
+    got = [read_frame_index(f) for f in _to_uint8(read_item_frames(item, 16, SIZE))]
+    assert got == sorted(set(idx))
+
+
 def test_bad_data_errors(tmp_path):
     with pytest.raises(MVBenchDataError, match="does not exist"):
         load_task_table(tmp_path / "missing")

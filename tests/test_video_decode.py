@@ -3,6 +3,7 @@
 Each test frame carries its index as a block marker (stllm_engine.testing.videos), so the tests
 check *which* frames came back, not just how many.
 """
+import os
 import shutil
 import subprocess
 import sys
@@ -265,6 +266,26 @@ def test_content_hash(media, tmp_path):
     assert len(a.content_hash) == 64
     copy.write_bytes(media["mkv"].read_bytes())  # same path, new content -> new hash
     assert load_video(copy, num_frames=2).content_hash != a.content_hash
+
+
+def test_a_same_size_overwrite_with_the_old_mtime_is_hashed_again(tmp_path):
+    """``cp -p`` / ``rsync -t`` / ``tar x`` write new content and set the old mtime: the memo
+    (path, size, mtime) answered the old content's hash, so the engine answered about the old
+    video. The ctime still moves."""
+    import hashlib
+
+    from stllm_engine.video import sources
+
+    path = tmp_path / "clip.bin"
+    path.write_bytes(b"A" * 4096)
+    st = path.stat()
+    src = sources.resolve_source(path)
+    assert sources.content_hash(src) == hashlib.sha256(b"A" * 4096).hexdigest() == sources.memoised_hash(src)
+    path.write_bytes(b"B" * 4096)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert sources.memoised_hash(src) is None
+    assert sources.content_hash(src) == hashlib.sha256(b"B" * 4096).hexdigest()
 
 
 def test_large_files_hash_on_a_thread_beside_the_decode(media, tmp_path, monkeypatch):

@@ -61,6 +61,8 @@ class AsyncLLMEngine:
         rid = kw.pop("request_id", None)
         if rid is None:
             rid = await asyncio.to_thread(self._call, self.engine._new_id, None)
+        elif rid in self._queues:  # live (or its outputs not yet read): its queue must stay its own
+            raise ValueError(f"request id {rid!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = q
         adding = asyncio.ensure_future(asyncio.to_thread(self._call, self.engine.add_request, video, question,

@@ -127,7 +127,8 @@ class BlockManager:
         seq.block_table = table
         seq.block_hashes = hashes
         seq.num_computed_tokens = hits * bs
-        seq.num_cached_tokens = hits * bs
+        if not seq.num_preemptions:  # a re-admission's hits are mostly its own recomputed positions
+            seq.num_cached_tokens = hits * bs
         self.hit_blocks += hits
         self.hit_tokens += hits * bs
 

@@ -251,8 +251,9 @@ class LLMEngine(BeamRequests):
             req, video_tokens, video_key, list(prompt_token_ids), video_start))
 
     def _new_id(self, request_id: str | None) -> str:
-        if request_id is None:
-            request_id = f"req-{self._next_id}"
+        generated = False
+        while request_id is None or (generated and request_id in self._requests):
+            request_id, generated = f"req-{self._next_id}", True  # skips a caller's own "req-N"
             self._next_id += 1
         request_id = str(request_id)
         if request_id in self._requests:

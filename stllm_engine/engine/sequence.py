@@ -61,7 +61,7 @@ class Sequence:
         self.arrival = self.seq_id  # the scheduler's arrival number, set when it is added
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
-        self.num_cached_tokens = 0  # prompt positions served from the prefix cache at admission
+        self.num_cached_tokens = 0  # prompt positions served from the prefix cache at first admission
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hashes of the leading full blocks already published
         self.status = SequenceStatus.WAITING

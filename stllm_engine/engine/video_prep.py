@@ -225,6 +225,8 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
     tokens = cache.get_tokens(memo) if cache is not None else None
     if tokens is None and embeds is None and cache is not None:
         embeds = cache.get(key)
+    elif tokens is not None and embeds is None:
+        cache.count_hit()  # the ViT is skipped all the same (as a file's cached features count)
     hit = embeds is not None or tokens is not None
     if tokens is None and embeds is None:
         embeds = (graphs or model).encode_vision(frames)

@@ -69,6 +69,10 @@ class VisionCache:
         self.hits += 1
         return t
 
+    def count_hit(self) -> None:
+        """Count a request whose ViT the cache spared without :meth:`get` (its Q-Former tokens hit)."""
+        self.hits += 1
+
     def get_tokens(self, key: Hashable) -> torch.Tensor | None:
         """Video tokens stored by :meth:`put_tokens` (counted in token_hits / token_misses)."""
         t = self._entries.get(("tokens", key))

@@ -38,7 +38,9 @@ def _read_gif(item: MVBenchItem, num_segments: int) -> np.ndarray:
         frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)]
     idx = mvbench_indices(len(frames), DEFAULT_FPS["gif"], num_segments, item.bound,
                           source=str(item.video_path))
-    return np.stack([frames[i] for i in idx])
+    # the release's read_gif walks the GIF keeping frames whose index is sampled: each once, so a
+    # GIF shorter than the segments gives fewer frames (videos and frame folders keep repeats)
+    return np.stack([frames[i] for i in sorted(set(idx))])
 
 
 def _read_folder(item: MVBenchItem, num_segments: int) -> np.ndarray:

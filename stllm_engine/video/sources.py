@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,9 @@ from .errors import EmptyVideoError, NotAVideoError, VideoNotFoundError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGE_CONTAINERS = ("jpeg", "png", "bmp", "webp")  # sniffed still-image formats, read through PIL
-_HASH_MEMO: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+_HASH_MEMO: dict[tuple, str] = {}  # _memo_key(file) -> sha256
 _HASH_MEMO_MAX = 4096
+_HASH_MEMO_LOCK = threading.Lock()  # frame-loader and hash threads add entries
 HASH_THREAD_BYTES = 8 << 20  # files this large hash on a thread beside the decode (hash_beside)
 
 
@@ -166,14 +168,17 @@ def _array_source(source) -> Source:
     return Source("array", name, array=np.ascontiguousarray(source))
 
 
-def _memo_key(src: Source) -> tuple[str, int, int]:
+def _memo_key(src: Source) -> tuple:
+    """A file's identity for the hash memo: path, inode, size, mtime and ctime. The ctime changes
+    with every write and cannot be set back, as ``cp -p``, ``rsync -t`` or ``tar x`` set the mtime
+    (a same-size overwrite with the old mtime was answered from the old content)."""
     st = src.path.stat()
-    return str(src.path.resolve()), st.st_size, st.st_mtime_ns
+    return str(src.path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def memoised_hash(src: Source) -> str | None:
     """A file's content hash if :func:`content_hash` has computed it for this path, size and
-    mtime (one ``stat``); None otherwise and for other sources."""
+    times (one ``stat``, :func:`_memo_key`); None otherwise and for other sources."""
     return _HASH_MEMO.get(_memo_key(src)) if src.kind == "file" else None
 
 
@@ -192,7 +197,7 @@ def hash_beside(src: Source) -> Callable[[], str]:
 
 
 def content_hash(src: Source) -> str:
-    """sha256 hex digest of the content: file bytes (memoised per path, size and mtime, so a
+    """sha256 hex digest of the content: file bytes (memoised per path, inode, size and times, so a
     repeat costs one ``stat``), the bytes, every frame file's name and bytes, or an array's dtype,
     shape and bytes. Equal content gives equal hashes whatever the path."""
     h = hashlib.sha256()
@@ -204,9 +209,10 @@ def content_hash(src: Source) -> str:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
         digest = h.hexdigest()
-        if len(_HASH_MEMO) >= _HASH_MEMO_MAX:
-            _HASH_MEMO.pop(next(iter(_HASH_MEMO)))
-        _HASH_MEMO[key] = digest
+        with _HASH_MEMO_LOCK:
+            if len(_HASH_MEMO) >= _HASH_MEMO_MAX:
+                _HASH_MEMO.pop(next(iter(_HASH_MEMO)))
+            _HASH_MEMO[key] = digest
         return digest
     if src.kind == "bytes":
         h.update(src.data)
