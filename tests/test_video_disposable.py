@@ -1,5 +1,6 @@
-"""PyAV reads leave out the disposable H.264 frames that are not wanted (pictures no other picture
-refers to: every slice has nal_ref_idc 0), on real encoded files whose frames carry their index:
+"""PyAV reads leave out the disposable frames that are not wanted (pictures no other picture refers
+to: H.264 slices all with nal_ref_idc 0, HEVC sub-layer non-reference pictures on the top
+sub-layer), on real encoded files (x264, x265) whose frames carry their index:
 which frames are disposable (against FFmpeg's own ``skip_frame=NONREF``), that they are not
 decoded, and that every wanted frame, disposable or not, decodes to the same pixels."""
 import av
@@ -9,7 +10,7 @@ import pytest
 from stllm_engine.testing import videos as tv
 from stllm_engine.video import load_video, uniform_indices
 from stllm_engine.video import pyav_reader
-from stllm_engine.video.pyav_reader import PyAVReader, h264_disposable, h264_nal_length_size
+from stllm_engine.video.pyav_reader import PyAVReader, disposable_test, h264_disposable, hevc_disposable
 from stllm_engine.video.segments import decode_cost
 from stllm_engine.video.sources import resolve_source
 
@@ -39,15 +40,54 @@ def test_h264_disposable_reads_nal_ref_idc(sample, length, want):
     assert h264_disposable(memoryview(sample), length) is want
 
 
-@pytest.mark.parametrize("codec,extradata,want", [
-    ("h264", bytes([1, 0x4D, 0x40, 0x1F, 0xFF, 0xE1, 0x00]), 4),  # avcC, lengthSizeMinusOne 3
-    ("h264", bytes([1, 0x4D, 0x40, 0x1F, 0xFD, 0xE1, 0x00]), 2),
-    ("h264", b"\x00\x00\x00\x01\x67\x4d", None),                  # Annex B: start codes
-    ("h264", b"", None), ("h264", None, None),
-    ("hevc", bytes([1, 0x4D, 0x40, 0x1F, 0xFF, 0xE1, 0x00]), None),
+def hevc_nal(nal_type: int, temporal_id: int = 0, length: int = 4) -> bytes:
+    body = bytes([nal_type << 1, temporal_id + 1, 0xAF, 0x12])
+    return len(body).to_bytes(length, "big") + body
+
+
+@pytest.mark.parametrize("sample,top,want", [
+    (hevc_nal(0), 0, True),                            # TRAIL_N
+    (hevc_nal(1), 0, False),                           # TRAIL_R
+    (hevc_nal(8), 0, True), (hevc_nal(9), 0, False),   # RASL_N / RASL_R
+    (hevc_nal(19), 0, False),                          # IDR
+    (hevc_nal(39) + hevc_nal(0), 0, True),             # a prefix SEI, then a TRAIL_N slice
+    (hevc_nal(0) + hevc_nal(1), 0, False),             # one slice is a reference
+    (hevc_nal(0, temporal_id=1), 2, False),            # TRAIL_N below the top sub-layer: higher ones may refer to it
+    (hevc_nal(2, temporal_id=2), 2, True),             # TSA_N on the top sub-layer
+    (hevc_nal(34), 0, False),                          # no slice (a PPS)
+    (hevc_nal(0)[:-1], 0, False),                      # truncated
 ])
-def test_h264_nal_length_size(codec, extradata, want):
-    assert h264_nal_length_size(codec, extradata) == want
+def test_hevc_disposable_reads_the_nal_type_and_sub_layer(sample, top, want):
+    assert hevc_disposable(memoryview(sample), 4, top) is want
+
+
+def avcc(length_size: int) -> bytes:
+    return bytes([1, 0x4D, 0x40, 0x1F, 0xFC | (length_size - 1), 0xE1, 0x00])
+
+
+def hvcc(length_size: int, layers: int) -> bytes:
+    return bytes([1] + [0] * 20 + [(layers << 3) | (length_size - 1), 0])
+
+
+@pytest.mark.parametrize("codec,extradata,sample,want", [
+    ("h264", avcc(4), nal(0x01), True), ("h264", avcc(2), nal(0x01, length=2), True),
+    ("h264", avcc(4), nal(0x41), False),
+    ("hevc", hvcc(4, 1), hevc_nal(0), True), ("hevc", hvcc(2, 1), hevc_nal(0, length=2), True),
+    ("hevc", hvcc(4, 3), hevc_nal(0), False),          # three sub-layers: a TRAIL_N on 0 is not the top
+    ("hevc", hvcc(4, 3), hevc_nal(0, temporal_id=2), True),
+])
+def test_disposable_test_reads_the_stream_record(codec, extradata, sample, want):
+    assert disposable_test(codec, extradata)(memoryview(sample)) is want
+
+
+@pytest.mark.parametrize("codec,extradata", [
+    ("h264", b"\x00\x00\x00\x01\x67\x4d"),  # Annex B: start codes
+    ("h264", b""), ("h264", None), ("vp9", avcc(4)),
+    ("hevc", hvcc(4, 0)),                       # sub-layers not given
+    ("hevc", avcc(4)),                          # too short for an hvcC record
+])
+def test_no_disposable_test_for_other_streams(codec, extradata):
+    assert disposable_test(codec, extradata) is None
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +95,8 @@ def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("disposable")
     return {"b2": tv.write_video(d / "b2.mp4", 240, (96, 64), 24, seed=5, gop=48, bframes=2),
             "b3": tv.write_video(d / "b3.mkv", 120, (64, 48), 24, seed=6, gop=60, bframes=3),
-            "p": tv.write_video(d / "p.mp4", 120, (64, 48), 24, seed=7, gop=20)}
+            "p": tv.write_video(d / "p.mp4", 120, (64, 48), 24, seed=7, gop=20),
+            "x265": tv.write_video(d / "x265.mp4", 96, (64, 48), 24, seed=8, gop=48, codec="libx265")}
 
 
 def nonref_ords(path) -> list[int]:
@@ -68,14 +109,15 @@ def nonref_ords(path) -> list[int]:
     return [o for o, p in enumerate(every) if p not in kept]
 
 
-@pytest.mark.parametrize("clip", ["b2", "b3", "p"])
+@pytest.mark.parametrize("clip", ["b2", "b3", "p", "x265"])
 def test_the_disposable_frames_are_those_ffmpeg_skips_as_non_reference(clips, clip):
     reader = PyAVReader(resolve_source(clips[clip]))
+    assert reader.codec == ("hevc" if clip == "x265" else "h264")
     assert reader.disposable_ords == nonref_ords(clips[clip])
     assert (len(reader.disposable_ords) > 0) is (clip != "p")
 
 
-@pytest.mark.parametrize("clip", ["b2", "b3"])
+@pytest.mark.parametrize("clip", ["b2", "b3", "x265"])
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("pick", ["uniform", "disposable", "every"])
 def test_unwanted_disposable_frames_are_not_decoded(clips, clip, workers, pick, monkeypatch):
@@ -98,11 +140,12 @@ def test_unwanted_disposable_frames_are_not_decoded(clips, clip, workers, pick, 
         assert skipped <= len(reader.disposable_ords) and (skipped > 0 or pick == "every")
 
 
-def test_the_engine_decode_of_a_b_frame_clip_equals_decord(clips):
+@pytest.mark.parametrize("clip", ["b2", "x265"])
+def test_the_engine_decode_of_a_b_frame_clip_equals_decord(clips, clip):
     """The engine's reader (``auto``: PyAV, skipping) gives the release's decord frames."""
-    got = load_video(clips["b2"], 16, preprocess=False, decode_workers=2)
+    got = load_video(clips[clip], 16, preprocess=False, decode_workers=2)
     assert got.backend == "pyav"
-    want = load_video(clips["b2"], 16, preprocess=False, backend="release")
+    want = load_video(clips[clip], 16, preprocess=False, backend="release")
     assert np.array_equal(got.frames, want.frames) and got.indices == want.indices
 
 
