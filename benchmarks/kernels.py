@@ -14,7 +14,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from stllm_engine import ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_ms, row  # noqa: E402
+from common import git_commit, median_ms, row  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -290,12 +289,7 @@ def main() -> None:
         ap.error("--no-cpu needs a CUDA device (and no --no-gpu)")
     rows = ([] if args.no_cpu else cpu_rows(args.quick)) + (gpu_rows(args.quick) if use_gpu else [])
     device = device_name(use_gpu)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    result = {"benchmark": "kernels", "device": device, "commit": commit,
+    result = {"benchmark": "kernels", "device": device, "commit": git_commit(),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
     out = args.out or ROOT / "benchmarks" / "results" / f"kernels-{device.replace(' ', '-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

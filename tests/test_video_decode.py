@@ -268,6 +268,19 @@ def test_content_hash(media, tmp_path):
     assert load_video(copy, num_frames=2).content_hash != a.content_hash
 
 
+def test_the_reference_read_hashes_nothing(media, tmp_path):
+    """The reference's reads (``hash_content=False``) leave the file-hash memo alone: before, the
+    reference's run of a benchmark paid the hash that the engine's run then found memoised."""
+    from stllm_engine.video import sources
+
+    copy = tmp_path / "fresh.mp4"
+    shutil.copy(media["mp4"], copy)
+    src = sources.resolve_source(copy)
+    v = load_video(copy, num_frames=2, backend="release", hash_content=False)
+    assert v.content_hash is None and sources.memoised_hash(src) is None
+    assert load_video(copy, num_frames=2).content_hash == sources.memoised_hash(src) is not None
+
+
 def test_a_same_size_overwrite_with_the_old_mtime_is_hashed_again(tmp_path):
     """``cp -p`` / ``rsync -t`` / ``tar x`` write new content and set the old mtime: the memo
     (path, size, mtime) answered the old content's hash, so the engine answered about the old

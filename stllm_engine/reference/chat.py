@@ -69,7 +69,7 @@ def load_frames(self, video, num_frames: int | None = None, sampling: str = "uni
 
     n = num_frames if num_frames is not None else self.config.num_frames
     return load_video(video, num_frames=n, sampling=sampling, bound=bound,  # decord decodes, as in the release
-                      size=self.config.vision.image_size, backend="release").frames
+                      size=self.config.vision.image_size, backend="release", hash_content=False).frames
 
 
 def chat_inputs_embeds(self, video_tokens: torch.Tensor, question: str, system: str | None = None

@@ -35,7 +35,7 @@ class VideoFrames:
     indices: list[int]
     fps: float | None
     num_total_frames: int
-    content_hash: str
+    content_hash: str | None  # None with hash_content=False
     source: str = ""
     backend: str = ""
 
@@ -47,7 +47,7 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
                bound: tuple[float, float] | None = None, fps1: bool = False, size: int = 224,
                decode_size=None, *, fps: float | None = None, backend: str = "auto",
                device: torch.device | str | None = None, preprocess: bool = True,
-               decode_workers: int = 1) -> VideoFrames:
+               decode_workers: int = 1, hash_content: bool = True) -> VideoFrames:
     """Load, sample, decode and preprocess one video.
 
     sampling ``"uniform"``: the chat rule (:func:`uniform_indices`, ``min(total, num_frames)``
@@ -64,6 +64,8 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
     e.g. to decode on a worker thread and run torch's (multi-threaded) preprocessing elsewhere.
     ``decode_workers``: readers (decord's or PyAV's) that may decode runs of the sampled frames starting at
     different keyframes in parallel (:mod:`.segments`; the frames are the same).
+    ``hash_content=False`` skips the content hash (``content_hash`` None): the reference's reads,
+    as the release hashes nothing.
     Raises a :class:`VideoError` subclass naming the source and the problem.
     """
     if sampling not in SAMPLINGS:
@@ -79,7 +81,7 @@ def load_video(source, num_frames: int = 16, sampling: str = "uniform",
     if isinstance(decode_workers, bool) or not isinstance(decode_workers, int) or decode_workers < 1:
         raise ValueError(f"decode_workers must be a positive int, got {decode_workers!r}")
     src = resolve_source(source)
-    digest = hash_beside(src)  # a large file hashes while it decodes
+    digest = hash_beside(src) if hash_content else (lambda: None)  # a large file hashes while it decodes
     first_idx = 1 if src.kind == "folder" else 0
 
     def choose(total: int, source_fps: float | None) -> list[int]:
