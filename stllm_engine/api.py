@@ -104,6 +104,8 @@ class STLLM:
         if do_sample is False:
             kw["temperature"] = 0.0
         base = dict(min_new_tokens=1, stop_token_ids=self.stop_token_ids)
+        if kw.get("num_beams", 1) > 1:  # the release's beams end only on "###" ids ending the top beam;
+            base["stop"] = []          # a "###" anywhere in its text chose another beam than the release
         base.update(kw)
         return SamplingParams(**base)
 

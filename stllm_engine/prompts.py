@@ -124,7 +124,12 @@ def release_answer(tokenizer, ids: list[int], stop_reason: str | None = None) ->
     release's own "###" is cut by :func:`postprocess_answer` anyway)."""
     text = decode_output(tokenizer, ids, tokenizer.eos_token_id)
     if stop_reason and stop_reason in text:
-        text = text[:text.rfind(stop_reason)]
+        # the occurrence that ended it: the first one the last token completes ("##" + "##" ends
+        # at "###" from 0, not 1), after any earlier one that stood because min_new_tokens had not
+        # been reached
+        prev = len(decode_output(tokenizer, ids[:-1], tokenizer.eos_token_id)) if len(ids) > 1 else 0
+        i = text.find(stop_reason, max(0, min(prev, len(text)) - len(stop_reason) + 1))
+        text = text[:i if i >= 0 else text.rfind(stop_reason)]
     return postprocess_answer(text)
 
 

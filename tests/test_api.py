@@ -254,3 +254,25 @@ def test_async_engine_streams_concurrent_requests(llm, video):
         llm.engine.step()
     llm.engine.block_manager.check()
     assert llm.engine.block_manager.stats()["used_blocks"] == 0
+
+
+def test_answer_with_beams_is_the_releases_answer(tmp_path):
+    """Beams through the release defaults end on the release's "###" ids only: the default "###"
+    stop string (a substring anywhere in the top beam's text) finished a beam the release kept
+    going and chose another best beam ("chi" where the release answered "chilf\ufffdphossreen").
+    Greedy keeps the stop string (same answer, fewer tokens)."""
+    from stllm_engine.video import load_video
+
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", vit="btadapter", video_input="residual", seed=1)
+    clip = write_video(tmp_path / "clip.mp4", num_frames=20, size=(96, 72), seed=1)
+    ref = ReferenceSTLLM.from_pretrained(folder)
+    frames = load_video(clip, num_frames=ref.config.num_frames, size=ref.config.vision.image_size).frames
+    q, bias = "which color is the square?", {340: 2.0, 38: 0.0, 327: 0.0}
+    want = ref.generate_from_embeds(ref.chat_inputs_embeds(ref.encode_video(frames, q), q), num_beams=3,
+                                    max_new_tokens=12, min_length=1, repetition_penalty=1.5, sequence_bias=bias)
+    llm = STLLM.from_pretrained(folder, dtype="float32")
+    answer = llm.answer(frames, q, num_beams=3, max_new_tokens=12, repetition_penalty=1.5, logit_bias=bias)
+    assert llm.last_output.token_ids == want.token_ids
+    assert answer == ref.decode_answer(want.token_ids)
+    assert llm.params(num_beams=3).stop == [] and llm.params().stop == ["###"]
+    assert llm.params(num_beams=3, stop=["x"]).stop == ["x"]

@@ -72,6 +72,8 @@ def test_benchmark_writes_rows_in_the_shared_format(tmp_path, argv, metrics):
         for r in d["rows"]:
             ms = r["config"]["host_probe_ms"]
             assert len(ms) == 2 and all(x > 0 for x in ms), r["metric"]
+            k, reps = map(int, r["config"]["same_greedy_ids"].split("/"))  # the output check is stored
+            assert 0 <= k <= reps == 1
     if "--video-input" in argv:  # the variant's checkpoint and workload: 64 frames -> 4 local frames' tokens
         cfg = d["rows"][0]["config"]
         assert (cfg["vit"], cfg["video_input"], cfg["frames"], cfg["clip_frames"]) == ("btadapter", "residual", 64, 128)

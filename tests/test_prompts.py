@@ -98,3 +98,27 @@ def test_check_answer(pred, gt, ok):
 def test_check_answer_empty_gt():
     with pytest.raises(ValueError, match="ground truth answer is empty"):
         P.check_answer("(A)", "  ")
+
+
+class _PieceTokenizer:
+    """ids -> text pieces (a stand-in whose decode is plain concatenation)."""
+    eos_token_id = 2
+
+    def __init__(self, pieces: dict[int, str]):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.pieces[i] for i in ids)
+
+
+@pytest.mark.parametrize("pieces,ids,stop,want", [
+    ({10: "##", 11: "a"}, [10, 10], "###", ""),              # "##" + "##": the stop starts at 0, not 1
+    ({10: "##", 11: "a"}, [11, 10, 10], "###", "a"),
+    ({10: "x", 11: "B", 12: "pp"}, [10, 11, 12], "p", "xB"),  # the first "p" of the last token
+    ({10: "a", 11: "b", 12: "c"}, [10, 11, 12, 11], "b", "abc"),  # an earlier one stood (min_new_tokens)
+    ({10: "a", 11: "###"}, [10, 11], None, "a"),             # no stop string: the release's own cut
+])
+def test_release_answer_cuts_at_the_stop_that_ended_the_answer(pieces, ids, stop, want):
+    """The answer text is cut where the engine's text is: at the occurrence the last token
+    completed (text[:rfind] kept "#" of "####", and "xBp" of a "pp" token)."""
+    assert P.release_answer(_PieceTokenizer(pieces), ids, stop) == want

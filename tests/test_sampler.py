@@ -143,6 +143,28 @@ def test_tiny_temperature_samples_among_the_top_logits(temperature):
     assert {d[0] for d in draws} == {0, 3} and {d[1] for d in draws} == {1}
 
 
+@pytest.mark.parametrize("temperature", [1e-39, 1e-45])
+def test_tiny_temperature_with_only_negative_logits_samples_the_top_one(temperature):
+    """Every logit negative: logits / T overflows to -inf everywhere (NaN probabilities, a
+    failed request) - the same limit applies."""
+    s = Sampler(EOS)
+    sq = seq(temperature=temperature, seed=3, repetition_penalty=1.0)
+    assert {s(torch.tensor([[-1.0, -2.0, -3.0, -0.5]]), [sq])[0] for _ in range(10)} == {3}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_an_allowed_set_that_min_new_tokens_empties_stays_the_allowed_set(temperature):
+    """allowed_token_ids=[eos] before min_new_tokens: every logit is -inf after the EOS ban;
+    greedy took id 0 (outside the set) and sampling failed. As transformers' prefix constraint,
+    the allowed ids get 0: the token is EOS."""
+    logits = torch.randn(2, 12, generator=torch.Generator().manual_seed(4))
+    s = Sampler(EOS)
+    only_eos = seq(temperature=temperature, seed=5, repetition_penalty=1.0, allowed_token_ids=[EOS], min_new_tokens=1)
+    more = seq(temperature=temperature, seed=6, repetition_penalty=1.0, allowed_token_ids=[EOS, 9], min_new_tokens=1)
+    assert s(logits, [only_eos, more]) == [EOS, 9]
+    assert int(process_logits(logits[0], only_eos, EOS).argmax()) == EOS  # beam search's path
+
+
 @pytest.mark.parametrize("seed", [-2 ** 63, -1, 2 ** 64 - 1])
 def test_any_64_bit_seed_samples_reproducibly(seed):
     logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(0))

@@ -56,12 +56,13 @@ def process_logits(logits: torch.Tensor, seq: Sequence, eos_token_id: int | None
     """Penalties, bias and masks shared by greedy, sampling and beam search (logits [V] float32)."""
     logits = bias_rows(logits[None], [seq.params.logit_bias])[0]
     logits = apply_repetition_penalty(logits, seen_token_ids(seq), seq.params.repetition_penalty)
-    logits = mask_rows(logits[None], [allowed_token_ids(seq)])[0]
+    allowed = allowed_token_ids(seq)
+    logits = mask_rows(logits[None], [allowed])[0]
     banned = banned_by_min_tokens(seq, eos_token_id)
     if banned:
         logits = logits.clone()
         logits[torch.tensor(banned, dtype=torch.long, device=logits.device)] = -float("inf")
-    return logits
+    return revive_allowed(logits[None], [allowed])[0]
 
 
 def process_batch(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int | None) -> torch.Tensor:
@@ -77,11 +78,29 @@ def process_batch(logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int 
                            dtype=logits.dtype, device=dev)
         g = logits.gather(1, idx)
         logits = logits.scatter(1, idx, torch.where(g < 0, g * pen, g / pen))
-    logits = mask_rows(logits, [allowed_token_ids(s) for s in seqs])
+    allowed = [allowed_token_ids(s) for s in seqs]
+    logits = mask_rows(logits, allowed)
     rows = [i for i, s in enumerate(seqs) if banned_by_min_tokens(s, eos_token_id)]
     if rows:
         logits = logits.clone()
         logits[torch.tensor(rows, device=dev), eos_token_id] = -float("inf")
+    return revive_allowed(logits, allowed)
+
+
+def revive_allowed(logits: torch.Tensor, allowed: list[list[int] | None]) -> torch.Tensor:
+    """Rows with an allowed set that nothing is left of (``allowed_token_ids=[eos]`` before
+    ``min_new_tokens``, or biases of -inf) get 0 on their allowed ids, as transformers' prefix
+    constraint does: the next token stays among them (greedy picked id 0, outside the set, and
+    sampling failed on NaN probabilities)."""
+    rows = [i for i, a in enumerate(allowed) if a]
+    if not rows:
+        return logits
+    dead = [i for i in rows if bool(torch.isneginf(logits[i]).all())]
+    if not dead:
+        return logits
+    logits = logits.clone()
+    for i in dead:
+        logits[i, torch.tensor(allowed[i], dtype=torch.long, device=logits.device)] = 0.0
     return logits
 
 
@@ -133,9 +152,11 @@ class Sampler:
             if p.greedy:
                 continue
             row = logits[i] / p.temperature
-            if bool((torch.isposinf(row) | torch.isnan(row)).any()) and bool(torch.isfinite(logits[i].max())):
-                # a temperature so small that logits / T overflows: its limit, an even choice
-                # among the top logits (not NaN probabilities)
+            finite = torch.isfinite(logits[i])
+            if bool(finite.any()) and not bool(torch.isfinite(row[finite]).all()):
+                # a temperature so small that logits / T overflows (to +inf, or to -inf for every
+                # negative logit): its limit, an even choice among the top logits (not NaN
+                # probabilities)
                 row = torch.where(logits[i] == logits[i].max(), 0.0, float("-inf"))
             row = apply_top_p(apply_top_k(row, p.top_k), p.top_p)
             probs = torch.softmax(row, dim=-1)
