@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
 from common import report_cpu, row  # noqa: E402
+from plot import plot_result  # noqa: E402
 
 MAX_POSITIONS = 40960
 CLIP_FRAMES = 1024
@@ -107,7 +108,9 @@ def main() -> None:
                      f"q-former {t.qformer:.2f} prefill {t.prefill:.2f})  reference {b:7.3f} s  -> {b / e:.2f}x")
     print(f"bench-cpu {args.dtype}, {torch.get_num_threads()} threads, TTFT against video length (medians)")
     print("\n".join(lines))
-    report_cpu("long-video", rows, ["dtype", "frames", "video_tokens"], args.dtype, args.out)
+    out = report_cpu("long-video", rows, ["dtype", "frames", "video_tokens"], args.dtype, args.out)
+    if len(rows) > 1:  # TTFT against frames, beside the JSON
+        print(f"wrote {plot_result(out, 'frames', 'ttft')}")
 
 
 if __name__ == "__main__":

@@ -108,3 +108,26 @@ def test_profile_prints_every_phase_for_both_sides(tmp_path, variant):
         for side in ("engine", "reference"):
             assert f"{phase} ({side})" in proc.stdout, phase
     assert "LLMEngine.step" in proc.stdout
+
+
+def test_plot_draws_a_result_curve_as_a_png(tmp_path):
+    """benchmarks/plot.py: the rows of one metric against a config key, a PNG beside the JSON;
+    a missing key or several metrics are refused by name."""
+    from PIL import Image
+
+    rows = [{"config": {"frames": f, "op": "x"}, "metric": "ttft", "engine": e, "baseline": "ref",
+             "baseline_value": b, "ratio": b / e, "unit": "s"} for f, e, b in ((16, 0.2, 0.3), (64, 0.7, 1.3), (256, 3.4, 5.4))]
+    rows.append({"config": {"op": "y"}, "metric": "decode", "engine": 1, "baseline": "ref", "baseline_value": 1,
+                 "ratio": 1, "unit": "tok/s"})
+    res = tmp_path / "long-video-test.json"
+    res.write_text(json.dumps({"benchmark": "long-video", "device": "cpu-2core", "commit": "abc", "date": "d",
+                               "rows": rows}))
+    run_script(tmp_path, "plot.py", str(res), "--x", "frames", "--metric", "ttft")
+    with Image.open(tmp_path / "long-video-test.png") as img:
+        assert img.size == (900, 560) and len(img.getcolors(1 << 16)) > 3  # drawn, not blank
+    run_script(tmp_path, "plot.py", str(res), "--x", "frames", "--where", "op=x", "--out", str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").is_file()
+    for argv, message in ((["--x", "frames"], "several metrics"), (["--x", "nope", "--metric", "ttft"], "config['nope']"),
+                          (["--x", "frames", "--metric", "none"], "no rows")):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(res), *argv], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
