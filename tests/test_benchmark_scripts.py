@@ -131,3 +131,18 @@ def test_plot_draws_a_result_curve_as_a_png(tmp_path):
                           (["--x", "frames", "--metric", "none"], "no rows")):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot.py"), str(res), *argv], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_keep_ratio_scores_the_default_model_on_its_held_out_items(tmp_path):
+    """benchmarks/keep_ratio.py: the shipped model's exact-match accuracy with a share of its video
+    tokens against all of them, per mode, with the kept token count, and a PNG per mode."""
+    out = tmp_path / "eval-keep-ratio.json"
+    run_script(tmp_path, "keep_ratio.py", "--ratios", "0.5", "--modes", "even", "random", "--out", str(out))
+    d = json.loads(out.read_text())
+    assert [(r["config"]["keep_mode"], r["metric"]) for r in d["rows"]] == [("even", "accuracy"), ("random", "accuracy")]
+    for r in d["rows"]:
+        c = r["config"]
+        assert c["items"] == 24 and 0 < c["video_tokens"] < c["full_video_tokens"]
+        assert 0 <= r["engine"] <= 1 and r["baseline_value"] > 0.5  # the shipped model, every token
+        assert set(c["per_task_accuracy"]) == {"Flash Count", "Appearance Order"}
+    assert (tmp_path / "eval-keep-ratio-even.png").is_file() and (tmp_path / "eval-keep-ratio-random.png").is_file()
