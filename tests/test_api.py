@@ -276,3 +276,14 @@ def test_answer_with_beams_is_the_releases_answer(tmp_path):
     assert answer == ref.decode_answer(want.token_ids)
     assert llm.params(num_beams=3).stop == [] and llm.params().stop == ["###"]
     assert llm.params(num_beams=3, stop=["x"]).stop == ["x"]
+
+
+def test_a_frames_tensor_with_another_num_frames_is_refused(llm, video):
+    """Preprocessed frames are used as given; a num_frames that disagrees ran all of them (100
+    frames for num_frames=16: a prompt six times longer, no word said). The reference refuses it."""
+    from stllm_engine.video import load_video
+
+    frames = load_video(video, num_frames=6, size=llm.engine.model.config.vision.image_size).frames
+    with pytest.raises(RequestFailedError, match="has 6 frames but num_frames=4"):
+        llm.answer(frames, Q, num_frames=4, max_new_tokens=2)
+    assert llm.answer(frames, Q, num_frames=6, max_new_tokens=2) == llm.answer(frames, Q, max_new_tokens=2)

@@ -207,6 +207,10 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
     cfg = model.config
     n = check_prepare_args(model, num_frames=num_frames, keep_ratio=keep_ratio, keep_mode=keep_mode,
                            keep_seed=keep_seed, video_tokens=video_tokens)
+    if (num_frames is not None and isinstance(video, torch.Tensor) and video.is_floating_point()
+            and video.dim() == 4 and video.shape[0] != num_frames):  # (as the reference refuses it)
+        raise ValueError(f"preprocessed frames tensor has {video.shape[0]} frames but num_frames={num_frames}: "
+                         "its frames are used as given (leave num_frames out, or sample them first)")
     t0 = time.perf_counter()
     found, embeds = _cached_file_features(model, cache, video, n, sampling, bound)
     if embeds is not None:
