@@ -66,3 +66,15 @@ def test_engine_uses_the_default_on_cpu(folders):
     eng = make_engine(folders("eva", "all"), num_kv_blocks=None)  # a tiny model: the floor
     assert eng.num_kv_blocks == CPU_KV_CACHE_MEMORY // eng.bytes_per_block
     assert eng.stats()["kv"]["num_blocks"] == eng.num_kv_blocks
+
+
+@pytest.mark.parametrize("value,budget,want", [(None, 2048, 1024), (None, 1, 1), (300, 2048, 300), (5000, 2048, 2048)])
+def test_long_prefill_token_threshold_resolves(value, budget, want):
+    cfg = EngineConfig(long_prefill_token_threshold=value, max_num_batched_tokens=budget)
+    assert cfg.resolved_long_prefill_token_threshold() == want
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5, "8"])
+def test_bad_long_prefill_token_threshold_is_named(bad):
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        EngineConfig(long_prefill_token_threshold=bad)

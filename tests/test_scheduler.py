@@ -80,9 +80,10 @@ def run_all(sched, runner, max_steps=2000):
     raise AssertionError("scheduler did not finish")
 
 
-def make_sched(num_blocks=64, bs=4, max_seqs=8, budget=32):
+def make_sched(num_blocks=64, bs=4, max_seqs=8, budget=32, threshold=None):
     bm = BlockManager(num_blocks, bs)
-    return Scheduler(bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget), KVCheckingRunner(bs), bm
+    return (Scheduler(bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget, long_prefill_token_threshold=threshold),
+            KVCheckingRunner(bs), bm)
 
 
 def assert_no_leak(bm):
@@ -330,3 +331,57 @@ def test_higher_priority_takes_a_seat_when_max_num_seqs_is_reached():
 def test_bad_priority():
     with pytest.raises(ValueError, match="priority must be an int"):
         Sequence([1, 2], SamplingParams(), priority=1.5)
+
+
+def test_a_short_request_starts_beside_a_long_prefill():
+    """A 200-token prompt with a budget of 32: a 6-token request arriving after its first chunk
+    waited for all 7 chunks; with a threshold of 16 the long chunk shrinks while the short one
+    waits, the short one is prefilled in the next step, and the long one has the whole budget
+    again once nothing waits. Outputs as run alone."""
+    specs = [(200, 3, 0), (6, 3, 1)]
+    first_token_step = {}
+    for threshold in (None, 16):
+        sched, runner, bm = make_sched(num_blocks=128, budget=32, threshold=threshold)
+        long, short = new_seq(*specs[0]), new_seq(*specs[1])
+        sched.add(long)
+        batch, _ = step(sched, runner)
+        assert batch.items == [(long, 32)]  # alone: the whole budget
+        sched.add(short)
+        sizes = []
+        for i in range(1, 40):
+            batch, _ = step(sched, runner)
+            sizes.append(dict((s.seq_id, n) for s, n in batch.items))
+            if short.num_output_tokens:
+                first_token_step.setdefault(threshold, i)
+        run_all(sched, runner)
+        assert [long.output_token_ids, short.output_token_ids] == reference_outputs(specs)
+        assert_no_leak(bm)
+        if threshold:
+            assert sizes[0] == {long.seq_id: 16, short.seq_id: 6}  # capped while the short one waited
+            assert sizes[1][long.seq_id] == 31  # then the budget minus the short one's decode
+    assert first_token_step[16] == 1 and first_token_step[None] == 6  # beside the long one's last chunk
+
+
+@pytest.mark.parametrize("blocker", ["max_num_seqs", "blocks"])
+def test_no_cap_while_the_waiting_head_cannot_be_admitted(blocker):
+    """The cap is for letting the head start: when it has no slot or no blocks, the running
+    prefill keeps the whole budget."""
+    sched, runner, bm = make_sched(num_blocks=59 if blocker == "blocks" else 128, budget=32, threshold=8,
+                                   max_seqs=1 if blocker == "max_num_seqs" else 8)
+    long = new_seq(200, 2, 0)
+    sched.add(long)
+    step(sched, runner)
+    sched.add(new_seq(40, 2, 1))  # 10 blocks: more than the 9 the long one leaves free
+    batch, _ = step(sched, runner)
+    assert batch.items == [(long, 32)]
+
+
+def test_the_cap_applies_to_an_admitted_prefill_while_others_wait():
+    """Two long prompts arriving together: the first is admitted with the cap (the second could
+    be admitted too), the second takes the rest of the budget."""
+    sched, runner, bm = make_sched(num_blocks=256, budget=32, threshold=12)
+    a, b = new_seq(100, 2, 0), new_seq(100, 2, 1)
+    sched.add(a)
+    sched.add(b)
+    batch, _ = step(sched, runner)
+    assert batch.items == [(a, 12), (b, 20)]

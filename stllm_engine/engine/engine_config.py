@@ -28,7 +28,10 @@ class EngineConfig:
     decode steps, fresh prefills, ViT and Q-Former passes launch their kernels one by one instead
     of replaying CUDA graphs (decode: captured at start, ``cuda_graphs.py``; prefill: per 64-token
     bucket at warm-up, ``prefill_graphs.py``; ViT / Q-Former: per shape on first use,
-    ``video_graphs.py``; for debugging and comparisons). warmup: run three short synthetic
+    ``video_graphs.py``; for debugging and comparisons). long_prefill_token_threshold: the most
+    tokens a prefill chunk takes in a step while a waiting request could be admitted (None: half
+    of max_num_batched_tokens; max_num_batched_tokens turns it off), so a short request arriving
+    during a long video's prefill starts at once. warmup: run three short synthetic
     requests when the engine is built, so Triton compiles and library set-up are paid at load and
     not by the first request (``warmup.py``); None: on CUDA only."""
 
@@ -46,6 +49,7 @@ class EngineConfig:
     decode_threads: int | None = None
     enforce_eager: bool = False
     warmup: bool | None = None
+    long_prefill_token_threshold: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_length"):
@@ -68,8 +72,16 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.enforce_eager must be a bool, got {self.enforce_eager!r}")
         if self.warmup is not None and not isinstance(self.warmup, bool):
             raise ValueError(f"EngineConfig.warmup must be a bool or None, got {self.warmup!r}")
+        t = self.long_prefill_token_threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"EngineConfig.long_prefill_token_threshold must be a positive int or None, got {t!r}")
         if not isinstance(self.vision_cache_bytes, int) or self.vision_cache_bytes < 0:
             raise ValueError(f"EngineConfig.vision_cache_bytes must be >= 0, got {self.vision_cache_bytes!r}")
+
+    def resolved_long_prefill_token_threshold(self) -> int:
+        """long_prefill_token_threshold, None resolved to half the token budget."""
+        t = self.long_prefill_token_threshold
+        return min(t, self.max_num_batched_tokens) if t else max(1, self.max_num_batched_tokens // 2)
 
     def resolved_warmup(self, device: torch.device) -> bool:
         """warmup, None resolved to whether ``device`` is a GPU (where first calls compile)."""

@@ -103,7 +103,8 @@ class LLMEngine(BeamRequests):
         cfg = self.config
         self.block_manager = BlockManager(self.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching,
                                           self.bytes_per_block)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   cfg.resolved_long_prefill_token_threshold())
         self.vision_cache = VisionCache(cfg.vision_cache_bytes)
         self.metrics = EngineMetrics()
         self._requests: dict[str, Request] = {}

@@ -3,8 +3,11 @@
 One step mixes decodes (1 token each) and prefill chunks under ``max_num_batched_tokens`` and
 ``max_num_seqs``. Sequences are ordered by (priority, arrival): a lower ``priority`` value first
 (vLLM's convention; all 0 by default), then first come first served. Running sequences are served
-first in that order (a long prefill admitted earlier keeps its place and advances by a chunk every
-step), then waiting ones strictly in order (the head of the queue is never skipped, so among equal
+first, decodes before prefill chunks and each in that order (a long prefill admitted earlier
+keeps its place and advances by a chunk every step, and the running answers keep decoding beside
+it; while the head of the queue could be admitted, a prefill chunk takes at most
+``long_prefill_token_threshold`` tokens, so a short request that arrives during a long video's
+prefill starts in the next step instead of after it, as vLLM's threshold does), then waiting ones strictly in order (the head of the queue is never skipped, so among equal
 priorities nothing starves; a lower priority waits while higher ones keep coming). When a running
 sequence needs a block and none is free, the last running sequence in that order is preempted by
 recompute: its blocks are freed and it goes back to the queue in its place; its outputs are
@@ -46,7 +49,7 @@ def order(seq: Sequence) -> tuple[int, int]:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048) -> None:
+                 max_num_batched_tokens: int = 2048, long_prefill_token_threshold: int | None = None) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"Scheduler: max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
@@ -54,6 +57,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold or max_num_batched_tokens
         self.waiting: list[Sequence] = []  # sorted by ``order``
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -141,31 +145,43 @@ class Scheduler:
         """Any sequence waiting or running."""
         return bool(self.waiting or self.running)
 
+    def _chunk_cap(self) -> int:
+        """The most tokens one prefill chunk takes now: the threshold while the queue's head
+        could be admitted (a free slot and its blocks), else the whole budget."""
+        if (self.waiting and len(self.running) < self.max_num_seqs
+                and self.block_manager.can_allocate(self.waiting[0])):
+            return self.long_prefill_token_threshold
+        return self.max_num_batched_tokens
+
     def schedule(self) -> ScheduledBatch:
         bm = self.block_manager
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         self._make_room_for_priority(batch)
-        queue = sorted(self.running, key=order)
+        cap = self._chunk_cap()
+        # decodes first (a token each), then prefill chunks, each group in order: a long prefill
+        # never stalls the running answers (as vLLM's chunked prefill)
+        queue = sorted(self.running, key=lambda s: (s.is_prefill, order(s)))
         kept: list[Sequence] = []
         while queue and budget > 0:
             seq = queue.pop(0)
             if not seq.is_prefill:  # decode: needs a private slot for its newest token
                 while not bm.can_append(seq):
-                    if queue:
-                        self._preempt(queue.pop(), batch)  # the last in order first
-                    else:
+                    victim = max(queue, key=order, default=None)
+                    if victim is None or order(victim) < order(seq):
                         break
+                    queue.remove(victim)
+                    self._preempt(victim, batch)  # the last in order first
                 if not bm.can_append(seq):
                     self._preempt(seq, batch)
                     continue
                 batch.copies += bm.append_slot(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, cap)
             batch.items.append((seq, n))
             budget -= n
             kept.append(seq)
-        kept += queue  # not scheduled this step (budget spent), keep their order
-        self.running = kept
+        kept += queue  # not scheduled this step (budget spent)
+        self.running = sorted(kept, key=order)
 
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -176,7 +192,7 @@ class Scheduler:
             self.waiting.pop(0)
             bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, self._chunk_cap())
             batch.items.append((seq, n))
             budget -= n
             self.running.append(seq)
