@@ -4,6 +4,8 @@ Layout: 2-D row-major views with explicit strides: x [M, D] (stride_xm, stride_x
   gather: out[i, :] = x[index[i], :]           (index out of [0, M) -> zeros)
   scatter: out[index[i], :] = src[i, :], zeros elsewhere (index out of [0, M) -> row skipped)
 Constraints: index int64 [N]; scatter indices unique (no accumulation); any dtype (pure copy).
+Autograd: gather's backward is an ``index_add`` (``gather_rows_grad``: repeated indices add up, which
+the scatter kernel does not); scatter's backward is the gather kernel.
 Grid: (cdiv(N, BLOCK_R), cdiv(D, BLOCK_D)); offsets in int64.
 """
 from __future__ import annotations
@@ -122,7 +124,7 @@ class _ScatterRows(torch.autograd.Function):
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [M, D], index [N] int64 -> [N, D]; differentiable in x (backward scatters)."""
+    """x [M, D], index [N] int64 -> [N, D]; differentiable in x (backward: ``gather_rows_grad``)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _GatherRows.apply(x, index)
     return gather_rows_fwd(x, index)

@@ -20,7 +20,7 @@ varlen_attention = _attention.varlen_attention
 
 
 def gather_rows(x, index):
-    """x [M, D], index [N] int64 -> x[index] [N, D]; differentiable (backward scatters)."""
+    """x [M, D], index [N] int64 -> x[index] [N, D]; differentiable (backward: index_add into x)."""
     if _compiling():
         return library.gather_rows(x, index)
     return _packing.gather_rows(x, index)

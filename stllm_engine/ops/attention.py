@@ -31,12 +31,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Hq != Hk:
         kh, vh = kh.repeat_interleave(Hq // Hk, dim=1), vh.repeat_interleave(Hq // Hk, dim=1)
-    if causal and Lq != Lk and plain(q, k, v):
+    if causal and Lq != Lk and plain(q, k, v) and not q.is_cuda:  # (a CPU flash kernel)
         return _prefix_causal(qh, kh, vh, Lk - Lq, scale).transpose(1, 2)
     mask = None
     if causal and Lq != Lk:  # bottom-right alignment: query i sees keys j <= i + Lk - Lq
-        i = torch.arange(Lq)[:, None]
-        mask = torch.arange(Lk)[None, :] <= i + (Lk - Lq)
+        i = torch.arange(Lq, device=q.device)[:, None]
+        mask = torch.arange(Lk, device=q.device)[None, :] <= i + (Lk - Lq)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
                                          is_causal=causal and Lq == Lk, scale=scale)
     return out.transpose(1, 2)

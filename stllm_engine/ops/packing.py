@@ -1,6 +1,7 @@
 """Row gather/scatter and token packing: Triton on CUDA, the C++ core on CPU, autograd on both.
 
-gather_rows(x [M, D], index [N]) -> x[index]; its backward is scatter_rows (and vice versa).
+gather_rows(x [M, D], index [N]) -> x[index]; its backward sums into x's rows (CPU: scatter_rows,
+which sums a repeated index; CUDA: index_add); scatter_rows' backward is gather_rows.
 pack_by_mask keeps rows of x [B, L, D] where keep [B, L] is True, in (b, l) order.
 """
 from __future__ import annotations
@@ -46,7 +47,8 @@ class _ScatterRowsCPU(torch.autograd.Function):
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [M, D], index [N] int64 -> x[index] [N, D]; differentiable in x (backward scatters)."""
+    """x [M, D], index [N] int64 -> x[index] [N, D]; differentiable in x (a repeated index's
+    gradients add up)."""
     if on_cuda(x):
         return triton_kernels("gather_rows").gather_rows(x, index)
     check(x.dim() == 2, f"gather_rows: x must be [M, D], got shape {tuple(x.shape)}")
