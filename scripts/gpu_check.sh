@@ -6,7 +6,11 @@
 # Steps (default: all, in this order; each under its own time limit, cut to what is left of BUDGET
 # seconds, and each runs even when an earlier one failed):
 #   setup    carried wheels (.whl/: decord, av) into /tmp/site; the C++ extension built in place
-#            with the machine's torch (stllm_engine.kernels is a link to kernels/ there)
+#            with the machine's torch (stllm_engine.kernels is a link to kernels/ there). The lent
+#            machine reaches no network and .whl/ is not in git: before the run, on this side,
+#              pip download decord av --only-binary=:all: --no-deps --python-version 3.12 \
+#                  --platform manylinux2014_x86_64 -d .whl
+#            (its Python's version: 3.12 on the last H100 image) and pass carry [".whl"]
 #   engine   tests/test_engine_cuda.py: the engine on the GPU vs the reference on the GPU
 #   e2e      benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 (random ST-LLM-7B)
 #   e2e720   the same on the 1280x720 clips
@@ -55,7 +59,7 @@ setup() {
     fi
     ln -sfn ../kernels stllm_engine/kernels
     MAX_JOBS=$(nproc) $PY setup.py -q build_ext --inplace || return 1
-    $PY -c "import torch, stllm_engine._C, decord, stllm_engine.kernels.flash_attention; print('setup ok')"
+    $PY -c "import torch, stllm_engine._C, decord, av, stllm_engine.kernels.flash_attention; print('setup ok')"
 }
 
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
