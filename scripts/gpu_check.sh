@@ -9,7 +9,7 @@
 #            with the machine's torch (stllm_engine.kernels is a link to kernels/ there). The lent
 #            machine reaches no network and .whl/ is not in git: before the run, on this side,
 #              pip download decord av --only-binary=:all: --no-deps --python-version 3.12 \
-#                  --platform manylinux2014_x86_64 -d .whl
+#                  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl
 #            (its Python's version: 3.12 on the last H100 image) and pass carry [".whl"]
 #   engine   tests/test_engine_cuda.py: the engine on the GPU vs the reference on the GPU
 #   e2e      benchmarks/e2e.py --preset stllm-7b --device cuda --dtype bfloat16 (random ST-LLM-7B)
