@@ -9,10 +9,9 @@ at different keyframes decode on parallel single-threaded containers (the engine
 frames of a 720p clip: 47.4 -> 36.1 ms; 16 s clips 1.19-1.30x; ad-hoc interleaved A/B, stop 19).
 
 Seeking reads also leave out the disposable frames that are not wanted: H.264 pictures whose slices
-all have ``nal_ref_idc`` 0, and HEVC sub-layer non-reference pictures on the stream's highest
-temporal sub-layer (most B-frames of a camera or web encode: x264's and x265's defaults), are never
-a reference of another picture, so their packets are not decoded at all and every other frame
-decodes to the same pixels. A 16 s 720p clip with B-frames (x264, 3 B-frames, 238 of its 480 frames disposable),
+all have ``nal_ref_idc`` 0 and whose samples carry no parameter set (most B-frames of a camera or
+web encode: x264's default) are never a reference of another picture, so their packets are not
+decoded at all and every other frame decodes to the same pixels. A 16 s 720p clip with B-frames (x264, 3 B-frames, 238 of its 480 frames disposable),
 16 frames sampled, one reader: 535 -> 271-311 ms, the frames bit-identical (ad-hoc, stop 24).
 """
 from __future__ import annotations
@@ -61,6 +60,9 @@ class PyAVReader:
             self.width, self.height = ctx.width, ctx.height
             self.codec = ctx.name
             self.pix_fmt = ctx.format.name if ctx.format is not None else None
+            # interlaced content (the stream's field order, or a decoded frame's flag: ``read``
+            # sets it): decord's RGB of it differs, so ``decode.FastDecordReader`` leaves it to decord
+            self.interlaced = _field_order(ctx) > 1
             expected = stream.frames  # from the container's index; 0 if it does not say
             disposable_sample = disposable_test(self.codec, ctx.extradata)
             pts, keys, disposable = [], [], []
@@ -96,6 +98,11 @@ class PyAVReader:
         return self._av.open(io.BytesIO(src.data) if src.data is not None else str(src.path), "r")
 
     def _convert(self, frame, reformatter) -> np.ndarray:
+        if frame.interlaced_frame:
+            self.interlaced = True
+        return self._rgb(frame, reformatter)
+
+    def _rgb(self, frame, reformatter) -> np.ndarray:
         """RGB through one reformatter per decoding pass: ``frame.to_ndarray`` set up a new swscale
         context for every frame (720p: 0.78 vs 0.47 ms a frame, the same pixels)."""
         if self.out_size is None:
@@ -217,58 +224,53 @@ class PyAVReader:
         return VideoReformatter()
 
 
+def _field_order(ctx) -> int:
+    """FFmpeg's field order of a stream (0 unknown, 1 progressive, 2-5 interlaced orders)."""
+    try:
+        return int(ctx.field_order or 0)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
 def disposable_test(codec: str, extradata: bytes | None) -> Callable[[memoryview], bool] | None:
     """A test of whether a sample of this stream is a picture no other picture refers to, for
-    streams stored as length-prefixed NAL units (MP4/MKV: the ``avcC`` / ``hvcC`` record in
-    ``extradata``); None for other codecs, start-code (Annex B) streams, and HEVC records that do
-    not say how many temporal sub-layers the stream has: their frames are all decoded."""
-    if not extradata or extradata[0] != 1:
+    H.264 stored as length-prefixed NAL units (MP4/MKV: the ``avcC`` record in ``extradata``);
+    None for start-code (Annex B) streams and other codecs, whose frames are all decoded. HEVC is
+    left out on purpose: in multi-slice x265 streams, leaving out TRAIL_N pictures (FFmpeg's own
+    ``skip_frame=NONREF`` too) changed the pixels of later frames."""
+    if codec != "h264" or not extradata or extradata[0] != 1 or len(extradata) < 7:
         return None
-    if codec == "h264" and len(extradata) >= 7:  # avcC: lengthSizeMinusOne in byte 4
-        nal_length = (extradata[4] & 3) + 1
-        return lambda data: h264_disposable(data, nal_length)
-    if codec == "hevc" and len(extradata) >= 23:  # hvcC byte 21: numTemporalLayers, lengthSizeMinusOne
-        nal_length, layers = (extradata[21] & 3) + 1, (extradata[21] >> 3) & 7
-        if layers:
-            return lambda data: hevc_disposable(data, nal_length, layers - 1)
-    return None
+    nal_length = (extradata[4] & 3) + 1  # avcC: lengthSizeMinusOne in byte 4
+    return lambda data: h264_disposable(data, nal_length)
 
 
-def _nal_headers(data, nal_length: int, size: int) -> list | None:
-    """The first ``size`` bytes of each NAL unit of a length-prefixed sample; None if malformed."""
+def _nal_headers(data, nal_length: int) -> list[int] | None:
+    """The first byte of each NAL unit of a length-prefixed sample; None if malformed."""
     i, n, out = 0, len(data), []
     while i + nal_length < n:
         length = int.from_bytes(data[i:i + nal_length], "big")
-        if length < size or i + nal_length + length > n:
+        if length < 1 or i + nal_length + length > n:
             return None
-        out.append(data[i + nal_length:i + nal_length + size])
+        out.append(data[i + nal_length])
         i += nal_length + length
     return out if i == n else None
 
 
-_H264_SLICES = frozenset({1, 2, 3, 4, 5, 20})  # coded slices (and partitions, MVC extension)
+_H264_SLICES = frozenset({1, 2, 3, 4, 5})  # coded slices (and data partitions)
+_H264_INERT = frozenset({6, 9, 12})  # SEI, access unit delimiter, filler: nothing later decodes with them
 
 
 def h264_disposable(data, nal_length: int) -> bool:
-    """Whether an H.264 sample is a picture no other picture refers to: it has coded slices and
-    every one has ``nal_ref_idc`` 0. A malformed sample is not."""
-    headers = _nal_headers(data, nal_length, 1)
-    slices = [h[0] for h in headers or () if h[0] & 0x1F in _H264_SLICES]
-    return bool(slices) and not any(h & 0x60 for h in slices)
-
-
-_HEVC_SUB_LAYER_NON_REF = frozenset({0, 2, 4, 6, 8, 10, 12, 14})  # TRAIL_N, TSA_N, ..., RSV_VCL_N14
-
-
-def hevc_disposable(data, nal_length: int, top_temporal_id: int) -> bool:
-    """Whether an HEVC sample is a picture no other picture refers to: every coded slice (NAL
-    type < 32) is of a sub-layer non-reference type, which no later picture of its own sub-layer
-    refers to, and sits on the highest sub-layer (``top_temporal_id``), above which there are no
-    pictures that could. A malformed sample is not."""
-    headers = _nal_headers(data, nal_length, 2)
-    slices = [h for h in headers or () if (h[0] >> 1) & 0x3F < 32]
-    return bool(slices) and all((h[0] >> 1) & 0x3F in _HEVC_SUB_LAYER_NON_REF
-                                and (h[1] & 7) - 1 == top_temporal_id for h in slices)
+    """Whether an H.264 sample is a picture no other picture refers to and carries nothing else
+    the decoder keeps: coded slices that all have ``nal_ref_idc`` 0, besides only SEI, access
+    unit delimiters and filler (a parameter set or end of sequence in it would be lost with it).
+    A malformed sample is not."""
+    headers = _nal_headers(data, nal_length)
+    if not headers:
+        return False
+    slices = [h for h in headers if h & 0x1F in _H264_SLICES]
+    return (bool(slices) and not any(h & 0x60 for h in slices)
+            and all(h & 0x1F in _H264_SLICES or h & 0x1F in _H264_INERT for h in headers))
 
 
 class _Output:
