@@ -152,6 +152,24 @@ def test_beam_search_stop_string_is_cut_and_reported(llm, video):
     assert out.text == full.text[:full.text.index(stop)] and stop not in answer
 
 
+@pytest.mark.parametrize("min_new", [1, 4])
+def test_beam_search_ends_at_the_first_stop_its_best_beam_completes(llm, video, min_new):
+    """The search stops on the top candidate's stop strings, so its best beam may run past one of
+    its own, or stop on one that stood below min_new_tokens: the output ends at the first token
+    (from min_new_tokens on) that completes a stop string, and answer() agrees with its text."""
+    full = llm.generate([(video, Q)], llm.params(max_new_tokens=12, num_beams=2, stop=[]))[0]
+    tok = llm.tokenizer
+    stop = full.text[4:5]
+    answer = llm.answer(video, Q, max_new_tokens=12, num_beams=2, stop=[stop], min_new_tokens=min_new)
+    out = llm.last_output
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    ids = out.token_ids
+    before = len(tok.decode(ids[:-1], skip_special_tokens=True))
+    assert len(ids) >= min_new and out.text.find(stop, max(0, before - len(stop) + 1)) == -1
+    assert tok.decode(ids, skip_special_tokens=True).find(stop, max(0, before - len(stop) + 1)) == len(out.text)
+    assert answer == out.text.strip()
+
+
 def test_chat_reuses_the_kv_prefix(llm, video):
     s = llm.chat(video)
     a1 = s.ask(Q, max_new_tokens=6)

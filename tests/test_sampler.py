@@ -289,6 +289,19 @@ def test_stop_ignored_before_min_new_tokens(tokenizer):
     assert reason == "length" and chk.text == text
 
 
+@pytest.mark.parametrize("stops", [["a"], ["###", "a"], ["###", "a", "qqqqqqqqqq"]])
+def test_a_stop_seen_before_min_new_tokens_does_not_end_the_answer_later(tokenizer, stops):
+    """An "a" in "the cat sat" below min_new_tokens stood; adding a 10-character stop string (whose
+    look-back reached back over it) ended the answer at the next token without any new "a"."""
+    text = "the cat sat on the mat"
+    ids = tokenizer.encode(text).ids
+    n = len(tokenizer.encode("the cat sat").ids)
+    s, chk, reason, pieces, _ = feed(tokenizer, text, stop=stops, min_new_tokens=n, max_new_tokens=len(ids))
+    first_new_a = tokenizer.decode(s.output_token_ids).find("a", len(tokenizer.decode(ids[:n - 1])))
+    assert reason == "stop" and chk.stop_string == "a"
+    assert chk.text == text[:first_new_a] == "".join(pieces)
+
+
 def test_eos_and_stop_token_ids(tokenizer):
     eos = tokenizer.token_to_id("</s>")
     s = seq(stop=[], stop_token_ids=[[5, 6]])

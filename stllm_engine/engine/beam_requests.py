@@ -20,6 +20,7 @@ import torch
 
 from stllm_engine.engine.beam_search import BeamGroup
 from stllm_engine.engine.request import Request
+from stllm_engine.engine.sampler import stop_at
 from stllm_engine.engine.scheduler import order
 from stllm_engine.outputs import ModelStepError
 from stllm_engine.sampling_params import SamplingParams
@@ -32,11 +33,25 @@ class BeamRequests:
                 return False
             if any(tokens[len(tokens) - len(s):] == s for s in params.stop_token_ids if len(tokens) >= len(s)):
                 return True
-            if params.stop:
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                return any(s in text for s in params.stop)
+            if params.stop:  # an occurrence the newest token completed, as for one sequence
+                return self._beam_stop_at(tokens, params) is not None
             return False
         return is_stop
+
+    def _first_stop(self, ids: list[int], params: SamplingParams) -> tuple[list[int], tuple[int, str] | None]:
+        """The best beam up to the first token (from ``min_new_tokens`` on) that completes a stop
+        string, and that occurrence: the search stops on the top candidate's stop strings, so
+        the best beam may run past one of its own; it ends there, as one sequence would."""
+        for k in range(max(1, params.min_new_tokens), len(ids) + 1) if params.stop else ():
+            hit = self._beam_stop_at(ids[:k], params)
+            if hit:
+                return ids[:k], hit
+        return ids, None
+
+    def _beam_stop_at(self, tokens: list[int], params: SamplingParams) -> tuple[int, str] | None:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        prev = len(self.tokenizer.decode(tokens[:-1], skip_special_tokens=True)) if len(tokens) > 1 else 0
+        return stop_at(text, prev, params.stop)
 
     def _start_beams(self, req: Request, logits_row: torch.Tensor, outs: list) -> None:
         seq = req.seq
@@ -124,14 +139,13 @@ class BeamRequests:
         for s in g.sequences:
             self._by_seq[s.seq_id] = req
         if g.done:
-            req.token_ids = g.best()
+            req.token_ids, cut = self._first_stop(g.best(), req.params)
             text = self.tokenizer.decode(req.token_ids, skip_special_tokens=True)
-            cut = [(i, s) for i, s in ((text.find(s), s) for s in req.params.stop) if i >= 0]
             if cut:
-                i, req.checker.stop_string = min(cut)  # the output's stop_reason, as for one sequence
+                i, req.checker.stop_string = cut  # the output's stop_reason, as for one sequence
                 text = text[:i]
-            ended = g.is_stop(req.token_ids) or (req.token_ids[-1:] == [self.eos_token_id]
-                                                 and not req.params.ignore_eos)
+            ended = cut is not None or g.is_stop(req.token_ids) or (
+                req.token_ids[-1:] == [self.eos_token_id] and not req.params.ignore_eos)
             req.finish_reason = "stop" if ended or len(req.token_ids) < g.max_len else "length"
             req.beams = None
             req.final_text = text

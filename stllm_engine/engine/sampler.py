@@ -121,6 +121,16 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
 
 
+def stop_at(text: str, prev: int, stops) -> tuple[int, str] | None:
+    """(index, stop string) of the earliest stop-string occurrence in ``text`` that ends after
+    its first ``prev`` characters (the text checked before), None if none: an occurrence seen
+    before ``min_new_tokens`` was reached, or one a longer stop string's look-back reaches, does
+    not end the answer later (it did when a 10-character stop was also given)."""
+    prev = min(prev, len(text))
+    hits = [(i, s) for s in stops if (i := text.find(s, max(0, prev - len(s) + 1))) >= 0]
+    return min(hits) if hits else None
+
+
 class Sampler:
     """Picks one token per sequence from float32 logits [B, V]."""
 
@@ -204,10 +214,9 @@ class StopChecker:
         self.text = self._full
         may_stop = len(out) >= p.min_new_tokens
         if may_stop and p.stop:
-            start = max(0, min(prev_stable, len(self._full)) - self._hold)
-            hits = [(i, s) for i, s in ((self._full.find(s, start), s) for s in p.stop) if i >= 0]
-            if hits:
-                i, self.stop_string = min(hits)
+            hit = stop_at(self._full, prev_stable, p.stop)
+            if hit:
+                i, self.stop_string = hit
                 self.text = self._full[:i]
                 return "stop"
         if may_stop and not p.ignore_eos and self.eos_token_id is not None and out and out[-1] == self.eos_token_id:
