@@ -11,8 +11,6 @@ paged decode GB/s vs measured copy bandwidth. Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from stllm_engine import ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_commit, median_ms, row  # noqa: E402
+from common import median_ms, row, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -289,11 +287,7 @@ def main() -> None:
         ap.error("--no-cpu needs a CUDA device (and no --no-gpu)")
     rows = ([] if args.no_cpu else cpu_rows(args.quick)) + (gpu_rows(args.quick) if use_gpu else [])
     device = device_name(use_gpu)
-    result = {"benchmark": "kernels", "device": device, "commit": git_commit(),
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows}
-    out = args.out or ROOT / "benchmarks" / "results" / f"kernels-{device.replace(' ', '-')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_result("kernels", device, rows, args.out)
     short = {"batch": "B", "context": "ctx", "q_heads": "Hq", "kv_heads": "Hk", "head_dim": "d",
              "block_size": "bs", "seqlen": "L", "heads": "H", "tokens": "N"}
     table = []
