@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from stllm_engine.sampling_params import stop_at
+
 SEP = "###"
 CHAT_SYSTEM = (
     "Carefully watch the video and pay attention to the cause and sequence of events, the detail and "
@@ -128,8 +130,8 @@ def release_answer(tokenizer, ids: list[int], stop_reason: str | None = None) ->
         # at "###" from 0, not 1), after any earlier one that stood because min_new_tokens had not
         # been reached
         prev = len(decode_output(tokenizer, ids[:-1], tokenizer.eos_token_id)) if len(ids) > 1 else 0
-        i = text.find(stop_reason, max(0, min(prev, len(text)) - len(stop_reason) + 1))
-        text = text[:i if i >= 0 else text.rfind(stop_reason)]
+        hit = stop_at(text, prev, [stop_reason])  # (the engine's rule)
+        text = text[:hit[0] if hit else text.rfind(stop_reason)]
     return postprocess_answer(text)
 
 

@@ -146,3 +146,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def stop_at(text: str, prev: int, stops) -> tuple[int, str] | None:
+    """(index, stop string) of the earliest stop-string occurrence in ``text`` that ends after
+    its first ``prev`` characters (the text checked before), None if none: an occurrence seen
+    before ``min_new_tokens`` was reached, or one a longer stop string's look-back reaches, does
+    not end the answer later (it did when a 10-character stop was also given)."""
+    prev = min(prev, len(text))
+    hits = [(i, s) for s in stops if (i := text.find(s, max(0, prev - len(s) + 1))) >= 0]
+    return min(hits) if hits else None

@@ -20,10 +20,9 @@ import torch
 
 from stllm_engine.engine.beam_search import BeamGroup
 from stllm_engine.engine.request import Request
-from stllm_engine.engine.sampler import stop_at
 from stllm_engine.engine.scheduler import order
 from stllm_engine.outputs import ModelStepError
-from stllm_engine.sampling_params import SamplingParams
+from stllm_engine.sampling_params import SamplingParams, stop_at
 
 
 class BeamRequests:
@@ -42,10 +41,16 @@ class BeamRequests:
         """The best beam up to the first token (from ``min_new_tokens`` on) that completes a stop
         string, and that occurrence: the search stops on the top candidate's stop strings, so
         the best beam may run past one of its own; it ends there, as one sequence would."""
-        for k in range(max(1, params.min_new_tokens), len(ids) + 1) if params.stop else ():
-            hit = self._beam_stop_at(ids[:k], params)
+        if not params.stop:
+            return ids, None
+        start = max(1, params.min_new_tokens)
+        prev = self.tokenizer.decode(ids[:start - 1], skip_special_tokens=True) if start > 1 else ""
+        for k in range(start, len(ids) + 1):  # (each prefix decoded once)
+            text = self.tokenizer.decode(ids[:k], skip_special_tokens=True)
+            hit = stop_at(text, len(prev), params.stop)
             if hit:
                 return ids[:k], hit
+            prev = text
         return ids, None
 
     def _beam_stop_at(self, tokens: list[int], params: SamplingParams) -> tuple[int, str] | None:

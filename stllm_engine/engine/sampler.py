@@ -15,6 +15,7 @@ import torch
 
 from stllm_engine.engine.guided import bias_rows, mask_rows
 from stllm_engine.engine.sequence import Sequence
+from stllm_engine.sampling_params import stop_at
 from stllm_engine.tokenizers import ByteTokenIds
 
 
@@ -119,16 +120,6 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     remove = cum <= (1 - p)
     remove[..., -1:] = False
     return logits.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
-
-
-def stop_at(text: str, prev: int, stops) -> tuple[int, str] | None:
-    """(index, stop string) of the earliest stop-string occurrence in ``text`` that ends after
-    its first ``prev`` characters (the text checked before), None if none: an occurrence seen
-    before ``min_new_tokens`` was reached, or one a longer stop string's look-back reaches, does
-    not end the answer later (it did when a 10-character stop was also given)."""
-    prev = min(prev, len(text))
-    hits = [(i, s) for s in stops if (i := text.find(s, max(0, prev - len(s) + 1))) >= 0]
-    return min(hits) if hits else None
 
 
 class Sampler:
