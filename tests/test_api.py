@@ -274,6 +274,57 @@ def test_async_engine_streams_concurrent_requests(llm, video):
     assert llm.engine.block_manager.stats()["used_blocks"] == 0
 
 
+def test_async_engine_holds_one_output_of_an_unread_request_and_drops_an_aborted_one(llm, video):
+    """Soak audit: a request added and never streamed kept every step's output in its queue
+    (each copying all ids so far), and abort() left the queue for good. Now an unread request
+    holds its latest output (deltas joined, so a late stream still reads the whole text) and
+    abort() of a request nobody streams drops it."""
+    p = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    (want,) = llm.generate([(video, "a?")], p)
+
+    async def main():
+        eng = AsyncLLMEngine(llm.engine)
+        rid = await eng.add_request(video, "a?", p)
+        gone = await eng.add_request(video, "b?", SamplingParams(max_new_tokens=50, ignore_eos=True))
+        while llm.engine.has_unfinished_requests() and len(llm.engine._requests) > 1:
+            await asyncio.sleep(0.01)
+        await eng.abort(gone)
+        held = {k: q.qsize() for k, q in eng._queues.items()}
+        outs = [o async for o in eng.stream(rid)]
+        with pytest.raises(KeyError, match="unknown request id"):
+            [o async for o in eng.stream(gone)]
+        left = dict(eng._queues)
+        await eng.close()
+        return rid, held, outs, left
+
+    rid, held, outs, left = asyncio.run(asyncio.wait_for(main(), 60))
+    assert held == {rid: 1} and len(outs) == 1  # only the unread request, one output
+    assert outs[0].finished and outs[0].token_ids == want.token_ids
+    assert outs[0].delta == outs[0].text == want.text
+    assert left == {}
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert llm.engine.block_manager.stats()["used_blocks"] == 0
+
+
+def test_async_engine_abort_still_ends_a_stream_reading_it(llm, video):
+    """abort() of a request that a stream() is reading keeps its queue: the stream ends with the
+    abort output instead of waiting forever."""
+    async def main():
+        eng = AsyncLLMEngine(llm.engine)
+        rid = await eng.add_request(video, "a?", SamplingParams(max_new_tokens=200, ignore_eos=True))
+        outs = []
+        async for o in eng.stream(rid):
+            outs.append(o)
+            if len(outs) == 2:
+                await eng.abort(rid)
+        await eng.close()
+        return outs
+
+    outs = asyncio.run(asyncio.wait_for(main(), 60))
+    assert outs[-1].finished and outs[-1].finish_reason == "abort" and len(outs[-1].token_ids) < 200
+
+
 def test_answer_with_beams_is_the_releases_answer(tmp_path):
     """Beams through the release defaults end on the release's "###" ids only: the default "###"
     stop string (a substring anywhere in the top beam's text) finished a beam the release kept

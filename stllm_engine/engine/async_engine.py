@@ -4,10 +4,15 @@ A background task runs ``engine.step()`` in a worker thread while requests are p
 engine call at a time, under a lock) and routes each output to its request's queue;
 ``async for out in engine.generate(...)`` yields that request's outputs until it finishes.
 Cancelling the consumer (or calling ``abort``) aborts the request, also while it is being added.
+
+A request added with ``add_request`` and not (yet) streamed keeps only its latest output (outputs
+are cumulative; the ``delta`` texts are joined), so an unread request holds one output, not one
+per step, until ``stream`` reads it; ``abort`` of a request that nobody streams drops it at once.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator
 
@@ -21,6 +26,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self._lock = threading.Lock()
         self._queues: dict[str, asyncio.Queue] = {}
+        self._streaming: set[str] = set()  # request ids a stream() is reading
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.error: BaseException | None = None
@@ -50,8 +56,12 @@ class AsyncLLMEngine:
                 return
             for o in outs:
                 q = self._queues.get(o.request_id)
-                if q is not None:
-                    q.put_nowait(o)
+                if q is None:
+                    continue
+                if o.request_id not in self._streaming and not q.empty():  # unread: keep the latest
+                    prev = q.get_nowait()
+                    o = dataclasses.replace(o, delta=prev.delta + o.delta)
+                q.put_nowait(o)
             await asyncio.sleep(0)
 
     async def add_request(self, video, question: str, params: SamplingParams | None = None,
@@ -84,6 +94,9 @@ class AsyncLLMEngine:
         q = self._queues.get(request_id)
         if q is None:
             raise KeyError(f"unknown request id {request_id!r}")
+        if request_id in self._streaming:
+            raise RuntimeError(f"request {request_id!r} is already being streamed")
+        self._streaming.add(request_id)
         try:
             while True:
                 item = await q.get()
@@ -93,6 +106,7 @@ class AsyncLLMEngine:
                 if item.finished:
                     return
         finally:
+            self._streaming.discard(request_id)
             self._queues.pop(request_id, None)
             if self._call(self.engine.abort, request_id) and self._wake is not None:
                 self._wake.set()  # consumer left early: the request is aborted
@@ -105,6 +119,9 @@ class AsyncLLMEngine:
             yield out
 
     async def abort(self, request_id: str) -> bool:
+        """Abort a request; a stream() reading it gets its final output, else its outputs go."""
+        if request_id not in self._streaming:
+            self._queues.pop(request_id, None)
         ok = await asyncio.to_thread(self._call, self.engine.abort, request_id)
         if self._wake is not None:
             self._wake.set()
