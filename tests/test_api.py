@@ -290,7 +290,11 @@ def test_async_engine_holds_one_output_of_an_unread_request_and_drops_an_aborted
             await asyncio.sleep(0.01)
         await eng.abort(gone)
         held = {k: q.qsize() for k, q in eng._queues.items()}
-        outs = [o async for o in eng.stream(rid)]
+        reading = eng.stream(rid)
+        first = await reading.__anext__()
+        with pytest.raises(RuntimeError, match="already being streamed"):
+            await eng.stream(rid).__anext__()
+        outs = [first] + [o async for o in reading]
         with pytest.raises(KeyError, match="unknown request id"):
             [o async for o in eng.stream(gone)]
         left = dict(eng._queues)
