@@ -226,6 +226,27 @@ def test_keep_ratio_changes_the_video_tokens(llm, video):
     assert all(o.num_prompt_tokens == base.num_prompt_tokens - 24 for o in outs)
 
 
+def test_a_question_cannot_spell_another_requests_prefix_cache_key(folder, video):
+    """Edge audit: the video tokens' prefix-cache identity was the string
+    "<hash>|<frames>|<variant>|<dtype>|q=<question>[|keep=...][|cut=n]", so the question
+    Q + "|keep=0.5:even" had the key of Q with keep_ratio=0.5 (and Q + "|cut=3" that of Q cut by
+    3 video tokens) and reused KV blocks of other video tokens. Now the key is a JSON list."""
+    from stllm_engine.engine.request import truncate_left
+
+    crafted = Q + "|keep=0.5:even"
+    fresh = STLLM.from_pretrained(folder, dtype="float32", block_size=8, kv_cache_memory=1 << 20)
+    want = fresh.generate([(video, crafted)], SamplingParams(max_new_tokens=8, stop=[]))[0].token_ids
+    llm = STLLM.from_pretrained(folder, dtype="float32", block_size=8, kv_cache_memory=1 << 20)
+    llm.answer(video, Q, keep_ratio=0.5, max_new_tokens=8, stop=[])
+    out = llm.generate([(video, crafted)], SamplingParams(max_new_tokens=8, stop=[]))[0]
+    assert out.token_ids == want and out.num_cached_tokens < len(llm.engine.prompt_ids(crafted))
+    eng = llm.engine
+    keys = {eng.prepare_video(video, q, keep_ratio=r).key for q, r in ((Q, 0.5), (crafted, 1.0), (Q + "|cut=3", 1.0))}
+    pv = eng.prepare_video(video, Q)
+    keys.add(truncate_left(pv.tokens, pv.key, [1, 2, 3], 1, 3)[1])
+    assert len(keys) == 4
+
+
 def test_async_engine_refuses_a_live_id_without_losing_its_request(llm, video):
     """A second add_request with a live id replaced the first one's output queue, then removed
     it: the first stream waited forever. Now the second call fails and the first finishes."""

@@ -1,6 +1,8 @@
 """Per-request bookkeeping of LLMEngine, and the release's left truncation of long prompts."""
 from __future__ import annotations
 
+import json
+
 from stllm_engine.engine.beam_search import BeamGroup
 from stllm_engine.engine.sampler import StopChecker
 from stllm_engine.engine.sequence import Sequence
@@ -18,7 +20,7 @@ def truncate_left(tokens, key: str, ids: list[int], video_start: int, over: int)
     ids = ids[cut_t:video_start] + ids[video_start + cut_a:]
     if cut_v:
         tokens = tokens[cut_v:] if lv > cut_v else None
-        key = f"{key}|cut={cut_v}"
+        key = json.dumps(["cut", key, cut_v], ensure_ascii=False)  # (not a string a question could spell)
     return tokens, key, ids, video_start - cut_t
 
 

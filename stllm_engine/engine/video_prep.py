@@ -13,6 +13,7 @@ neither the decoder nor the ViT runs.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 
@@ -246,14 +247,15 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
         if cache is not None:
             cache.put_tokens(memo, tokens)
     t3 = _synced(model)
-    ident = f"{chash}|{','.join(map(str, indices))}|{variant}|{model.dtype}|q={question}"
+    # (a JSON list: a question holding "|keep=..." or the like cannot spell another request's key)
+    ident: list = ["video", chash, [int(i) for i in indices], variant, str(model.dtype), question]
     if video_tokens != "own":
-        ident += f"|tokens={video_tokens}"
+        ident.append(["tokens", video_tokens])
     if keep_ratio != 1.0:
         from stllm_engine.ops import pack_by_mask
 
         mask = keep_mask(tokens.shape[0], keep_ratio, keep_mode, keep_seed).to(tokens.device)
         tokens = pack_by_mask(tokens[None], mask[None])[0]
-        ident += f"|keep={keep_ratio}:{keep_mode}" + (f":{keep_seed}" if keep_mode == "random" else "")
-    return PreparedVideo(tokens=tokens, key=ident, num_frames=len(indices), frame_decode_s=t1 - t0,
+        ident.append(["keep", float(keep_ratio), keep_mode] + ([int(keep_seed)] if keep_mode == "random" else []))
+    return PreparedVideo(tokens=tokens, key=json.dumps(ident, ensure_ascii=False), num_frames=len(indices), frame_decode_s=t1 - t0,
                          vision_s=t2 - t1, qformer_s=t3 - t2, cache_hit=hit, tokens_hit=tokens_hit)
