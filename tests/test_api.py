@@ -381,3 +381,25 @@ def test_a_frames_tensor_with_another_num_frames_is_refused(llm, video):
     with pytest.raises(RequestFailedError, match="has 6 frames but num_frames=4"):
         llm.answer(frames, Q, num_frames=4, max_new_tokens=2)
     assert llm.answer(frames, Q, num_frames=6, max_new_tokens=2) == llm.answer(frames, Q, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_frames_tensor_of_any_float_dtype_answers_as_its_float32_copy(llm, video, dtype):
+    """Edge audit: a bfloat16 frames tensor failed the request ("Got unsupported ScalarType
+    BFloat16": its content hash went through numpy); the reference casts it and answers. The hash
+    also names dtype and shape now, so equal bits of two dtypes are two videos."""
+    from stllm_engine.video import load_video
+
+    frames = load_video(video, num_frames=4, size=llm.engine.model.config.vision.image_size).frames.to(dtype)
+    got = llm.generate([(frames, Q)], SamplingParams(max_new_tokens=4, stop=[]))[0]
+    want = llm.generate([(frames.float(), Q)], SamplingParams(max_new_tokens=4, stop=[]))[0]
+    assert got.ok and got.token_ids == want.token_ids
+    if dtype == torch.bfloat16:  # same bits read as float16: another video, not a cache hit
+        as_half = llm.engine.prepare_video(frames.view(torch.float16), Q)
+        assert as_half.key != llm.engine.prepare_video(frames, Q).key
+
+
+def test_an_empty_frames_tensor_is_refused_by_name(llm):
+    s = llm.engine.model.config.vision.image_size
+    with pytest.raises(RequestFailedError, match="at least one frame, got T=0"):
+        llm.answer(torch.zeros(0, 3, s, s), Q, max_new_tokens=2)

@@ -116,8 +116,12 @@ def _frames_of(model, video, num_frames: int, sampling: str, bound=None, decode_
         s = model.config.vision.image_size
         if video.dim() != 4 or tuple(video.shape[1:]) != (3, s, s):
             raise ValueError(f"preprocessed frames must be float [T, 3, {s}, {s}], got {tuple(video.shape)}")
-        digest = hashlib.sha256(video.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-        return video, list(range(video.shape[0])), "frames:" + digest
+        if video.shape[0] == 0:
+            raise ValueError("preprocessed frames must hold at least one frame, got T=0")
+        flat = video.detach().cpu().contiguous().reshape(-1)
+        digest = hashlib.sha256(f"{flat.dtype}:{tuple(video.shape)}:".encode())
+        digest.update(flat.view(torch.uint8).numpy())  # (bytes of any dtype: numpy has no bfloat16)
+        return video, list(range(video.shape[0])), "frames:" + digest.hexdigest()
     vf = load_video(video, num_frames=num_frames, sampling=sampling, bound=bound,
                     size=model.config.vision.image_size, decode_workers=decode_workers,
                     device=preprocess_device(model))
