@@ -83,4 +83,7 @@ def parse_answer_request(llm: STLLM, body: dict) -> tuple:
     if progress and not stream:
         raise BadRequest("'progress' events need 'stream': true")
     options = {k: body[k] for k in REQUEST_OPTIONS if k in body}
+    for i, turn in enumerate(options.get("history") or ()):  # (the shape is checked with the request)
+        if isinstance(turn, list) and turn and isinstance(turn[0], str) and not turn[0].strip():
+            raise BadRequest(f"history[{i}]'s question must be a non-empty string, as 'question' must")
     return video, question, params, options, stream, progress
