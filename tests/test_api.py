@@ -247,6 +247,21 @@ def test_a_question_cannot_spell_another_requests_prefix_cache_key(folder, video
     assert len(keys) == 4
 
 
+def test_the_stop_string_is_not_spelled_across_a_special_token(folder, llm, video):
+    """Edge audit: stop strings were matched only in the text with special tokens skipped, so
+    "##" <s> "#" read "###" and ended the answer at '##<s>#', where the release (and the
+    reference), cutting the text with special tokens kept, go on and answer '##<s>'."""
+    tok = llm.tokenizer
+    bias = {tok.convert_tokens_to_ids("##"): 100.0, 1: 90.0, tok.convert_tokens_to_ids("#"): 80.0}
+    ref = ReferenceSTLLM.from_pretrained(folder)
+    want = ref.generate_ids(video, Q, max_new_tokens=8, sequence_bias=bias)
+    assert ref.decode_answer(want.token_ids) == "##<s>" and want.token_ids[:3] == [*bias][:3]
+    assert llm.answer(video, Q, max_new_tokens=8, logit_bias=bias) == "##<s>"
+    assert llm.last_output.stop_reason == "###" and len(llm.last_output.token_ids) == 4  # "##<s>#" + "##"
+    llm.answer(video, Q, max_new_tokens=8, logit_bias=bias, stop=[])
+    assert llm.last_output.token_ids == want.token_ids
+
+
 def test_async_engine_refuses_a_live_id_without_losing_its_request(llm, video):
     """A second add_request with a live id replaced the first one's output queue, then removed
     it: the first stream waited forever. Now the second call fails and the first finishes."""

@@ -206,6 +206,8 @@ class StopChecker:
         may_stop = len(out) >= p.min_new_tokens
         if may_stop and p.stop:
             hit = stop_at(self._full, prev_stable, p.stop)
+            if hit and not self._in_text_with_specials(out, hit[1]):
+                hit = None
             if hit:
                 i, self.stop_string = hit
                 self.text = self._full[:i]
@@ -219,6 +221,14 @@ class StopChecker:
         if self.max_total_tokens is not None and seq.num_tokens >= self.max_total_tokens:
             return "length"
         return None
+
+    def _in_text_with_specials(self, out: list[int], stop: str) -> bool:
+        """Whether the newest token also completes ``stop`` in the text with special tokens kept,
+        the text the release cuts its answer in: "##" <s> "#" reads "###" only without them, and
+        the release (and the reference) go on there."""
+        kept = self.tokenizer.decode(out, skip_special_tokens=False)
+        before = len(self.tokenizer.decode(out[:-1], skip_special_tokens=False)) if len(out) > 1 else 0
+        return stop_at(kept, before, [stop]) is not None
 
     def delta(self, finished: bool) -> str:
         end = len(self.text) if finished else max(self._streamed, min(len(self.text) - self._hold, self._stable))
