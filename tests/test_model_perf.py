@@ -445,6 +445,33 @@ def test_calibrate_prefill_modes(monkeypatch, mode):
         calibrate_prefill(lins)
 
 
+@needs_onednn
+def test_fixed_calibration_times_nothing_and_takes_fixed_paths(tmp_path, monkeypatch):
+    """Edge audit: bfloat16 greedy answers changed between processes at near-ties, because the
+    kernel paths (which round differently) are chosen by timing at load. STLLM_CPU_CALIBRATION=fixed
+    times nothing: F.linear for prefills and residual adds, the GELU table, the unfused SwiGLU."""
+    from stllm_engine import STLLM
+    from stllm_engine.model import fused_swiglu, packed_linear
+
+    def timed(*a, **k):
+        raise AssertionError("a kernel path was timed")
+
+    monkeypatch.setenv("STLLM_CPU_CALIBRATION", "fixed")
+    monkeypatch.setattr(packed_linear, "interleaved_medians", timed)
+    monkeypatch.setattr(fused_swiglu, "interleaved_medians", timed)
+    folder = write_tiny_checkpoint(tmp_path / "ckpt", vit="eva", video_input="all", seed=3)
+    model = STLLM.from_pretrained(folder, dtype="bfloat16", warmup=False).engine.model
+    mods = list(model.modules())
+    packed = [m for m in mods if isinstance(m, PackedLinear) and m.weight is not None]
+    assert packed and not any(m.prefill_packed for m in packed)
+    gelus = [m for m in mods if isinstance(m, packed_linear.PackedLinearGELU)]
+    assert gelus and all(m.gelu_table for m in gelus)
+    assert all(getattr(m, "swiglu_packed", None) is None for m in mods)
+    monkeypatch.setenv("STLLM_CPU_CALIBRATION", "sometimes")
+    with pytest.raises(ValueError, match="STLLM_CPU_CALIBRATION must be timed or fixed"):
+        packed_linear.calibration_fixed()
+
+
 def test_llm_calibration_rows_follow_the_video_input():
     """The LLM's GEMM paths are timed at its typical prefill: the default frame count's video
     tokens + a chat prompt, padded to the 32-row bucket."""

@@ -24,7 +24,8 @@ import os
 
 import torch
 
-from stllm_engine.model.packed_linear import interleaved_medians, keep_plain_copies, llm_prefill_rows
+from stllm_engine.model.packed_linear import (calibration_fixed, interleaved_medians, keep_plain_copies,
+                                              llm_prefill_rows)
 
 ENV = "STLLM_CPU_FUSED_SWIGLU"  # auto (default) | 1 | 0
 MIN_ROWS = 32  # decode-sized inputs keep oneDNN's packed GEMM (the fused kernel works on 32-row blocks)
@@ -108,6 +109,8 @@ def _fused_is_faster(mlps, rows: int, repeats: int = 3) -> bool:
     (median of ``repeats`` interleaved rounds after a warm-up)."""
     from stllm_engine.ops import elementwise as ew
 
+    if calibration_fixed():  # (STLLM_CPU_CALIBRATION=fixed: the unfused path, nothing timed)
+        return False
     x = (torch.randn(rows, mlps[0].gate_up_proj.in_features) * 0.5).to(torch.bfloat16)
 
     def unfused():

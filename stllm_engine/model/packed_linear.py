@@ -54,6 +54,7 @@ from stllm_engine.ops.elementwise import gelu_
 ENV = "STLLM_CPU_PACKED"  # auto (default) | both (= 1) | only | 0 (see the module doc)
 PACKED_MODES = ("auto", "both", "only", "0")
 PREFILL_ENV = "STLLM_CPU_PACKED_PREFILL"  # "auto" (default: calibrate), "1" always, "0" never
+CALIBRATION_ENV = "STLLM_CPU_CALIBRATION"  # "timed" (default) | "fixed": see calibration_fixed
 MAX_PACKED_ROWS = 32  # decode-sized inputs always take the packed GEMM; above: ``prefill_packed``
 PACK_ROWS_HINT = 32  # oneDNN's blocked layout is chosen for this many rows
 CALIBRATION_ROWS = 512  # when the caller has no better guess of its prefill row count
@@ -217,8 +218,23 @@ def interleaved_medians(fns, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def _second_is_faster(first, second, repeats: int) -> bool:
-    """Whether ``second()`` has the lower median time (:func:`interleaved_medians`)."""
+def calibration_fixed() -> bool:
+    """``STLLM_CPU_CALIBRATION=fixed``: the load-time choices between CPU kernel paths (prefill
+    GEMM, residual add, fc1 + GELU, the fused SwiGLU) are not timed; each takes a fixed path (the
+    one rounding as torch rounds where there is one). Timed choices can differ between processes
+    where two paths are close, and the paths round bfloat16 differently, so a greedy bfloat16
+    answer can change at a near-tie from one process to the next; fixed, it does not."""
+    raw = os.environ.get(CALIBRATION_ENV, "timed").strip().lower() or "timed"
+    if raw not in ("timed", "fixed"):
+        raise ValueError(f"{CALIBRATION_ENV} must be timed or fixed, got {raw!r}")
+    return raw == "fixed"
+
+
+def _second_is_faster(first, second, repeats: int, fixed: bool = False) -> bool:
+    """Whether ``second()`` has the lower median time (:func:`interleaved_medians`); ``fixed``
+    under ``STLLM_CPU_CALIBRATION=fixed`` (nothing timed)."""
+    if calibration_fixed():
+        return fixed
     a, b = interleaved_medians([first, second], repeats)
     return b < a
 
@@ -308,7 +324,8 @@ def calibrate_gelu(mods: list[PackedLinearGELU], rows: int, repeats: int = 5) ->
         key = (mod.in_features, mod.out_features)
         if key not in choice:
             x = torch.randn(rows, mod.in_features).to(mod.dtype)
-            choice[key] = _second_is_faster(lambda: mod._gelu(x, False), lambda: mod._gelu(x, True), repeats)
+            choice[key] = _second_is_faster(lambda: mod._gelu(x, False), lambda: mod._gelu(x, True), repeats,
+                                            fixed=True)  # (the table rounds as torch does)
         mod.gelu_table = choice[key]
     return choice
 
