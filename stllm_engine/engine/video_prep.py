@@ -261,5 +261,6 @@ def prepare_video(model, cache: VisionCache | None, video, question: str, *, num
         mask = keep_mask(tokens.shape[0], keep_ratio, keep_mode, keep_seed).to(tokens.device)
         tokens = pack_by_mask(tokens[None], mask[None])[0]
         ident.append(["keep", float(keep_ratio), keep_mode] + ([int(keep_seed)] if keep_mode == "random" else []))
-    return PreparedVideo(tokens=tokens, key=json.dumps(ident, ensure_ascii=False), num_frames=len(indices), frame_decode_s=t1 - t0,
-                         vision_s=t2 - t1, qformer_s=t3 - t2, cache_hit=hit, tokens_hit=tokens_hit)
+    return PreparedVideo(tokens=tokens, key=json.dumps(ident, ensure_ascii=False), num_frames=len(indices),
+                         frame_decode_s=t1 - t0, vision_s=t2 - t1, qformer_s=t3 - t2, cache_hit=hit,
+                         tokens_hit=tokens_hit)
