@@ -28,7 +28,8 @@ from stllm_engine.sampling_params import SamplingParams
 
 _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
 _REQUEST_KEYS = {"system", "history", "num_frames", "keep_ratio", "keep_mode", "keep_seed", "sampling", "priority"}
-_MVBENCH_KEYS = ("video", "question", "candidates", "num_frames", "bound", "system", "video_tokens", "params")
+_MVBENCH_KEYS = ("video", "question", "candidates", "num_frames", "bound", "system", "video_tokens", "ask_simple",
+                 "params")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -228,7 +229,7 @@ class STLLM:
     def mvbench_generate(self, items: list, params: SamplingParams | None = None) -> list[RequestOutput]:
         """Many MVBench questions at once (continuous batching). Each item is ``(video, question,
         candidates)`` or a dict with those keys and optional ``num_frames``/``bound``/``system``/
-        ``video_tokens``/``params``. Outputs come in item order; a failed item has ``error`` set,
+        ``video_tokens``/``ask_simple``/``params``. Outputs come in item order; a failed item has ``error`` set,
         the others are intact. Turn outputs into predictions with :meth:`mvbench_text`."""
         default = params if params is not None else self.mvbench_params()
         queued = []
@@ -250,14 +251,16 @@ class STLLM:
         return [done[r] for r in rids]
 
     def mvbench_answer(self, video, question: str, candidates: list[str], num_frames: int | None = None,
-                       bound=None, system: str = MVBENCH_SYSTEM, *, video_tokens: str = "frames") -> str:
+                       bound=None, system: str = MVBENCH_SYSTEM, *, video_tokens: str = "frames",
+                       ask_simple: bool = False) -> str:
         """MVBench prediction like ``ReferenceSTLLM.mvbench_answer``, e.g. ``"(B) slows down"``;
         ``video``: frames [T, 3, S, S], ``VideoFrames`` or a ``load_video`` source (MVBench
         sampling, ``bound`` = (start, end) seconds). ``video_tokens="own"``: the checkpoint's
-        projector instead of every frame's tokens. The full output is in ``last_output``."""
+        projector instead of every frame's tokens. ``ask_simple``: the published script's prompt
+        layout (video tokens first; ``mvbench_simple_prompt``). The full output is in ``last_output``."""
         (out,) = self.mvbench_generate([dict(video=video, question=question, candidates=candidates,
                                              num_frames=num_frames, bound=bound, system=system,
-                                             video_tokens=video_tokens)])
+                                             video_tokens=video_tokens, ask_simple=ask_simple)])
         self.last_output = out
         return self.mvbench_text(out)
 

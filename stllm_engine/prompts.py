@@ -7,7 +7,9 @@ checkpoints:
   input is ``[video tokens] + embed(ids(BOS + system + "###Human: " + q + " ###Assistant: "))``.
   The QA benchmarks pass ``system=False`` (empty system); the demo uses the chat system below.
 * **MVBench** (``stllm/test/mvbench``): ``[seg0 tokens (with BOS)] + [video tokens] + [seg1 tokens
-  (no BOS)]`` with the multi-message ``get_prompt2`` layout, see :func:`mvbench_prompt_segments`.
+  (no BOS)]`` with the multi-message ``get_prompt2`` layout, see :func:`mvbench_prompt_segments`;
+  with ``--ask_simple``, as the published ``test_mvbench.sh`` runs it, ``[video tokens] +
+  embed(ids(BOS + text after "</Video>\n"))``, see :func:`mvbench_simple_prompt`.
 
 Generated text is cleaned with :func:`postprocess_answer` (cut at "###", keep the text after
 "Assistant:", strip); MVBench keeps only the first line and re-adds the "(" of the priming.
@@ -112,6 +114,16 @@ def mvbench_prompt_segments(question: str, system: str = MVBENCH_SYSTEM,
     after = ("</Video>\n" + SEP + "Human: " + system + question + question_prompt + "\n" + SEP
              + "Assistant: " + answer_prompt)
     return before, after
+
+
+def mvbench_simple_prompt(question: str, system: str = MVBENCH_SYSTEM,
+                          question_prompt: str = MVBENCH_QUESTION_PROMPT,
+                          answer_prompt: str = MVBENCH_ANSWER_PROMPT) -> str:
+    """The text after the video tokens in the release's ``ask_simple`` MVBench layout
+    (``get_context_emb_sim``, what the published ``test_mvbench.sh`` runs): the same prompt as
+    :func:`mvbench_prompt_segments` split after ``"</Video>\n"``, tokenized with BOS; the video
+    tokens come first and the text before them (the leading system and ``<Video>``) is dropped."""
+    return mvbench_prompt_segments(question, system, question_prompt, answer_prompt)[1][len("</Video>\n"):]
 
 
 def postprocess_answer(text: str) -> str:

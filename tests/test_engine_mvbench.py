@@ -7,6 +7,7 @@ truncation, beam-search clones; ``STLLM.mvbench_answer`` / ``mvbench_generate`` 
 ``ReferenceSTLLM.mvbench_answer`` (exact strings and token ids) on tiny checkpoints, tensor frames
 and a real encoded video; ``EngineAnswerer`` against ``ReferenceAnswerer``.
 """
+import json
 import random
 
 import pytest
@@ -50,11 +51,11 @@ def make_llm(folder, **kw):
     return STLLM.from_pretrained(folder, dtype="float32", **kw)
 
 
-def reference_ids(ref, video, question, candidates, num_beams=1, max_new_tokens=100):
+def reference_ids(ref, video, question, candidates, num_beams=1, max_new_tokens=100, ask_simple=False):
     """The reference's MVBench generation (its ``mvbench_answer`` steps) returning token ids."""
     q = mvbench_question(question, candidates)
     per_frame = ref.frame_tokens(ref.encode_vision(video), q)
-    embeds = ref.mvbench_inputs_embeds(per_frame.reshape(-1, per_frame.shape[-1]), q)
+    embeds = ref.mvbench_inputs_embeds(per_frame.reshape(-1, per_frame.shape[-1]), q, ask_simple=ask_simple)
     return ref.generate_from_embeds(embeds, num_beams=num_beams, max_new_tokens=max_new_tokens, min_length=1,
                                     repetition_penalty=1.0, do_sample=False)
 
@@ -276,6 +277,28 @@ def test_mvbench_answer_equals_reference(folders, vit, vi, budget, q, c):
     assert_clean(llm)
 
 
+@pytest.mark.parametrize("vit,vi,budget", [("eva", "all", 2048), ("btadapter", "residual", 24)])
+def test_mvbench_ask_simple_equals_reference(folders, vit, vi, budget):
+    """Release audit: the published test_mvbench.sh runs --ask_simple (get_context_emb_sim):
+    the video tokens first, then BOS + the text after "</Video>\\n". Engine == reference there,
+    and the layout is that one: video at 0, then BOS (</s>) and mvbench_simple_prompt's ids."""
+    from stllm_engine.prompts import mvbench_simple_prompt
+
+    f = folders(vit, vi)
+    ref, llm = reference(f), make_llm(f, max_num_batched_tokens=budget)
+    video = frames(5)
+    want = ref.mvbench_answer(video, Q, C, ask_simple=True)
+    assert llm.mvbench_answer(video, Q, C, ask_simple=True) == want
+    gen = reference_ids(ref, video, Q, C, ask_simple=True)
+    assert llm.last_output.token_ids == gen.token_ids and llm.last_output.num_prompt_tokens == gen.prompt_length
+    q = mvbench_question(Q, C)
+    ids, vs = llm.engine.mvbench_prompt_ids(q, ask_simple=True)
+    tok = ref.llama_tokenizer
+    assert vs == 0 and ids == [tok.eos_token_id] + tok(mvbench_simple_prompt(q), add_special_tokens=False).input_ids
+    assert gen.prompt_length == len(ids) + ref.config.num_frames * ref.config.qformer.num_query_tokens
+    assert_clean(llm)
+
+
 def test_mvbench_generate_batches_and_isolates_errors(folders, tmp_path_factory):
     f = folders("eva", "all")
     ref, llm = reference(f), make_llm(f, max_num_batched_tokens=64)
@@ -369,3 +392,9 @@ def test_evaluation_cli_engine_backend_equals_reference_backend(folders, tmp_pat
     assert len(eng.records) == 1 and eng.records[0]["pred"].startswith("(")
     assert [r["pred"] for r in eng.records] == [r["pred"] for r in ref.records]
     assert (tmp_path / "engine.json").exists()
+    simple = ["--ask-simple", "--segments", "0"]  # the published test_mvbench.sh protocol
+    eng = main(args + simple + ["--backend", "engine", "--out", str(tmp_path / "simple.json")])
+    ref = main(args + simple + ["--backend", "reference"])
+    assert [r["pred"] for r in eng.records] == [r["pred"] for r in ref.records]
+    meta = json.loads((tmp_path / "simple.json").read_text())
+    assert meta["ask_simple"] is True and meta["segments"] == 0

@@ -52,6 +52,16 @@ def _release_mvbench_prompt(system, question):
 
 
 @pytest.mark.parametrize("question", ["Question: q\nOptions:\n(A) a\n(B) b", "x"])
+def test_mvbench_simple_prompt_is_the_release_prompt_after_the_video(question):
+    """``get_context_emb_sim`` (``--ask_simple``, the published test_mvbench.sh) keeps
+    ``prompt.split('</Video>\\n')[1]`` of the same conversation and puts the video first."""
+    release = "".join(_release_mvbench_prompt(P.MVBENCH_SYSTEM, question)).split("</Video>\n")[1]
+    assert P.mvbench_simple_prompt(question) == release
+    assert release == ("###Human: " + P.MVBENCH_SYSTEM + question + "\nOnly give the best option.\n"
+                       "###Assistant: Best option:(")
+
+
+@pytest.mark.parametrize("question", ["Question: q\nOptions:\n(A) a\n(B) b", "x"])
 def test_mvbench_segments_match_release(question):
     before, after = P.mvbench_prompt_segments(question)
     assert [before, after] == _release_mvbench_prompt(P.MVBENCH_SYSTEM, question)

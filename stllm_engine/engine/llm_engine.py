@@ -34,7 +34,8 @@ from stllm_engine.engine.metrics import EngineMetrics
 from stllm_engine.engine.vision_cache import VisionCache
 from stllm_engine.engine.warmup import warm_up
 from stllm_engine.outputs import Logprob, ModelStepError, RequestOutput, error_text
-from stllm_engine.prompts import MVBENCH_SYSTEM, chat_turns_prompt, mvbench_prompt_segments, mvbench_question
+from stllm_engine.prompts import (MVBENCH_SYSTEM, chat_turns_prompt, mvbench_prompt_segments, mvbench_question,
+                                  mvbench_simple_prompt)
 from stllm_engine.sampling_params import SamplingParams
 
 def _import_video_stack() -> None:
@@ -123,10 +124,15 @@ class LLMEngine(BeamRequests):
         ids = self.tokenizer(chat_turns_prompt(question, history, system), add_special_tokens=False).input_ids
         return [self.tokenizer.eos_token_id] + list(ids)
 
-    def mvbench_prompt_ids(self, question: str, system: str = MVBENCH_SYSTEM) -> tuple[list[int], int]:
+    def mvbench_prompt_ids(self, question: str, system: str = MVBENCH_SYSTEM,
+                           ask_simple: bool = False) -> tuple[list[int], int]:
         """(ids, video_start) of the release's MVBench prompt for an already formatted
         ``mvbench_question``: BOS (``</s>``, as :meth:`prompt_ids`) + text before the video, then
-        the text after it (no BOS); the video goes at position ``video_start``."""
+        the text after it (no BOS); the video goes at position ``video_start``. ``ask_simple``:
+        the published script's layout, video first then BOS + :func:`mvbench_simple_prompt`."""
+        if ask_simple:
+            text = mvbench_simple_prompt(question, system)
+            return [self.tokenizer.eos_token_id] + list(self.tokenizer(text, add_special_tokens=False).input_ids), 0
         before, after = mvbench_prompt_segments(question, system)
         head = [self.tokenizer.eos_token_id] + list(self.tokenizer(before, add_special_tokens=False).input_ids)
         return head + list(self.tokenizer(after, add_special_tokens=False).input_ids), len(head)
@@ -163,17 +169,19 @@ class LLMEngine(BeamRequests):
     def add_mvbench_request(self, video, question: str, candidates, params: SamplingParams | None = None, *,
                             request_id: str | None = None, num_frames: int | None = None, bound=None,
                             system: str | None = MVBENCH_SYSTEM, video_tokens: str = "frames",
-                            priority: int = 0) -> str:
+                            priority: int = 0, ask_simple: bool = False) -> str:
         """Queue an MVBench multiple-choice question the release's way (``infer_mvbench``): MVBench
         frame sampling (``bound`` in seconds), the formatted question into the Q-Former, every
         frame's tokens concatenated whatever the variant (``video_tokens="own"``: the checkpoint's
-        projector instead), BOS + text | video | text. ``system=None``: ``MVBENCH_SYSTEM``."""
+        projector instead), BOS + text | video | text (``ask_simple``: video | BOS + text, the
+        published ``test_mvbench.sh`` layout). ``system=None``: ``MVBENCH_SYSTEM``."""
         def build(req: Request) -> None:
             _check_question(question)
             if isinstance(candidates, str) or not all(isinstance(c, str) for c in candidates):
                 raise TypeError(f"candidates must be a list of str, got {candidates!r}")
             q = mvbench_question(question, list(candidates))
-            ids, video_start = self.mvbench_prompt_ids(q, MVBENCH_SYSTEM if system is None else system)
+            ids, video_start = self.mvbench_prompt_ids(q, MVBENCH_SYSTEM if system is None else system,
+                                                       bool(ask_simple))
             self._prepare_then(req, video, q, lambda pv: self._admit(req, pv.tokens, pv.key, ids, video_start),
                                num_frames=num_frames, sampling="mvbench", bound=bound, video_tokens=video_tokens)
         return self._queue(request_id, params, build, priority)

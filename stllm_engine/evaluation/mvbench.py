@@ -5,7 +5,10 @@ synthetic set (``tasks.json``). CLI::
 
     python -m stllm_engine.evaluation.mvbench --data DIR --model CKPT \
         --backend reference|engine --out results.json [--limit N] [--segments N|0] [--split test]
-        [--video-tokens release|own]
+        [--video-tokens release|own] [--ask-simple]
+
+The published ST-LLM MVBench run (``script/inference/mvbench/test_mvbench.sh``) is
+``--segments 0 --ask-simple``: one frame a second (4 to 16) and the video tokens first.
 """
 from __future__ import annotations
 
@@ -118,9 +121,12 @@ def main(argv: list[str] | None = None) -> EvalResult:
     p.add_argument("--video-tokens", choices=VIDEO_TOKENS, default="release",
                    help="release: every frame's tokens whatever video_input (the release's MVBench "
                         "quirk); own: the checkpoint's own projector (all/mean/residual)")
+    p.add_argument("--ask-simple", action="store_true",
+                   help="the published test_mvbench.sh prompt layout (the release's --ask_simple: video "
+                        "tokens first); with --segments 0 that script's protocol")
     a = p.parse_args(argv)
     data = resolve_split(a.data, a.split)
-    answerer = load_answerer(a.backend, a.model, a.device, a.video_tokens)
+    answerer = load_answerer(a.backend, a.model, a.device, a.video_tokens, a.ask_simple)
     segments = a.segments if a.segments is not None else int(getattr(answerer, "num_frames", 16))
     t0 = time.time()
     result = evaluate(answerer, data, num_segments=segments, limit=a.limit, tasks=a.tasks)
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None) -> EvalResult:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"data": str(data), "model": str(a.model), "backend": a.backend,
-                "video_tokens": a.video_tokens, "segments": segments, "limit": a.limit,
+                "video_tokens": a.video_tokens, "ask_simple": a.ask_simple, "segments": segments, "limit": a.limit,
                 "seconds": round(time.time() - t0, 2)}
         out.write_text(json.dumps(result.to_json(**meta), indent=1) + "\n")
         print(f"wrote {out}")

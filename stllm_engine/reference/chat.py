@@ -13,7 +13,10 @@ Findings from the release that differ from or refine STLLM_REFERENCE.md:
   transformers 5 subtracts the prompt length from ``min_length``, so we pass ``min_new_tokens``.
 * MVBench (``mv_bench_infer.py``): ``all_token = ~(video_input == 'mean')`` is always truthy, so the
   video tokens are **all frames concatenated** whatever the variant; repetition penalty 1.0; the
-  ``get_context_emb`` path (BOS + segment before the video, video, segment after without BOS).
+  ``get_context_emb`` path (BOS + segment before the video, video, segment after without BOS) by
+  default, as ``infer_mvbench`` defaults; the published ``test_mvbench.sh`` passes ``--ask_simple``
+  (``get_context_emb_sim``: video, then BOS + the text after ``"</Video>\n"``; ``ask_simple=True``)
+  and ``--num-frames 0`` (fps-1 sampling: the evaluation's ``--segments 0``, ``load_video(fps1=True)``).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteriaList
 
 from ..prompts import (MVBENCH_SYSTEM, chat_prompt, decode_output, mvbench_postprocess, mvbench_prompt_segments,
-                       mvbench_question, postprocess_answer)
+                       mvbench_question, mvbench_simple_prompt, postprocess_answer)
 from .generation import StopOnSequences, stop_sequences
 
 RELEASE_MAX_LENGTH = 2000
@@ -80,8 +83,13 @@ def chat_inputs_embeds(self, video_tokens: torch.Tensor, question: str, system: 
 
 
 def mvbench_inputs_embeds(self, video_tokens: torch.Tensor, question: str,
-                          system: str = MVBENCH_SYSTEM) -> torch.Tensor:
-    """``[1, L, H]``: BOS + text before the video, video tokens, text after (no BOS)."""
+                          system: str = MVBENCH_SYSTEM, ask_simple: bool = False) -> torch.Tensor:
+    """``[1, L, H]``: BOS + text before the video, video tokens, text after (no BOS);
+    ``ask_simple`` (``get_context_emb_sim``): video tokens, then BOS + the text after
+    ``"</Video>\n"``."""
+    if ask_simple:
+        ids = _text_ids(self, mvbench_simple_prompt(question, system), bos=True)
+        return torch.cat([video_tokens.to(self.dtype), self.embed_tokens(ids)], dim=0)[None]
     before, after = mvbench_prompt_segments(question, system)
     return torch.cat([self.embed_tokens(_text_ids(self, before, bos=True)), video_tokens.to(self.dtype),
                       self.embed_tokens(_text_ids(self, after, bos=False))], dim=0)[None]
@@ -164,13 +172,13 @@ def answer(self, video, question: str, num_beams: int = 1, max_new_tokens: int =
 
 @torch.no_grad()
 def mvbench_answer(self, video, question: str, candidates, num_frames: int | None = None, bound=None,
-                   system: str = MVBENCH_SYSTEM) -> str:
+                   system: str = MVBENCH_SYSTEM, ask_simple: bool = False) -> str:
     """MVBench prediction like ``infer_mvbench``: ``"(" + first line`` of the greedy answer."""
     q = mvbench_question(question, candidates)
     frames = load_frames(self, video, num_frames, sampling="mvbench", bound=bound)
     per_frame = self.frame_tokens(self.encode_vision(frames), q)
     tokens = per_frame.reshape(-1, per_frame.shape[-1])  # all_token is always truthy in the release
-    embeds = mvbench_inputs_embeds(self, tokens, q, system)
+    embeds = mvbench_inputs_embeds(self, tokens, q, system, ask_simple)
     gen = generate_from_embeds(self, embeds, num_beams=1, max_new_tokens=100, min_length=1,
                                repetition_penalty=1.0, do_sample=False)
     return mvbench_postprocess(decode_output(self.llama_tokenizer, gen.token_ids, self.config.llm.eos_token_id))
