@@ -49,7 +49,7 @@ OTHER_FIELDS = {"model", "messages", "stop", "n", "stream", "stream_options", "u
 CHAT_KEYS = set(PARAM_FIELDS) | set(ZERO_FIELDS) | OTHER_FIELDS | set(OPTION_FIELDS)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 MAX_CHOICES = 16  # n
-OPENAI_PATHS = ("/v1/chat/", "/v1/models")
+NATIVE_PATHS = ("/v1/answer",)  # the server's own endpoints under /v1 (their own error shape)
 
 
 def error_body(message: str, status: int) -> dict:
@@ -62,7 +62,8 @@ def error_body(message: str, status: int) -> dict:
 def error_json(path: str, message: str, status: int) -> dict:
     """The error body of an endpoint: OpenAI's error object on the OpenAI paths, else the
     server's own ``{"error": message}``."""
-    return error_body(message, status) if path.startswith(OPENAI_PATHS) else {"error": message}
+    openai = path.startswith("/v1/") and not path.startswith(NATIVE_PATHS)  # (unknown /v1 paths too)
+    return error_body(message, status) if openai else {"error": message}
 
 
 def models_json(model: str) -> dict:
@@ -183,6 +184,7 @@ def parse_chat_request(llm: STLLM, body, model: str) -> ChatRequest:
     """Validate a chat-completions body (400 / 404 :class:`BadRequest` naming the problem)."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}  # OpenAI's nullable fields: null = absent
     unknown = sorted(set(body) - CHAT_KEYS)
     if unknown:
         raise BadRequest(f"unsupported request fields {unknown}; this server accepts {sorted(CHAT_KEYS)}")
@@ -234,7 +236,9 @@ class ChatFormat:
     def _usage(self, out: RequestOutput) -> dict:
         n, m = out.num_prompt_tokens, len(out.token_ids)
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m,
-                "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+                "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
+                # (not OpenAI's: positions the release's left cut dropped, video tokens first)
+                "truncated_prompt_tokens": out.num_truncated_prompt_tokens}
 
     def _logprobs(self, logprobs) -> dict | None:
         """OpenAI's ``choices[].logprobs`` of these ``Logprob``s."""

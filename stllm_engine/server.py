@@ -119,12 +119,15 @@ class Server:
         except ValueError:  # asyncio's line limit
             raise BadRequest("HTTP request line or header longer than 64 KiB") from None
 
-    async def _read_request(self, reader: asyncio.StreamReader, writer) -> tuple[str, str, bytes]:
+    async def _read_request(self, reader: asyncio.StreamReader, writer, seen: list) -> tuple[str, str, bytes]:
+        """(method, path, body); ``seen[0]`` is set to the path as soon as the head is read, so
+        an error in the body still gets its endpoint's error shape."""
         try:
             async with asyncio.timeout(HEAD_TIMEOUT):
                 method, path, headers = await self._read_head(reader)
         except TimeoutError:
             raise BadRequest(f"no complete request line and headers within {HEAD_TIMEOUT:g} s", 408) from None
+        seen[0] = path
         if "chunked" in headers.get("transfer-encoding", "").lower():
             raise BadRequest("chunked request bodies are not supported; send Content-Length")
         try:
@@ -138,8 +141,25 @@ class Server:
         if n and headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits 1 s for it on bodies over 1 MiB
             await writer.drain()
-        body = await reader.readexactly(n) if n else b""
-        return method, path, body
+        return method, path, await self._read_body(reader, n)
+
+    @staticmethod
+    async def _read_body(reader: asyncio.StreamReader, n: int) -> bytes:
+        """``n`` body bytes; a client that sends none of them for ``HEAD_TIMEOUT`` seconds gets a
+        408 (a stalled upload held its connection, and a graceful stop, for good)."""
+        chunks, left = [], n
+        while left:
+            try:
+                async with asyncio.timeout(HEAD_TIMEOUT):
+                    chunk = await reader.read(min(left, 1 << 20))
+            except TimeoutError:
+                raise BadRequest(f"request body stalled: no byte for {HEAD_TIMEOUT:g} s "
+                                 f"({n - left} of {n} received)", 408) from None
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"".join(chunks), n)
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
 
     async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str, dict]:
         line = await self._line(reader)
@@ -186,13 +206,13 @@ class Server:
             self._active.discard(task)
 
     async def _handle_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        path = ""
+        seen = [""]  # the request's path, once its head is read
 
         async def fail(status: int, message: str) -> None:
-            await self._send(writer, status, error_json(path, message, status))
+            await self._send(writer, status, error_json(seen[0], message, status))
         try:
             try:
-                method, path, body = await self._read_request(reader, writer)
+                method, path, body = await self._read_request(reader, writer, seen)
                 await self._route(reader, writer, method, path, body)
             except BadRequest as e:
                 await fail(e.status, str(e))

@@ -178,6 +178,18 @@ def test_multi_turn_messages_equal_a_chat_session_and_hit_the_prefix_cache(serve
     assert status == 400 and "history[0]'s question must be a non-empty string" in json.loads(payload)["error"]
 
 
+def test_null_fields_count_as_absent(server, llm, files):
+    """OpenAI-client audit: the official client sends null for a parameter passed as None;
+    'stream', 'logprobs', 'n', 'presence_penalty' and 'frequency_penalty' set to null got 400."""
+    video = str(files[1][0])
+    want = llm.answer(video, Q1, max_new_tokens=MAX_NEW)
+    nulls = {k: None for k in ("stream", "logprobs", "n", "presence_penalty", "frequency_penalty", "top_logprobs",
+                               "stream_options", "user")}
+    status, body = chat(server, {"max_tokens": MAX_NEW, "messages": [user(video, Q1)], **nulls})
+    assert status == 200 and body["choices"][0]["message"]["content"] == want
+    assert body["usage"]["truncated_prompt_tokens"] == 0  # (the release's left cut, reported)
+
+
 def test_system_message_replaces_the_chat_system(server, llm, files):
     video = str(files[1][1])
     want = llm.answer(video, Q1, system="You answer about videos.\n", max_new_tokens=MAX_NEW)

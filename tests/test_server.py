@@ -409,6 +409,30 @@ def test_request_head_times_out(server, monkeypatch):
     assert reply.startswith(b"HTTP/1.1 408") and b"within 0.5 s" in reply
 
 
+def test_a_stalled_request_body_times_out(server, monkeypatch):
+    """OpenAI-client audit: a client that sent its head and then stopped mid-body held the
+    connection (and a graceful stop) for good; the body now has the head's inactivity limit."""
+    import stllm_engine.server as srv
+
+    monkeypatch.setattr(srv, "HEAD_TIMEOUT", 0.5)
+    reply = raw_exchange(server, b"POST /v1/answer HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"vid")
+    assert reply.startswith(b"HTTP/1.1 408") and b"stalled" in reply and b"5 of 100" in reply
+
+
+def test_errors_before_the_body_is_read_have_the_endpoints_shape(server):
+    """OpenAI-client audit: a 413 / bad Content-Length on /v1/chat/completions came back as
+    {"error": "..."}, so the OpenAI client showed only "Error code: 413"; unknown /v1 paths too."""
+    reply = raw_exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                         % (BODY_LIMIT + 1))
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "invalid_request_error"
+    reply = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+    err = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    assert reply.startswith(b"HTTP/1.1 404") and err["type"] == "not_found_error" and err["message"]
+    reply = raw_exchange(server, b"POST /v1/answer HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+    assert isinstance(json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"], str)  # the server's own shape
+
+
 def test_drain_does_not_wait_for_idle_connections(files):
     """A connection that never sent a request does not hold up a graceful shutdown; one with a
     request in flight is waited for."""

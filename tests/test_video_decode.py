@@ -420,10 +420,16 @@ def test_missing_path(tmp_path, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_text_file_renamed_mp4(tmp_path, backend):
+    """The error names the file but not its bytes (OpenAI-client audit: it echoed a file's first
+    16 bytes, so a server's client could read the head of any file, file:///etc/passwd's too);
+    bytes a caller sent itself are still shown."""
     p = tmp_path / "notes.mp4"
     p.write_text("these are my notes, not a video\n" * 4)
-    with pytest.raises(NotAVideoError, match=r"notes.mp4: not a video .*these are my"):
+    with pytest.raises(NotAVideoError, match=r"notes.mp4: not a video") as e:
         load_video(p, backend=backend)
+    assert "these are my" not in str(e.value)
+    with pytest.raises(NotAVideoError, match=r"not a video .*these are my"):
+        load_video(p.read_bytes(), backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -313,8 +313,9 @@ def _classify(src: Source, failures: list[str], opened: bool) -> VideoError:
     if opened or src.container is not None:
         what = f"looks like {src.container}" if src.container else "opened as a video"
         return CorruptVideoError(f"{src.name}: corrupt video stream ({what} but cannot be decoded): {detail}")
-    head = src.head(16)
-    return NotAVideoError(f"{src.name}: not a video (unrecognised content starting {head!r}): {detail}")
+    if src.data is None:  # a file: its bytes are not echoed (a server's client could read them)
+        return NotAVideoError(f"{src.name}: not a video (unrecognised content): {detail}")
+    return NotAVideoError(f"{src.name}: not a video (unrecognised content starting {src.head(16)!r}): {detail}")
 
 
 def _short(e: BaseException) -> str:
