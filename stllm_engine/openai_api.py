@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -46,7 +47,11 @@ PARAM_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_ne
                 "guided_choice": "choices"}
 ZERO_FIELDS = ("presence_penalty", "frequency_penalty")  # accepted when 0 (what clients send)
 OTHER_FIELDS = {"model", "messages", "stop", "n", "stream", "stream_options", "user", "logprobs", "top_logprobs"}
-CHAT_KEYS = set(PARAM_FIELDS) | set(ZERO_FIELDS) | OTHER_FIELDS | set(OPTION_FIELDS)
+# fields clients send that change nothing here, accepted with these values (vLLM ignores them):
+# a request not stored, its labels, any service tier, and no tool use
+NO_OP_FIELDS = {"store": (False,), "metadata": None, "service_tier": None, "parallel_tool_calls": None,
+                "tool_choice": ("none",)}
+CHAT_KEYS = set(PARAM_FIELDS) | set(ZERO_FIELDS) | OTHER_FIELDS | set(OPTION_FIELDS) | set(NO_OP_FIELDS)
 FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
 MAX_CHOICES = 16  # n
 NATIVE_PATHS = ("/v1/answer",)  # the server's own endpoints under /v1 (their own error shape)
@@ -130,10 +135,11 @@ def parse_messages(messages) -> tuple:
         raise BadRequest("'messages' must be a non-empty list of {role, content} messages")
     system, turns, videos = None, [], []
     for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
-            raise BadRequest(f"messages[{i}] must be an object with role 'system', 'user' or 'assistant'")
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant"):
+            raise BadRequest(f"messages[{i}] must be an object with role 'system' (or 'developer'), 'user' "
+                             "or 'assistant'")
         text = _content(i, msg, videos)
-        role = msg["role"]
+        role = "system" if msg["role"] == "developer" else msg["role"]  # (OpenAI's newer name for it)
         if role == "system":
             if i:
                 raise BadRequest(f"messages[{i}]: a system message may only come first")
@@ -188,6 +194,10 @@ def parse_chat_request(llm: STLLM, body, model: str) -> ChatRequest:
     unknown = sorted(set(body) - CHAT_KEYS)
     if unknown:
         raise BadRequest(f"unsupported request fields {unknown}; this server accepts {sorted(CHAT_KEYS)}")
+    for k, allowed in NO_OP_FIELDS.items():
+        if k in body and allowed is not None and body[k] not in allowed:
+            raise BadRequest(f"'{k}' may only be {' or '.join(json.dumps(a) for a in allowed)} here "
+                             f"(got {json.dumps(body[k])}): this server stores no request and calls no tools")
     if "model" in body and body["model"] != model:
         raise BadRequest(f"model {body['model']!r} is not served here; this server serves {model!r}", 404)
     for k in ZERO_FIELDS:

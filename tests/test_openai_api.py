@@ -190,6 +190,19 @@ def test_null_fields_count_as_absent(server, llm, files):
     assert body["usage"]["truncated_prompt_tokens"] == 0  # (the release's left cut, reported)
 
 
+def test_no_op_fields_and_the_developer_role(server, llm, files):
+    """OpenAI-client audit: fields clients send that change nothing here (store false, metadata,
+    service_tier, parallel_tool_calls, tool_choice "none") got 400, and so did OpenAI's newer
+    'developer' role, which is the system message."""
+    video = str(files[1][1])
+    want = llm.answer(video, Q1, system="You answer about videos.\n", max_new_tokens=MAX_NEW)
+    status, body = chat(server, {"max_tokens": MAX_NEW, "store": False, "metadata": {"run": "7"},
+                                 "service_tier": "auto", "parallel_tool_calls": True, "tool_choice": "none",
+                                 "messages": [{"role": "developer", "content": "You answer about videos.\n"},
+                                              user(video, Q1)]})
+    assert status == 200 and body["choices"][0]["message"]["content"] == want
+
+
 def test_system_message_replaces_the_chat_system(server, llm, files):
     video = str(files[1][1])
     want = llm.answer(video, Q1, system="You answer about videos.\n", max_new_tokens=MAX_NEW)
@@ -241,6 +254,8 @@ BAD = [
     ({"n": 17}, 400, "'n' must be an int in 1..16"),
     ({"presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"tools": []}, 400, "unsupported request fields ['tools']"),
+    ({"store": True}, 400, "'store' may only be false here"),
+    ({"tool_choice": "auto"}, 400, "'tool_choice' may only be \"none\" here"),
     ({"temperature": -1}, 400, "temperature"),
     ({"max_tokens": 0}, 400, "max_new_tokens"),
     ({"stop": [""]}, 400, "'stop'"),
