@@ -156,3 +156,9 @@ def stop_at(text: str, prev: int, stops) -> tuple[int, str] | None:
     prev = min(prev, len(text))
     hits = [(i, s) for s in stops if (i := text.find(s, max(0, prev - len(s) + 1))) >= 0]
     return min(hits) if hits else None
+
+
+def newest_stop(decode, ids: list[int], stops) -> tuple[int, str] | None:
+    """:func:`stop_at` of ``decode(ids)`` counting only an occurrence the last id completes
+    (``decode``: ids -> text; the text of ``ids[:-1]`` is the text checked before)."""
+    return stop_at(decode(ids), len(decode(ids[:-1])) if len(ids) > 1 else 0, stops)

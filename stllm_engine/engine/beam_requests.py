@@ -22,7 +22,7 @@ from stllm_engine.engine.beam_search import BeamGroup
 from stllm_engine.engine.request import Request
 from stllm_engine.engine.scheduler import order
 from stllm_engine.outputs import ModelStepError
-from stllm_engine.sampling_params import SamplingParams, stop_at
+from stllm_engine.sampling_params import SamplingParams, newest_stop, stop_at
 
 
 class BeamRequests:
@@ -33,7 +33,7 @@ class BeamRequests:
             if any(tokens[len(tokens) - len(s):] == s for s in params.stop_token_ids if len(tokens) >= len(s)):
                 return True
             if params.stop:  # an occurrence the newest token completed, as for one sequence
-                return self._beam_stop_at(tokens, params) is not None
+                return newest_stop(self._beam_text, tokens, params.stop) is not None
             return False
         return is_stop
 
@@ -44,19 +44,18 @@ class BeamRequests:
         if not params.stop:
             return ids, None
         start = max(1, params.min_new_tokens)
-        prev = self.tokenizer.decode(ids[:start - 1], skip_special_tokens=True) if start > 1 else ""
+        prev = self._beam_text(ids[:start - 1]) if start > 1 else ""
         for k in range(start, len(ids) + 1):  # (each prefix decoded once)
-            text = self.tokenizer.decode(ids[:k], skip_special_tokens=True)
+            text = self._beam_text(ids[:k])
             hit = stop_at(text, len(prev), params.stop)
             if hit:
                 return ids[:k], hit
             prev = text
         return ids, None
 
-    def _beam_stop_at(self, tokens: list[int], params: SamplingParams) -> tuple[int, str] | None:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        prev = len(self.tokenizer.decode(tokens[:-1], skip_special_tokens=True)) if len(tokens) > 1 else 0
-        return stop_at(text, prev, params.stop)
+    def _beam_text(self, ids: list[int]) -> str:
+        """A beam's text as its stop strings are matched (special tokens skipped)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _start_beams(self, req: Request, logits_row: torch.Tensor, outs: list) -> None:
         seq = req.seq
@@ -145,7 +144,7 @@ class BeamRequests:
             self._by_seq[s.seq_id] = req
         if g.done:
             req.token_ids, cut = self._first_stop(g.best(), req.params)
-            text = self.tokenizer.decode(req.token_ids, skip_special_tokens=True)
+            text = self._beam_text(req.token_ids)
             if cut:
                 i, req.checker.stop_string = cut  # the output's stop_reason, as for one sequence
                 text = text[:i]

@@ -15,7 +15,7 @@ import torch
 
 from stllm_engine.engine.guided import bias_rows, mask_rows
 from stllm_engine.engine.sequence import Sequence
-from stllm_engine.sampling_params import stop_at
+from stllm_engine.sampling_params import newest_stop, stop_at
 from stllm_engine.tokenizers import ByteTokenIds
 
 
@@ -226,9 +226,7 @@ class StopChecker:
         """Whether the newest token also completes ``stop`` in the text with special tokens kept,
         the text the release cuts its answer in: "##" <s> "#" reads "###" only without them, and
         the release (and the reference) go on there."""
-        kept = self.tokenizer.decode(out, skip_special_tokens=False)
-        before = len(self.tokenizer.decode(out[:-1], skip_special_tokens=False)) if len(out) > 1 else 0
-        return stop_at(kept, before, [stop]) is not None
+        return newest_stop(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False), out, [stop]) is not None
 
     def delta(self, finished: bool) -> str:
         end = len(self.text) if finished else max(self._streamed, min(len(self.text) - self._hold, self._stable))
