@@ -299,8 +299,7 @@ class ChatSession:
                 raise TypeError(f"question must be a str, got {type(question).__name__}")
             if self._prepared is None:
                 self._prepared = eng.prepare_video(self.video, question, **self.video_kw)
-            ids = [self.llm.tokenizer.eos_token_id] + list(
-                self.llm.tokenizer(self.prompt_text(question), add_special_tokens=False).input_ids)
+            ids = eng.bos_ids(self.prompt_text(question))
         except Exception as e:  # noqa: BLE001
             raise RequestFailedError(RequestOutput(f"chat-turn-{len(self.history)}", finished=True,
                                                    finish_reason="error", error=error_text(e), exception=e)) from e

@@ -121,8 +121,11 @@ class LLMEngine(BeamRequests):
 
         The release re-assigns the tokenizer's bos to "</s>" on this path, so the first id is EOS
         (see ``stllm_engine.reference.chat``)."""
-        ids = self.tokenizer(chat_turns_prompt(question, history, system), add_special_tokens=False).input_ids
-        return [self.tokenizer.eos_token_id] + list(ids)
+        return self.bos_ids(chat_turns_prompt(question, history, system))
+
+    def bos_ids(self, text: str) -> list[int]:
+        """BOS + ``text``, as the release tokenizes a prompt segment with BOS: its BOS is "</s>" (EOS's id)."""
+        return [self.tokenizer.eos_token_id] + list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def mvbench_prompt_ids(self, question: str, system: str = MVBENCH_SYSTEM,
                            ask_simple: bool = False) -> tuple[list[int], int]:
@@ -131,10 +134,9 @@ class LLMEngine(BeamRequests):
         the text after it (no BOS); the video goes at position ``video_start``. ``ask_simple``:
         the published script's layout, video first then BOS + :func:`mvbench_simple_prompt`."""
         if ask_simple:
-            text = mvbench_simple_prompt(question, system)
-            return [self.tokenizer.eos_token_id] + list(self.tokenizer(text, add_special_tokens=False).input_ids), 0
+            return self.bos_ids(mvbench_simple_prompt(question, system)), 0
         before, after = mvbench_prompt_segments(question, system)
-        head = [self.tokenizer.eos_token_id] + list(self.tokenizer(before, add_special_tokens=False).input_ids)
+        head = self.bos_ids(before)
         return head + list(self.tokenizer(after, add_special_tokens=False).input_ids), len(head)
 
     def prepare_video(self, video, question: str, **kw) -> PreparedVideo:
